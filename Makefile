@@ -1,0 +1,34 @@
+# All set-up happens here: every target installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,flower]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/raflora theory --ranks 8,16,32,48,64 --clients 100 --per-round 10 --rounds 50 --simulate 200 --seed 0
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/aggregation.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

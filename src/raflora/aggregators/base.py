@@ -1,0 +1,359 @@
+"""The aggregator interface shared by every method, and its name registry.
+
+An aggregator answers two questions for a whole model (a dict of modules, SPEC §2–3):
+
+* what a client of rank ``r`` starts local training from (:meth:`Aggregator.client_factors`);
+* how the accepted client updates become the next global state (:meth:`Aggregator.aggregate`).
+
+Everything here is pure tensor code keyed by module name — no models, I/O or transport — so the
+local engine and the Flower strategy call the same functions. Per-module math lives in
+:meth:`Aggregator.aggregate_module`, which works on tensors with leading batch dimensions; the
+whole-model :meth:`Aggregator.aggregate` groups modules of one shape and aggregates each group in
+one batched call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from raflora.aggregators.validation import ClientUpdate, InvalidUpdateError, validate_update
+
+__all__ = [
+    "AggregationResult",
+    "Aggregator",
+    "Factors",
+    "GlobalState",
+    "available_methods",
+    "get_aggregator",
+    "lora_a_init",
+    "register",
+    "sample_weights",
+    "weighted_average",
+]
+
+Factors = dict[str, tuple[Tensor, Tensor]]
+"""Module name → effective factors ``(B (d, r), A (r, n))``."""
+
+
+@dataclass
+class GlobalState:
+    """The server's state between rounds.
+
+    Attributes
+    ----------
+    factors : Factors
+        Global effective factors. FedIT/HetLoRA/FlexLoRA/raFLoRA: ``B_g (d, r_max)``,
+        ``A_g (r_max, n)`` with ``ΔW_g = B_g A_g`` the cumulative update. FLoRA: the last
+        round's stacked update ``(B_s, A_s)`` (already merged into ``base_delta``).
+    module_shapes : dict[str, tuple[int, int]]
+        Module name → ``(d, n)``.
+    dense : dict[str, Tensor]
+        Fully trained tensors (heads), FedAvg-aggregated.
+    round : int
+        Number of aggregations performed so far.
+    base_delta : dict[str, Tensor]
+        FLoRA only: ``Σ_t B_s A_s`` merged into the base weights so far (``(d, n)`` per module).
+    client_ranks : dict[int, int]
+        HetLoRA self-pruning only: clients whose rank was pruned → their current rank.
+    """
+
+    factors: Factors
+    module_shapes: dict[str, tuple[int, int]]
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    round: int = 0
+    base_delta: dict[str, Tensor] = field(default_factory=dict)
+    client_ranks: dict[int, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain nested dict of tensors and ints (for ``torch.save`` checkpoints)."""
+        return {
+            "factors": {k: (B.clone(), A.clone()) for k, (B, A) in self.factors.items()},
+            "module_shapes": dict(self.module_shapes),
+            "dense": {k: v.clone() for k, v in self.dense.items()},
+            "round": self.round,
+            "base_delta": {k: v.clone() for k, v in self.base_delta.items()},
+            "client_ranks": dict(self.client_ranks),
+        }
+
+    @classmethod
+    def from_state_dict(cls, data: Mapping[str, Any]) -> GlobalState:
+        """Inverse of :meth:`state_dict`."""
+        return cls(
+            factors={k: (B, A) for k, (B, A) in data["factors"].items()},
+            module_shapes={k: (int(d), int(n)) for k, (d, n) in data["module_shapes"].items()},
+            dense=dict(data["dense"]),
+            round=int(data["round"]),
+            base_delta=dict(data["base_delta"]),
+            client_ranks={int(k): int(v) for k, v in data["client_ranks"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """Outcome of one round's aggregation.
+
+    ``rejected`` maps client id → the reason its update was left out. When no update was
+    accepted, ``state`` is the previous state, unchanged. ``base_update`` is the factored delta to
+    merge into the base weights this round (FLoRA), else ``None``.
+    """
+
+    state: GlobalState
+    accepted: tuple[int, ...]
+    rejected: dict[int, str]
+    base_update: Factors | None = None
+
+
+def lora_a_init(rows: int, cols: int, generator: torch.Generator) -> Tensor:
+    """PEFT's default ``lora_A`` init (``kaiming_uniform_(a=√5)``): ``U(-1/√n, 1/√n)``, ``(r, n)``.
+
+    Drawn from ``generator`` on the CPU in float32, so it is reproducible on every device.
+    """
+    bound = 1.0 / math.sqrt(cols)
+    return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+
+
+def sample_weights(samples: Sequence[int], *, like: Tensor) -> Tensor:
+    """``p_k = n_k / Σ_j n_j`` as a 1-D tensor on ``like``'s device (float64 for accuracy)."""
+    n = torch.tensor([float(s) for s in samples], dtype=torch.float64, device=like.device)
+    return n / n.sum()
+
+
+def weighted_average(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``Σ_k w_k T_k`` for equally shaped tensors (FedAvg; weights are used as given)."""
+    out = torch.zeros_like(tensors[0], dtype=torch.promote_types(tensors[0].dtype, torch.float32))
+    for w, t in zip(weights.tolist(), tensors, strict=True):
+        out.add_(t.to(out.dtype), alpha=w)
+    return out.to(tensors[0].dtype)
+
+
+class Aggregator(ABC):
+    """Base class: one subclass per method, registered by name with :func:`register`.
+
+    Parameters
+    ----------
+    rank_levels : Sequence[int]
+        The configured rank levels ``R = {r_1 < … < r_max}``; the server keeps rank ``r_max``.
+    """
+
+    name: ClassVar[str]
+    #: Whether client ranks must be one of the rank levels (raFLoRA's partitions need it).
+    ranks_must_be_levels: ClassVar[bool] = False
+
+    def __init__(self, rank_levels: Sequence[int]) -> None:
+        levels = [int(r) for r in rank_levels]
+        if not levels:
+            raise ValueError("rank_levels must not be empty")
+        if any(r <= 0 for r in levels):
+            raise ValueError(f"rank levels must be positive, got {levels}")
+        if levels != sorted(set(levels)):
+            raise ValueError(f"rank levels must be strictly increasing, got {levels}")
+        self.rank_levels: tuple[int, ...] = tuple(levels)
+        self.r_max = levels[-1]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank_levels={list(self.rank_levels)})"
+
+    # ----------------------------------------------------------------------------- state
+    def init_state(
+        self,
+        module_shapes: Mapping[str, tuple[int, int]],
+        *,
+        generator: torch.Generator,
+        dense: Mapping[str, Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> GlobalState:
+        """Initial global state: ``B_g = 0`` and PEFT's default ``A_g`` init at ``r_max`` (SPEC §2).
+
+        Modules are initialised in sorted name order from ``generator``, so the same seed gives
+        the same state whatever order the model lists its modules in.
+        """
+        factors: Factors = {}
+        for name in sorted(module_shapes):
+            d, n = module_shapes[name]
+            A = lora_a_init(self.r_max, n, generator).to(device=device, dtype=dtype)
+            factors[name] = (torch.zeros(d, self.r_max, dtype=dtype, device=device), A)
+        return GlobalState(
+            factors=factors,
+            module_shapes={k: (int(d), int(n)) for k, (d, n) in module_shapes.items()},
+            dense={k: v.detach().clone() for k, v in (dense or {}).items()},
+        )
+
+    def client_rank(self, state: GlobalState, client_id: int, declared_rank: int) -> int:
+        """The rank client ``client_id`` trains at this round (HetLoRA may have pruned it)."""
+        return state.client_ranks.get(client_id, declared_rank)
+
+    def client_factors(
+        self, state: GlobalState, rank: int, *, generator: torch.Generator | None = None
+    ) -> Factors:
+        """Effective factors a client of rank ``rank`` starts from: the nested truncation
+        ``B_g[:, :r]``, ``A_g[:r, :]`` (paper Algorithm 1 line 5).
+        """
+        self._check_rank(rank)
+        return {
+            k: (B[:, :rank].clone(), A[:rank, :].clone()) for k, (B, A) in state.factors.items()
+        }
+
+    def download_numel(self, state: GlobalState, rank: int) -> int:
+        """Elements sent down to a client of rank ``rank`` for the adapted modules (SPEC §8)."""
+        return sum((d + n) * rank for d, n in state.module_shapes.values())
+
+    def local_penalty(
+        self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int
+    ) -> Tensor | None:
+        """Extra local loss term on the client's (effective) factors; ``None`` for most methods."""
+        return None
+
+    # ----------------------------------------------------------------------- aggregation
+    @abstractmethod
+    def aggregate_module(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor, int]],
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Aggregate one module (or a batch of same-shape modules).
+
+        Parameters
+        ----------
+        updates : Sequence[tuple[Tensor, Tensor, int]]
+            ``(B_k (..., d, r_k), A_k (..., r_k, n), n_k)`` effective factors and sample counts of
+            the accepted clients; leading dimensions (a batch of modules) are shared.
+        previous : tuple[Tensor, Tensor], optional
+            The previous global factors of these modules.
+
+        Returns
+        -------
+        tuple[Tensor, Tensor]
+            The new global factors (see each method).
+        """
+
+    def validate(self, state: GlobalState, update: ClientUpdate) -> None:
+        """Raise an :class:`InvalidUpdateError` if ``update`` cannot be aggregated."""
+        validate_update(
+            update,
+            state.module_shapes,
+            dense_shapes={k: tuple(v.shape) for k, v in state.dense.items()},
+            allowed_ranks=self.rank_levels if self.ranks_must_be_levels else None,
+            max_rank=self.r_max,
+        )
+
+    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> AggregationResult:
+        """Validate every update and aggregate the accepted ones into the next global state.
+
+        Rejected updates are reported in the result, not raised. With none accepted the state
+        is returned unchanged.
+        """
+        accepted: list[ClientUpdate] = []
+        rejected: dict[int, str] = {}
+        seen: set[int] = set()
+        for update in updates:
+            try:
+                if update.client_id in seen:
+                    raise InvalidUpdateError(update.client_id, "duplicate update in this round")
+                self.validate(state, update)
+            except InvalidUpdateError as err:
+                rejected[update.client_id] = err.reason
+                continue
+            seen.add(update.client_id)
+            accepted.append(update)
+        if not accepted:
+            return AggregationResult(state, (), rejected)
+        new_factors = self._aggregate_factors(state, accepted)
+        weights = sample_weights([u.num_samples for u in accepted], like=torch.empty(0))
+        dense = {
+            name: weighted_average([u.dense[name] for u in accepted], weights)
+            for name in state.dense
+        }
+        new_state = replace(state, factors=new_factors, dense=dense, round=state.round + 1)
+        new_state = self._finish_state(state, new_state, accepted)
+        return AggregationResult(
+            new_state,
+            tuple(u.client_id for u in accepted),
+            rejected,
+            base_update=self.base_update(new_state),
+        )
+
+    def base_update(self, state: GlobalState) -> Factors | None:
+        """Factored delta to merge into the base weights after this aggregation (FLoRA)."""
+        return None
+
+    def _finish_state(
+        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
+    ) -> GlobalState:
+        """Hook for method-specific state (FLoRA's merged delta, HetLoRA's pruned ranks)."""
+        return state
+
+    def _aggregate_factors(self, state: GlobalState, accepted: Sequence[ClientUpdate]) -> Factors:
+        """Run :meth:`aggregate_module` once per group of same-shape modules (batched)."""
+        groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for name in sorted(state.module_shapes):
+            groups[state.module_shapes[name]].append(name)
+        out: Factors = {}
+        for names in groups.values():
+            batch = [
+                (
+                    torch.stack([u.factors[m][0] for m in names]),  # (m, d, r_k)
+                    torch.stack([u.factors[m][1] for m in names]),  # (m, r_k, n)
+                    u.num_samples,
+                )
+                for u in accepted
+            ]
+            previous = (
+                torch.stack([state.factors[m][0] for m in names]),
+                torch.stack([state.factors[m][1] for m in names]),
+            )
+            B, A = self.aggregate_module(batch, previous)
+            for i, m in enumerate(names):
+                out[m] = (B[i], A[i])
+        return out
+
+    def _check_rank(self, rank: int) -> None:
+        if rank <= 0 or rank > self.r_max:
+            raise ValueError(f"rank must be in 1…{self.r_max} (r_max), got {rank}")
+
+
+_A = TypeVar("_A", bound=type[Aggregator])
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(cls: _A) -> _A:
+    """Class decorator adding an aggregator to the name registry under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"aggregator {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_aggregator(method: str, rank_levels: Sequence[int], **options: Any) -> Aggregator:
+    """Build the aggregator registered as ``method``; unknown names list the known ones."""
+    try:
+        cls = _REGISTRY[method]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {method!r}; available: {', '.join(available_methods())}"
+        ) from None
+    accepted = [
+        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rank_levels")
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"method {method!r} has no option(s) {', '.join(unknown)}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )
+    factory: Callable[..., Aggregator] = cls
+    return factory(rank_levels, **options)

@@ -1,0 +1,99 @@
+"""FLoRA: stacking-based aggregation (Wang et al., 2024; SPEC §3).
+
+The server stacks the clients' factors,
+
+    B_s = [B_1 … B_M]  (d, Σ r_k),   A_s = [p_1 A_1; …; p_M A_M]  (Σ r_k, n),
+
+so that ``B_s A_s = Σ_k p_k B_k A_k`` exactly. The stacked update is merged into the base weights
+(``W ← W + B_s A_s``) and every client starts the next round from a **fresh** LoRA init at its
+own rank (``B = 0``, PEFT's default ``A``). Each client downloads the whole stack (to merge it),
+which is what makes FLoRA's traffic ``O((d+n) Σ r_k)`` (paper Table 1).
+
+The energy diagnostics of FLoRA are those of the round's update ``B_s A_s`` (SPEC §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from raflora.aggregators.base import (
+    Aggregator,
+    Factors,
+    GlobalState,
+    lora_a_init,
+    register,
+    sample_weights,
+)
+from raflora.aggregators.validation import ClientUpdate
+
+__all__ = ["FLoRA"]
+
+
+@register
+class FLoRA(Aggregator):
+    """Stacking aggregation, merge into the base, fresh client init each round."""
+
+    name = "flora"
+
+    def init_state(
+        self,
+        module_shapes: Mapping[str, tuple[int, int]],
+        *,
+        generator: torch.Generator,
+        dense: Mapping[str, Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> GlobalState:
+        """No global factors yet: an empty stack ``(d, 0)``, ``(0, n)`` per module."""
+        state = super().init_state(
+            module_shapes, generator=generator, dense=dense, dtype=dtype, device=device
+        )
+        state.factors = {k: (B[:, :0], A[:0, :]) for k, (B, A) in state.factors.items()}
+        return state
+
+    def client_factors(
+        self, state: GlobalState, rank: int, *, generator: torch.Generator | None = None
+    ) -> Factors:
+        """A fresh LoRA init at ``rank`` (``B = 0``, PEFT's ``A``), in sorted module order."""
+        self._check_rank(rank)
+        if generator is None:
+            raise ValueError("flora needs a generator for the fresh client init")
+        out: Factors = {}
+        for name in sorted(state.module_shapes):
+            d, n = state.module_shapes[name]
+            B_ref = state.factors[name][0]
+            A = lora_a_init(rank, n, generator).to(device=B_ref.device, dtype=B_ref.dtype)
+            out[name] = (B_ref.new_zeros(d, rank), A)
+        return out
+
+    def download_numel(self, state: GlobalState, rank: int) -> int:
+        """The whole stack of the last round, ``(d + n) Σ r_k`` per module."""
+        return sum(B.numel() + A.numel() for B, A in state.factors.values())
+
+    def aggregate_module(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor, int]],
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The stack ``B_s (…, d, Σ r_k)``, ``A_s (…, Σ r_k, n)``: ``B_s A_s = Σ p_k B_k A_k``."""
+        p = sample_weights([n for _, _, n in updates], like=updates[0][0])
+        B_s = torch.cat([B for B, _, _ in updates], dim=-1)
+        A_s = torch.cat([A * w for (_, A, _), w in zip(updates, p.tolist(), strict=True)], dim=-2)
+        return B_s, A_s
+
+    def base_update(self, state: GlobalState) -> Factors | None:
+        """The stack just aggregated: the engine merges ``B_s A_s`` into the base weights."""
+        return state.factors
+
+    def _finish_state(
+        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
+    ) -> GlobalState:
+        delta = dict(previous.base_delta)
+        for name, (B_s, A_s) in state.factors.items():
+            step = B_s @ A_s  # (d, n): FLoRA's server state is the merged base update
+            delta[name] = delta[name] + step if name in delta else step
+        state.base_delta = delta
+        return state

@@ -1,0 +1,148 @@
+"""HetLoRA: zero-padding aggregation of heterogeneous ranks (Cho et al., 2024; SPEC §3).
+
+Every client's factors are zero-padded to ``r_max`` and averaged factor-wise:
+
+    B_g = Σ_k w_k pad(B_k),   A_g = Σ_k w_k pad(A_k).
+
+Weights are HetLoRA's *sparsity-weighted* aggregation by default, ``w_k ∝ ‖B_k A_k‖_F`` (computed
+per module from the factors), or ``w_k = p_k = n_k / Σ n_j`` with ``weighting="samples"``. When
+every client's update of a module is zero the sparsity weights fall back to ``p_k``.
+
+Rank self-pruning (HetLoRA §3.3, off by default): clients add the loss
+``λ ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F`` (summed over modules; the gradient flows through it), and a
+client whose tail norm shrank over the round — the tail of what it returned is smaller than the
+tail of what it was sent — trains at rank ``⌊γ r_k⌋`` from the next round on. The comparison is
+summed over modules; the paper does not say whether it is per module or per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from raflora.aggregators.base import (
+    Aggregator,
+    GlobalState,
+    register,
+    sample_weights,
+)
+from raflora.aggregators.validation import ClientUpdate
+from raflora.linalg import frobenius_norm
+
+__all__ = ["HetLoRA", "tail_norm"]
+
+
+def tail_norm(factors: Mapping[str, tuple[Tensor, Tensor]], start: int) -> Tensor:
+    """``Σ_modules ‖B[:, start:]‖_F ‖A[start:, :]‖_F`` (HetLoRA's pruning term)."""
+    total = torch.zeros(())
+    for B, A in factors.values():
+        term = torch.linalg.norm(B[:, start:]) * torch.linalg.norm(A[start:, :])
+        total = total.to(term.device) + term
+    return total
+
+
+def _pad(t: Tensor, rank: int, dim: int) -> Tensor:
+    missing = rank - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+@register
+class HetLoRA(Aggregator):
+    """Zero-padding aggregation; sparsity-weighted by default.
+
+    Parameters
+    ----------
+    rank_levels : Sequence[int]
+        Configured rank levels; the server keeps ``r_max``.
+    weighting : {"sparsity", "samples"}
+        ``w_k ∝ ‖B_k A_k‖_F`` (HetLoRA's default) or ``w_k = p_k``.
+    self_pruning : bool
+        Enable rank self-pruning.
+    pruning_gamma : float
+        Kept fraction ``γ`` of the rank when pruning (``0 < γ < 1``).
+    pruning_lambda : float
+        Weight ``λ`` of the pruning loss term.
+    """
+
+    name = "hetlora"
+
+    def __init__(
+        self,
+        rank_levels: Sequence[int],
+        weighting: str = "sparsity",
+        self_pruning: bool = False,
+        pruning_gamma: float = 0.99,
+        pruning_lambda: float = 1e-3,
+    ) -> None:
+        super().__init__(rank_levels)
+        if weighting not in ("sparsity", "samples"):
+            raise ValueError(
+                f"hetlora weighting must be 'sparsity' or 'samples', got {weighting!r}"
+            )
+        if not 0.0 < pruning_gamma < 1.0:
+            raise ValueError(f"hetlora pruning_gamma must be in (0, 1), got {pruning_gamma}")
+        if pruning_lambda < 0:
+            raise ValueError(f"hetlora pruning_lambda must be ≥ 0, got {pruning_lambda}")
+        self.weighting = weighting
+        self.self_pruning = self_pruning
+        self.pruning_gamma = pruning_gamma
+        self.pruning_lambda = pruning_lambda
+
+    def pruned_rank(self, rank: int) -> int:
+        """``⌊γ r⌋`` (at least 1)."""
+        return max(1, int(self.pruning_gamma * rank))
+
+    def local_penalty(
+        self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int
+    ) -> Tensor | None:
+        """``λ Σ ‖B[:, ⌊γr⌋:]‖ ‖A[⌊γr⌋:, :]‖`` when self-pruning is on."""
+        if not self.self_pruning:
+            return None
+        return self.pruning_lambda * tail_norm(factors, self.pruned_rank(rank))
+
+    def weights(self, updates: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
+        """Aggregation weights ``(…, K)`` summing to one over clients."""
+        p = sample_weights([n for _, _, n in updates], like=updates[0][0])
+        if self.weighting == "samples":
+            return p
+        norms = torch.stack([frobenius_norm(B, A).double() for B, A, _ in updates], dim=-1)
+        total = norms.sum(dim=-1, keepdim=True)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        return torch.where(total > 0, norms / safe, p.expand_as(norms))
+
+    def aggregate_module(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor, int]],
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(Σ w_k pad(B_k), Σ w_k pad(A_k))``: ``(…, d, r_max)``, ``(…, r_max, n)``."""
+        w = self.weights(updates)  # (K,) or (…, K): per-module weights under "sparsity"
+        dtype = updates[0][0].dtype
+        B = torch.zeros(1, dtype=torch.float64, device=w.device)
+        A = torch.zeros(1, dtype=torch.float64, device=w.device)
+        for w_k, (B_k, A_k, _) in zip(w.unbind(-1), updates, strict=True):
+            B = B + w_k[..., None, None] * _pad(B_k, self.r_max, -1).double()
+            A = A + w_k[..., None, None] * _pad(A_k, self.r_max, -2).double()
+        return B.to(dtype), A.to(dtype)
+
+    def _finish_state(
+        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
+    ) -> GlobalState:
+        if not self.self_pruning:
+            return state
+        ranks = dict(state.client_ranks)
+        for u in accepted:
+            start = self.pruned_rank(u.rank)
+            if start >= u.rank:
+                continue
+            sent = {k: (B[:, : u.rank], A[: u.rank]) for k, (B, A) in previous.factors.items()}
+            if tail_norm(u.factors, start) < tail_norm(sent, start):
+                ranks[u.client_id] = start
+        state.client_ranks = ranks
+        return state

@@ -1,0 +1,110 @@
+"""raFLoRA: rank-partitioned aggregation (paper Section 5, Algorithm 1, Eq. 8).
+
+The rank levels ``R = {r_1 < … < r_max}`` cut ``1 … r_max`` into partitions ``[l, h]`` with
+``l = prev(h) + 1``. Each partition is averaged over its *effective contributors* only:
+
+    C_h = {k sampled : r_k ≥ h},   N_h = Σ_{k∈C_h} n_k,
+    ΔW_h = Σ_{k∈C_h} (n_k / N_h) B_k[:, l:h] A_k[l:h, :],       ΔW = Σ_h ΔW_h,
+
+followed by the truncated SVD to ``r_max`` (Algorithm 1 line 17). Partitions come from the
+configured levels, not from the ranks sampled this round, so client ranks must be rank levels.
+
+Since ``(n_k/N_h)`` only scales columns of ``B_k``, ΔW is one product of stacked factors and its
+SVD costs exactly what FlexLoRA's does (:mod:`raflora.linalg`).
+
+Empty partitions (no sampled client reaches ``h``) are not covered by the paper. Default
+``empty_partition="carry"``: the previous global slice ``B_g[:, l:h] A_g[l:h, :]`` is carried into
+ΔW, so directions nobody could train this round keep their value instead of being erased by the
+luck of the draw; ``"drop"`` leaves the partition out (ΔW_h = 0), the literal reading of Eq. 8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from raflora.aggregators.base import Aggregator, register
+from raflora.linalg import svd_to_factors
+
+__all__ = ["RaFLoRA", "partition_bounds", "partition_weights"]
+
+
+def partition_bounds(rank_levels: Sequence[int]) -> list[tuple[int, int]]:
+    """0-based half-open column ranges ``[prev(h), h)`` of every partition, in level order."""
+    bounds, prev = [], 0
+    for h in rank_levels:
+        bounds.append((prev, h))
+        prev = h
+    return bounds
+
+
+def partition_weights(
+    ranks: Sequence[int], samples: Sequence[int], rank_levels: Sequence[int]
+) -> Tensor:
+    """Weights ``n_k / N_h`` of every client (rows) in every partition (columns), float64.
+
+    Clients that do not reach a partition (``r_k < h``) have weight 0 there; every partition
+    with at least one contributor has weights summing to one; an empty partition is all zeros.
+    """
+    r = torch.tensor(list(ranks), dtype=torch.int64)
+    n = torch.tensor([float(s) for s in samples], dtype=torch.float64)
+    h = torch.tensor(list(rank_levels), dtype=torch.int64)
+    member = (r[:, None] >= h[None, :]).double()  # (K, P): k ∈ C_h
+    N_h = (member * n[:, None]).sum(dim=0)  # (P,)
+    return member * n[:, None] / torch.where(N_h > 0, N_h, torch.ones_like(N_h))
+
+
+@register
+class RaFLoRA(Aggregator):
+    """Rank-partitioned aggregation (Algorithm 1).
+
+    Parameters
+    ----------
+    rank_levels : Sequence[int]
+        The partition boundaries ``R``; every client rank must be one of them.
+    empty_partition : {"carry", "drop"}
+        What an empty partition contributes: the previous global slice, or nothing.
+    """
+
+    name = "raflora"
+    ranks_must_be_levels = True
+
+    def __init__(self, rank_levels: Sequence[int], empty_partition: str = "carry") -> None:
+        super().__init__(rank_levels)
+        if empty_partition not in ("carry", "drop"):
+            raise ValueError(
+                f"raflora empty_partition must be 'carry' or 'drop', got {empty_partition!r}"
+            )
+        self.empty_partition = empty_partition
+
+    def aggregate_module(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor, int]],
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Rank-``r_max`` factors of ``Σ_h ΔW_h`` (Eq. 8): ``(…, d, r_max)``, ``(…, r_max, n)``."""
+        ranks = [B.shape[-1] for B, _, _ in updates]
+        unknown = sorted(set(ranks) - set(self.rank_levels))
+        if unknown:
+            raise ValueError(
+                f"raflora: client rank(s) {unknown} are not rank levels {list(self.rank_levels)}"
+            )
+        weights = partition_weights(ranks, [n for _, _, n in updates], self.rank_levels)
+        bounds = partition_bounds(self.rank_levels)
+        B_blocks, A_blocks = [], []
+        for k, (B, A, _) in enumerate(updates):
+            # column j of client k lies in partition P(j) and is scaled by n_k / N_P(j)
+            scale = torch.cat(
+                [weights[k, p].expand(h - l) for p, (l, h) in enumerate(bounds) if h <= ranks[k]]
+            )
+            B_blocks.append(B * scale.to(B.dtype).to(B.device))
+            A_blocks.append(A)
+        if self.empty_partition == "carry" and previous is not None:
+            B_prev, A_prev = previous
+            for p, (l, h) in enumerate(bounds):
+                if not bool(weights[:, p].any()):
+                    B_blocks.append(B_prev[..., :, l:h])
+                    A_blocks.append(A_prev[..., l:h, :])
+        return svd_to_factors(torch.cat(B_blocks, dim=-1), torch.cat(A_blocks, dim=-2), self.r_max)

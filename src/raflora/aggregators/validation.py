@@ -1,0 +1,165 @@
+"""Validation of client updates before aggregation (named errors that say which client and what).
+
+A client update is rejected when a factor's shape does not match its module and the client's
+declared rank, a value is not finite, a module is missing or unknown, or its sample count is not a
+positive integer. Aggregators call :func:`validate_update` on every reply and aggregate the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BadSampleCountError",
+    "ClientUpdate",
+    "InvalidUpdateError",
+    "ModuleSetError",
+    "NonFiniteUpdateError",
+    "RankError",
+    "ShapeMismatchError",
+    "validate_update",
+]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sends back after local training.
+
+    Attributes
+    ----------
+    client_id : int
+        The client's index in ``0 … K-1``.
+    rank : int
+        The client's declared LoRA rank ``r_k``.
+    num_samples : int
+        ``n_k``, the number of local training samples (aggregation weight).
+    factors : Mapping[str, tuple[Tensor, Tensor]]
+        Module name → effective factors ``(B_k (d, r_k), A_k (r_k, n))`` with the LoRA scaling
+        folded into ``B`` (SPEC §1), so that the module's update is ``B_k A_k``.
+    dense : Mapping[str, Tensor]
+        Fully trained parameters (a new classification head …), FedAvg-aggregated by every method.
+    """
+
+    client_id: int
+    rank: int
+    num_samples: int
+    factors: Mapping[str, tuple[Tensor, Tensor]]
+    dense: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class InvalidUpdateError(ValueError):
+    """A client update that cannot be aggregated; ``client_id`` and ``reason`` say which and why."""
+
+    def __init__(self, client_id: int, reason: str) -> None:
+        self.client_id = client_id
+        self.reason = reason
+        super().__init__(f"client {client_id}: {reason}")
+
+
+class ShapeMismatchError(InvalidUpdateError):
+    """A factor's shape does not match the module and the client's declared rank."""
+
+
+class NonFiniteUpdateError(InvalidUpdateError):
+    """A factor or dense tensor holds NaN or ±inf."""
+
+
+class BadSampleCountError(InvalidUpdateError):
+    """The sample count is not a positive integer."""
+
+
+class ModuleSetError(InvalidUpdateError):
+    """Modules are missing from the update, or it names modules the model does not have."""
+
+
+class RankError(InvalidUpdateError):
+    """The declared rank is not one this aggregator accepts."""
+
+
+def _check_module_set(
+    client_id: int, kind: str, got: Collection[str], expected: Collection[str]
+) -> None:
+    missing = sorted(set(expected) - set(got))
+    unknown = sorted(set(got) - set(expected))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(
+                f"missing {kind} {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else "")
+            )
+        if unknown:
+            parts.append(
+                f"unknown {kind} {', '.join(unknown[:5])}" + (" …" if len(unknown) > 5 else "")
+            )
+        raise ModuleSetError(client_id, "; ".join(parts))
+
+
+def _check_finite(client_id: int, what: str, tensor: Tensor) -> None:
+    if not torch.is_tensor(tensor):
+        raise InvalidUpdateError(client_id, f"{what} is {type(tensor).__name__}, not a tensor")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteUpdateError(client_id, f"{what} has {bad} non-finite value(s)")
+
+
+def validate_update(
+    update: ClientUpdate,
+    module_shapes: Mapping[str, tuple[int, int]],
+    *,
+    dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    allowed_ranks: Collection[int] | None = None,
+    max_rank: int | None = None,
+) -> None:
+    """Raise an :class:`InvalidUpdateError` subclass if ``update`` cannot be aggregated.
+
+    Parameters
+    ----------
+    update : ClientUpdate
+        The client's reply.
+    module_shapes : Mapping[str, tuple[int, int]]
+        Module name → ``(d, n)`` = (out_features, in_features) of the adapted weight.
+    dense_shapes : Mapping[str, tuple[int, ...]], optional
+        Name → shape of every fully trained tensor the update must carry (none when omitted).
+    allowed_ranks : Collection[int], optional
+        Ranks the aggregator accepts (raFLoRA: the configured rank levels).
+    max_rank : int, optional
+        Largest acceptable rank (the server's ``r_max``).
+    """
+    cid = update.client_id
+    n_k = update.num_samples
+    if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
+        raise BadSampleCountError(cid, f"sample count must be a positive integer, got {n_k!r}")
+    r = update.rank
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise RankError(cid, f"rank must be a positive integer, got {r!r}")
+    if max_rank is not None and r > max_rank:
+        raise RankError(cid, f"rank {r} exceeds the server's maximum rank {max_rank}")
+    if allowed_ranks is not None and r not in allowed_ranks:
+        raise RankError(cid, f"rank {r} is not one of the rank levels {sorted(allowed_ranks)}")
+    _check_module_set(cid, "module", update.factors.keys(), module_shapes.keys())
+    for name, (d, n) in module_shapes.items():
+        pair = update.factors[name]
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise InvalidUpdateError(cid, f"{name}: expected a (B, A) pair")
+        B, A = pair
+        _check_finite(cid, f"{name}.B", B)
+        _check_finite(cid, f"{name}.A", A)
+        if tuple(B.shape) != (d, r) or tuple(A.shape) != (r, n):
+            raise ShapeMismatchError(
+                cid,
+                f"{name}: expected B ({d}, {r}) and A ({r}, {n}) for rank {r}, "
+                f"got B {tuple(B.shape)} and A {tuple(A.shape)}",
+            )
+    expected_dense = dense_shapes or {}
+    _check_module_set(cid, "dense tensor", update.dense.keys(), expected_dense.keys())
+    for name, shape in expected_dense.items():
+        tensor = update.dense[name]
+        _check_finite(cid, name, tensor)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ShapeMismatchError(
+                cid, f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}"
+            )

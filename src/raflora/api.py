@@ -1,0 +1,71 @@
+"""The small public API for one module (what the docs show and other layers use)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from raflora.aggregators import get_aggregator
+
+__all__ = ["aggregate"]
+
+
+def aggregate(
+    method: str,
+    updates: Sequence[tuple[Tensor, Tensor, int]],
+    *,
+    rank_levels: Sequence[int],
+    previous: tuple[Tensor, Tensor] | None = None,
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """Aggregate one module's client updates with ``method``.
+
+    Parameters
+    ----------
+    method : str
+        ``fedit``, ``hetlora``, ``flora``, ``flexlora`` or ``raflora``.
+    updates : Sequence[tuple[Tensor, Tensor, int]]
+        ``(B_k (d, r_k), A_k (r_k, n), n_k)`` effective factors (LoRA scaling folded into ``B``)
+        and sample counts.
+    rank_levels : Sequence[int]
+        Configured rank levels ``r_1 < … < r_max``.
+    previous : tuple[Tensor, Tensor], optional
+        The previous global ``(B_g, A_g)`` (raFLoRA carries empty partitions from it).
+    **options
+        Method options (``weighting``, ``empty_partition`` …).
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        ``B (d, r_max)``, ``A (r_max, n)`` for fedit/hetlora/flexlora/raflora; the stacked
+        ``(d, Σ r_k)``, ``(Σ r_k, n)`` update for flora.
+
+    Examples
+    --------
+    >>> import torch, raflora
+    >>> g = torch.Generator().manual_seed(0)
+    >>> ups = [(torch.randn(6, r, generator=g), torch.randn(r, 5, generator=g), 10) for r in (2, 4)]
+    >>> B, A = raflora.aggregate("raflora", ups, rank_levels=[2, 4])
+    >>> tuple(B.shape), tuple(A.shape)
+    ((6, 4), (4, 5))
+    """
+    if not updates:
+        raise ValueError("aggregate needs at least one update")
+    d, n = updates[0][0].shape[0], updates[0][1].shape[-1]
+    for i, (B, A, n_k) in enumerate(updates):
+        if (
+            B.ndim != 2
+            or A.ndim != 2
+            or B.shape[0] != d
+            or A.shape[1] != n
+            or B.shape[1] != A.shape[0]
+        ):
+            raise ValueError(
+                f"update {i}: expected B (d={d}, r) and A (r, n={n}), "
+                f"got B {tuple(B.shape)} and A {tuple(A.shape)}"
+            )
+        if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
+            raise ValueError(f"update {i}: sample count must be a positive integer, got {n_k!r}")
+    return get_aggregator(method, rank_levels, **options).aggregate_module(updates, previous)

@@ -1,0 +1,47 @@
+"""The ``raflora`` command line: one sub-command per module in this package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from raflora import __version__
+from raflora.cli import theory
+from raflora.cli.common import CLIError
+
+__all__ = ["main"]
+
+_COMMANDS = (theory,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="raflora",
+        description="Federated LoRA fine-tuning with heterogeneous ranks (raFLoRA and baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"raflora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in _COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``raflora`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except CLIError as err:
+        print(f"raflora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raflora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Exact low-rank algebra on factored matrices (SPEC §3, "Exactness and cost").
+
+Every aggregation rule in this package produces a matrix of the form
+
+    ΔW = Σ_k w_k B_k A_k = B_cat A_cat,   B_cat (d, R),  A_cat (R, n),  R = Σ_k r_k,
+
+and FlexLoRA / raFLoRA then need its truncated SVD (paper Eqs. 3–4). Forming the ``d × n``
+matrix and running a dense SVD costs ``O(d n min(d, n))``; here it is computed exactly from the
+factors:
+
+    B_cat = Q_b R_b          (reduced QR, Q_b (d, k_b), R_b (k_b, R))
+    A_catᵀ = Q_a R_a         (reduced QR, Q_a (n, k_a), R_a (k_a, R))
+    ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, and the small core R_b R_aᵀ (k_b, k_a) is SVD'd,
+
+in ``O((d + n) R² + R³)`` time and ``O((d + n) R)`` memory. All functions accept leading batch
+dimensions (``(..., d, R)``), so modules of one shape are processed in one call, and run on any
+device. Half-precision inputs are computed in float32 (torch's QR/SVD need it) and cast back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FactoredSVD",
+    "factored_energy",
+    "factored_svd",
+    "frobenius_norm",
+    "svd_to_factors",
+]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class FactoredSVD(NamedTuple):
+    """Thin SVD ``B A = U diag(S) Vh`` of a factored matrix.
+
+    Shapes: ``U (..., d, k)``, ``S (..., k)`` descending, ``Vh (..., k, n)`` with
+    ``k = min(d, n, R)``.
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _COMPUTE_DTYPES else torch.float32
+
+
+def _check_pair(B: Tensor, A: Tensor) -> None:
+    if B.ndim < 2 or A.ndim < 2:
+        raise ValueError(
+            f"factors must be at least 2-D, got B {tuple(B.shape)}, A {tuple(A.shape)}"
+        )
+    if B.shape[-1] != A.shape[-2]:
+        raise ValueError(
+            f"inner dimensions differ: B is {tuple(B.shape)} (…, d, R), "
+            f"A is {tuple(A.shape)} (…, R, n)"
+        )
+
+
+def _core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(Q_b, core, Q_a)`` with ``B A = Q_b core Q_aᵀ`` (computed in float32/64)."""
+    _check_pair(B, A)
+    dtype = _compute_dtype(torch.promote_types(B.dtype, A.dtype))
+    Q_b, R_b = torch.linalg.qr(B.to(dtype))  # (…, d, k_b), (…, k_b, R)
+    Q_a, R_a = torch.linalg.qr(A.to(dtype).transpose(-1, -2))  # (…, n, k_a), (…, k_a, R)
+    return Q_b, R_b @ R_a.transpose(-1, -2), Q_a  # core (…, k_b, k_a)
+
+
+def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> FactoredSVD:
+    """Truncated SVD of ``B @ A`` without forming it.
+
+    Parameters
+    ----------
+    B : Tensor
+        Left factor ``(..., d, R)``.
+    A : Tensor
+        Right factor ``(..., R, n)``.
+    rank : int, optional
+        Keep the top ``rank`` triplets (at most ``min(d, n, R)`` exist); all when omitted.
+
+    Returns
+    -------
+    FactoredSVD
+        ``U (..., d, k)``, ``S (..., k)``, ``Vh (..., k, n)`` in float64 for float64 inputs and
+        float32 otherwise, singular values descending.
+    """
+    Q_b, core, Q_a = _core(B, A)
+    U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
+    if rank is not None:
+        if rank < 0:
+            raise ValueError(f"rank must be non-negative, got {rank}")
+        U_c, S, Vh_c = U_c[..., :rank], S[..., :rank], Vh_c[..., :rank, :]
+    U = Q_b @ U_c  # (…, d, k)
+    Vh = Vh_c @ Q_a.transpose(-1, -2)  # (…, k, n)
+    return FactoredSVD(U, S, Vh)
+
+
+def factored_energy(B: Tensor, A: Tensor) -> Tensor:
+    """Energy spectrum ``σ_i²`` of ``B @ A`` (descending, length ``min(d, n, R)``).
+
+    Only singular values are computed (no singular vectors), in float32/float64.
+    """
+    _, core, _ = _core(B, A)
+    energy: Tensor = torch.linalg.svdvals(core).square()
+    return energy
+
+
+def frobenius_norm(B: Tensor, A: Tensor) -> Tensor:
+    """``‖B A‖_F`` from the factors: ``‖BA‖_F² = Σ (BᵀB) ⊙ (AAᵀ)``, cost ``O((d + n) R²)``."""
+    _check_pair(B, A)
+    dtype = _compute_dtype(torch.promote_types(B.dtype, A.dtype))
+    B, A = B.to(dtype), A.to(dtype)
+    gram_b = B.transpose(-1, -2) @ B  # (…, R, R)
+    gram_a = A @ A.transpose(-1, -2)  # (…, R, R)
+    return (gram_b * gram_a).sum(dim=(-1, -2)).clamp_min(0).sqrt()
+
+
+def _orthonormal_complement(Vh: Tensor, extra: int) -> Tensor:
+    """Rows orthonormal to each other and to the rows of ``Vh (..., k, n)``; ``extra`` of them.
+
+    Uses a complete QR of ``Vhᵀ``: its trailing ``n - k`` columns span the complement. Only used
+    when the aggregate has fewer than ``r_max`` directions, i.e. rarely and on small ``k``.
+    """
+    n, k = Vh.shape[-1], Vh.shape[-2]
+    extra = min(extra, n - k)
+    if extra <= 0:
+        return Vh.new_zeros((*Vh.shape[:-2], 0, n))
+    Q, _ = torch.linalg.qr(Vh.transpose(-1, -2), mode="complete")  # (…, n, n)
+    complement: Tensor = Q[..., k : k + extra].transpose(-1, -2)
+    return complement
+
+
+def svd_to_factors(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Global LoRA factors of rank ``rank`` from the truncated SVD of ``B @ A`` (paper Eq. 4).
+
+    ``B_g = [σ_1 u_1 … σ_r u_r]`` (all singular values on B) and ``A_g = [v_1 … v_r]ᵀ`` (orthonormal
+    rows), so ``B_g A_g`` is the best rank-``rank`` approximation of ``B A``.
+
+    When ``B A`` has fewer than ``rank`` singular triplets (``min(d, n, R) < rank``), ``A_g`` is
+    completed with orthonormal rows from the complement of the row space and ``B_g`` with zero
+    columns — exactly what a full SVD returns for zero singular values. This keeps every
+    broadcast direction trainable (a LoRA pair with both factors zero gets no gradient) and leaves
+    ``B_g A_g`` unchanged.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``B_g (..., d, rank)`` and ``A_g (..., rank, n)`` in the dtype of the inputs.
+    """
+    out_dtype = torch.promote_types(B.dtype, A.dtype)
+    U, S, Vh = factored_svd(B, A, rank)
+    B_g = U * S.unsqueeze(-2)  # (…, d, k): column i is σ_i u_i
+    A_g = Vh  # (…, k, n)
+    missing = rank - S.shape[-1]
+    if missing > 0:
+        complement = _orthonormal_complement(Vh, missing)
+        A_g = torch.cat([A_g, complement], dim=-2)
+        still_missing = rank - A_g.shape[-2]  # only when rank > n: no more orthonormal rows exist
+        if still_missing > 0:
+            A_g = torch.cat(
+                [A_g, A_g.new_zeros((*A_g.shape[:-2], still_missing, A_g.shape[-1]))], -2
+            )
+        B_g = torch.cat([B_g, B_g.new_zeros((*B_g.shape[:-1], missing))], dim=-1)
+    return B_g.to(out_dtype), A_g.to(out_dtype)
