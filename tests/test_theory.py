@@ -31,7 +31,7 @@ def test_closed_form_matches_hand_computed_values() -> None:
     assert result.q[8] == pytest.approx(h[0.8], rel=1e-12)
     assert result.q[8] == pytest.approx(0.6545454545, rel=1e-9)
     assert result.gamma == pytest.approx(h[0.8] / h[1.0], rel=1e-12)
-    assert result.C == pytest.approx(56 / 8)
+    assert pytest.approx(56 / 8) == result.C
     # t = 1: tail energy 8 q(0.8) + 16 q(0.6) + 16 q(0.4) + 16 q(0.2) over 8 + that
     tail = 8 * h[0.8] + 16 * h[0.6] + 16 * h[0.4] + 16 * h[0.2]
     assert result.rounds[1]["predicted_flexlora"] == pytest.approx(tail / (8 + tail), rel=1e-12)
@@ -45,7 +45,7 @@ def test_closed_form_matches_hand_computed_values() -> None:
 def test_decay_init_and_beta() -> None:
     setup = TheorySetup((2, 4), num_clients=10, per_round=5, beta=0.5, init="decay")
     result = predict(setup, rounds=1)
-    assert result.C == pytest.approx((1 / 3 + 1 / 4) / (1 + 1 / 2))
+    assert pytest.approx((1 / 3 + 1 / 4) / (1 + 1 / 2)) == result.C
     tau = 5 / (5 * 9)
     assert result.q[0] == pytest.approx(0.25 * 1.0)
     assert result.q[2] == pytest.approx(0.25 * (0.25 + tau * 0.25))
