@@ -1,0 +1,79 @@
+"""Shared hypothesis profile and dense reference helpers for the correctness tests.
+
+The references here form the ``d × n`` matrix and run ``torch.linalg.svd`` on it: they are the
+slow, obviously correct versions of the factored code in :mod:`raflora.linalg`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import settings
+from torch import Tensor
+
+settings.register_profile("ci", max_examples=25, deadline=None)
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def randn(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Seeded standard normal tensor (independent of the global RNG)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def dense_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin dense SVD of ``M (..., d, n)``."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U, S, Vh
+
+
+def best_rank(M: Tensor, r: int) -> Tensor:
+    """Dense best rank-``r`` approximation ``U_r diag(S_r) Vh_r`` (Eckart–Young)."""
+    U, S, Vh = dense_svd(M)
+    return (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]
+
+
+def top_singular_values(M: Tensor, r: int) -> Tensor:
+    """The top ``r`` singular values of ``M``, zero-padded to length ``r``."""
+    S = torch.linalg.svdvals(M)[..., :r]
+    missing = r - S.shape[-1]
+    return torch.cat([S, S.new_zeros((*S.shape[:-1], missing))], -1) if missing > 0 else S
+
+
+def truncation_is_unique(M: Tensor, r: int, rel_gap: float = 1e-6) -> bool:
+    """Whether the best rank-``r`` approximation of ``M`` is well defined numerically.
+
+    It is unique unless ``σ_r ≈ σ_{r+1} > 0``; with a tiny gap two exact algorithms may pick
+    different subspaces, so tests then check the Eckart–Young error instead of the product.
+    """
+    S = torch.linalg.svdvals(M)
+    if r >= S.shape[-1]:
+        return True
+    scale = S[..., 0].clamp_min(1e-300)
+    tail_zero = S[..., r] <= 1e-9 * scale
+    gap_ok = (S[..., r - 1] - S[..., r]) > rel_gap * scale
+    return bool((tail_zero | gap_ok).all())
+
+
+def assert_best_rank(
+    X: Tensor, M: Tensor, r: int, rtol: float = 1e-9, rel_gap: float = 1e-6
+) -> None:
+    """``X`` is a best rank-``r`` approximation of ``M``: same top singular values, rank ≤ ``r``
+    and the same product as the dense truncation (when that is ill-posed because
+    ``σ_r ≈ σ_{r+1}``, the Eckart–Young error ``‖M − X‖_F² = Σ_{i>r} σ_i²`` instead).
+    Tolerances are relative to ``‖M‖₂``.
+    """
+    X = X.to(M.dtype)
+    atol = rtol * max(float(torch.linalg.matrix_norm(M, ord=2).max()), 1e-300)
+    torch.testing.assert_close(
+        top_singular_values(X, r), top_singular_values(M, r), rtol=0, atol=atol
+    )
+    beyond = torch.linalg.svdvals(X)[..., r:]
+    assert beyond.numel() == 0 or float(beyond.max()) <= atol, "X has rank > r"
+    if truncation_is_unique(M, r, rel_gap):
+        torch.testing.assert_close(X, best_rank(M, r), rtol=0, atol=atol)
+    else:
+        err = torch.linalg.matrix_norm(M - X) ** 2
+        tail = (torch.linalg.svdvals(M)[..., r:] ** 2).sum(-1)
+        torch.testing.assert_close(err, tail, rtol=0, atol=atol * atol / rtol)
