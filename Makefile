@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/raflora theory --ranks 8,16,32,48,64 --clients 100 --per-round 10 --rounds 50 --simulate 200 --seed 0
+	$(VENV)/bin/raflora theory --ranks 8,16,32,48,64 --clients 100 --per-round 10 --rounds 30 --simulate 100 --seed 0 --plot runs/theory.png
 
 test: install
 	$(PY) -m pytest -q

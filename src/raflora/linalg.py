@@ -72,6 +72,34 @@ def _core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Q_b, R_b @ R_a.transpose(-1, -2), Q_a  # core (…, k_b, k_a)
 
 
+def _small_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the small core, robust to LAPACK's rare non-convergence.
+
+    ``gesdd`` can fail to converge on inputs with many exactly repeated singular values (e.g. a
+    global update fed back unchanged by every client). The fallback diagonalises the symmetric
+    Gram matrix ``coreᵀ core = W Λ Wᵀ`` (``syevd`` always converges), takes ``σ_i = ‖core w_i‖``
+    and orthonormalises ``core W`` by QR, which also completes the left vectors of zero
+    singular values. Its accuracy on the smallest singular values is that of the Gram matrix
+    (relative to ``σ_1²``), which the SVD path does not lose.
+    """
+    try:
+        return torch.linalg.svd(core, full_matrices=False)  # type: ignore[no-any-return]
+    except torch._C._LinAlgError:  # the class behind torch.linalg.LinAlgError
+        pass
+    k = min(core.shape[-2], core.shape[-1])
+    _, W = torch.linalg.eigh(core.transpose(-1, -2) @ core)  # ascending eigenvalues
+    W = W.flip(-1)[..., :k]  # (…, k_a, k): leading right singular vectors
+    US = core @ W  # (…, k_b, k) = U diag(σ)
+    S = torch.linalg.vector_norm(US, dim=-2)
+    S, order = S.sort(dim=-1, descending=True)
+    W = W.gather(-1, order.unsqueeze(-2).expand_as(W))
+    US = US.gather(-1, order.unsqueeze(-2).expand_as(US))
+    Q, R = torch.linalg.qr(US)
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    U = Q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
+    return U, S, W.transpose(-1, -2)
+
+
 def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> FactoredSVD:
     """Truncated SVD of ``B @ A`` without forming it.
 
@@ -91,7 +119,7 @@ def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> FactoredSVD:
         float32 otherwise, singular values descending.
     """
     Q_b, core, Q_a = _core(B, A)
-    U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
+    U_c, S, Vh_c = _small_svd(core)
     if rank is not None:
         if rank < 0:
             raise ValueError(f"rank must be non-negative, got {rank}")
