@@ -84,7 +84,7 @@ def _small_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     try:
         return torch.linalg.svd(core, full_matrices=False)  # type: ignore[no-any-return]
-    except torch._C._LinAlgError:  # the class behind torch.linalg.LinAlgError
+    except torch.linalg.LinAlgError:  # type: ignore[attr-defined]
         pass
     k = min(core.shape[-2], core.shape[-1])
     _, W = torch.linalg.eigh(core.transpose(-1, -2) @ core)  # ascending eigenvalues
