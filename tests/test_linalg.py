@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import assert_best_rank, best_rank, randn
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
+from conftest import assert_best_rank, best_rank, randn
 from raflora.linalg import factored_energy, factored_svd, frobenius_norm, svd_to_factors
 
 KINDS = ("random", "duplicate_columns", "low_rank", "zero")
@@ -210,9 +210,9 @@ def test_half_precision_runs_and_is_finite() -> None:
     ],
 )
 def test_bad_factor_shapes_raise(B: Tensor, A: Tensor) -> None:
-    with pytest.raises(ValueError, match="inner dimensions|at least 2-D"):
+    with pytest.raises(ValueError, match=r"inner dimensions|at least 2-D"):
         factored_svd(B, A)
-    with pytest.raises(ValueError, match="inner dimensions|at least 2-D"):
+    with pytest.raises(ValueError, match=r"inner dimensions|at least 2-D"):
         frobenius_norm(B, A)
 
 

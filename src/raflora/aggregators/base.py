@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
@@ -254,16 +254,19 @@ class Aggregator(ABC):
         """
         accepted: list[ClientUpdate] = []
         rejected: dict[int, str] = {}
-        seen: set[int] = set()
+        counts = Counter(u.client_id for u in updates)
         for update in updates:
             try:
-                if update.client_id in seen:
-                    raise InvalidUpdateError(update.client_id, "duplicate update in this round")
+                if counts[update.client_id] > 1:
+                    # ambiguous which one is genuine: every update under that id is left out
+                    raise InvalidUpdateError(
+                        update.client_id,
+                        f"duplicate: {counts[update.client_id]} updates under one client id this round",
+                    )
                 self.validate(state, update)
             except InvalidUpdateError as err:
                 rejected[update.client_id] = err.reason
                 continue
-            seen.add(update.client_id)
             accepted.append(update)
         if not accepted:
             return AggregationResult(state, (), rejected)
