@@ -16,6 +16,10 @@ settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Bound at import so that tests which make ``torch.linalg.svd`` fail (to drive the library's
+# fallback path) still get a working dense reference.
+_dense_svd = torch.linalg.svd
+
 
 def randn(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """Seeded standard normal tensor (independent of the global RNG)."""
@@ -24,7 +28,7 @@ def randn(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 def dense_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin dense SVD of ``M (..., d, n)``."""
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, S, Vh = _dense_svd(M, full_matrices=False)
     return U, S, Vh
 
 

@@ -236,6 +236,33 @@ def test_raflora_partition_weights_differ_from_flexlora() -> None:
     assert not torch.allclose(B_r @ A_r, B_f @ A_f)
 
 
+@pytest.mark.parametrize(
+    ("ranks", "mode", "kept"),
+    [
+        ([2, 4, 6, 6], "carry", 6),
+        ([2, 4, 6, 6], "drop", 6),
+        ([2, 2, 4], "carry", 6),  # partition (4, 6] empty: carried from the previous state
+        ([2, 2, 4], "drop", 4),  # … or dropped
+    ],
+)
+def test_raflora_keeps_a_broadcast_fed_back_unchanged(
+    ranks: list[int], mode: str, kept: int
+) -> None:
+    """SPEC §5 with β = 1: every energy stays (repeated singular values, as in the theory)."""
+    U, _ = torch.linalg.qr(randn(0, 10, 6))
+    V, _ = torch.linalg.qr(randn(1, 8, 6))
+    sigma = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5, 0.1], dtype=torch.float64)
+    B_g, A_g = U * sigma, V.T
+    updates = [(B_g[:, :r], A_g[:r], 10 + i) for i, r in enumerate(ranks)]
+    B, A = raflora.aggregate(
+        "raflora", updates, rank_levels=[2, 4, 6], previous=(B_g, A_g), empty_partition=mode
+    )
+    torch.testing.assert_close(B @ A, B_g[:, :kept] @ A_g[:kept], rtol=0, atol=1e-12)
+    flex_B, flex_A = raflora.aggregate("flexlora", updates, rank_levels=[2, 4, 6])
+    flex_energy = torch.linalg.svdvals(flex_B @ flex_A) ** 2
+    assert float(flex_energy[2:].sum()) < float((sigma[2:] ** 2).sum()) - 1e-3  # FlexLoRA decays
+
+
 @given(rounds(equal_ranks=True))
 def test_raflora_equals_flexlora_for_equal_ranks(rnd: Round) -> None:
     flex = raflora.aggregate("flexlora", rnd.updates, rank_levels=rnd.levels)

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from raflora.aggregators import get_aggregator
+from raflora.aggregators.validation import is_positive_int
 
 __all__ = ["aggregate"]
 
@@ -32,7 +33,8 @@ def aggregate(
     rank_levels : Sequence[int]
         Configured rank levels ``r_1 < … < r_max``.
     previous : tuple[Tensor, Tensor], optional
-        The previous global ``(B_g, A_g)`` (raFLoRA carries empty partitions from it).
+        The previous global ``(B_g, A_g)``. raFLoRA carries empty partitions from it; without
+        it an empty partition contributes nothing (there is nothing to carry).
     **options
         Method options (``weighting``, ``empty_partition`` …).
 
@@ -66,6 +68,21 @@ def aggregate(
                 f"update {i}: expected B (d={d}, r) and A (r, n={n}), "
                 f"got B {tuple(B.shape)} and A {tuple(A.shape)}"
             )
-        if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
+        if not is_positive_int(n_k):
             raise ValueError(f"update {i}: sample count must be a positive integer, got {n_k!r}")
-    return get_aggregator(method, rank_levels, **options).aggregate_module(updates, previous)
+    aggregator = get_aggregator(method, rank_levels, **options)
+    for i, (B, _, _) in enumerate(updates):
+        rank = B.shape[1]
+        if rank > aggregator.r_max or (
+            aggregator.ranks_must_be_levels and rank not in aggregator.rank_levels
+        ):
+            allowed = (
+                f"one of the rank levels {list(aggregator.rank_levels)}"
+                if aggregator.ranks_must_be_levels
+                else f"at most r_max = {aggregator.r_max}"
+            )
+            raise ValueError(
+                f"update {i}: rank {rank} is not allowed for {method}; use {allowed} "
+                "(methods for heterogeneous ranks: hetlora, flora, flexlora, raflora)"
+            )
+    return aggregator.aggregate_module([(B, A, int(n_k)) for B, A, n_k in updates], previous)

@@ -261,7 +261,7 @@ class Aggregator(ABC):
                     # ambiguous which one is genuine: every update under that id is left out
                     raise InvalidUpdateError(
                         update.client_id,
-                        f"duplicate: {counts[update.client_id]} updates under one client id this round",
+                        f"duplicate: {counts[update.client_id]} updates under one id this round",
                     )
                 self.validate(state, update)
             except InvalidUpdateError as err:

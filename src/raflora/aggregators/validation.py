@@ -7,6 +7,7 @@ positive integer. Aggregators call :func:`validate_update` on every reply and ag
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ __all__ = [
     "NonFiniteUpdateError",
     "RankError",
     "ShapeMismatchError",
+    "is_positive_int",
     "validate_update",
 ]
 
@@ -80,6 +82,11 @@ class RankError(InvalidUpdateError):
     """The declared rank is not one this aggregator accepts."""
 
 
+def is_positive_int(value: object) -> bool:
+    """A positive integer (Python or numpy; ``bool`` excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
+
+
 def _check_module_set(
     client_id: int, kind: str, got: Collection[str], expected: Collection[str]
 ) -> None:
@@ -131,10 +138,10 @@ def validate_update(
     """
     cid = update.client_id
     n_k = update.num_samples
-    if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
+    if not is_positive_int(n_k):
         raise BadSampleCountError(cid, f"sample count must be a positive integer, got {n_k!r}")
     r = update.rank
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    if not is_positive_int(r):
         raise RankError(cid, f"rank must be a positive integer, got {r!r}")
     if max_rank is not None and r > max_rank:
         raise RankError(cid, f"rank {r} exceeds the server's maximum rank {max_rank}")
