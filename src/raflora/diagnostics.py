@@ -38,18 +38,11 @@ def energy_spectrum(B: Tensor, A: Tensor, max_rank: int | None = None) -> Tensor
 
 def cumulative_energy_ratios(spectrum: Tensor, ranks: Sequence[int]) -> Tensor:
     """``ρ_r`` for each ``r`` in ``ranks`` (last dim), from a descending energy spectrum."""
-    cumulative = spectrum.cumsum(dim=-1)
-    total = (
-        cumulative[..., -1:]
-        if spectrum.shape[-1]
-        else spectrum.new_zeros((*spectrum.shape[:-1], 1))
-    )
+    cumulative = torch.nn.functional.pad(spectrum, (0, 1)).cumsum(dim=-1)  # trailing 0: L = 0 ok
+    total = cumulative[..., -1:]
+    # index min(r, L) - 1; for an empty spectrum that is -1, the (zero) total
     idx = torch.tensor([min(r, spectrum.shape[-1]) - 1 for r in ranks], device=spectrum.device)
-    at = (
-        cumulative[..., idx.clamp_min(0)]
-        if spectrum.shape[-1]
-        else spectrum.new_zeros((*spectrum.shape[:-1], len(ranks)))
-    )
+    at = cumulative[..., idx]
     positive = total > 0
     return torch.where(positive, at / torch.where(positive, total, torch.ones_like(total)), 1.0)
 
