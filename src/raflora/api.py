@@ -8,7 +8,12 @@ from typing import Any
 from torch import Tensor
 
 from raflora.aggregators import get_aggregator
-from raflora.aggregators.validation import is_positive_int
+from raflora.aggregators.validation import (
+    ClientUpdate,
+    InvalidUpdateError,
+    RankError,
+    validate_update,
+)
 
 __all__ = ["aggregate"]
 
@@ -55,34 +60,25 @@ def aggregate(
     """
     if not updates:
         raise ValueError("aggregate needs at least one update")
-    d, n = updates[0][0].shape[0], updates[0][1].shape[-1]
-    for i, (B, A, n_k) in enumerate(updates):
-        if (
-            B.ndim != 2
-            or A.ndim != 2
-            or B.shape[0] != d
-            or A.shape[1] != n
-            or B.shape[1] != A.shape[0]
-        ):
-            raise ValueError(
-                f"update {i}: expected B (d={d}, r) and A (r, n={n}), "
-                f"got B {tuple(B.shape)} and A {tuple(A.shape)}"
-            )
-        if not is_positive_int(n_k):
-            raise ValueError(f"update {i}: sample count must be a positive integer, got {n_k!r}")
     aggregator = get_aggregator(method, rank_levels, **options)
-    for i, (B, _, _) in enumerate(updates):
-        rank = B.shape[1]
-        if rank > aggregator.r_max or (
-            aggregator.ranks_must_be_levels and rank not in aggregator.rank_levels
-        ):
-            allowed = (
-                f"one of the rank levels {list(aggregator.rank_levels)}"
+    # the same checks as a whole-model round (validate_update), with the update's index as id
+    shapes = {"module": (int(updates[0][0].shape[0]), int(updates[0][1].shape[-1]))}
+    for i, (B, A, n_k) in enumerate(updates):
+        rank = int(B.shape[-1]) if B.ndim else 0
+        try:
+            validate_update(
+                ClientUpdate(i, rank, n_k, {"module": (B, A)}),
+                shapes,
+                allowed_ranks=aggregator.rank_levels if aggregator.ranks_must_be_levels else None,
+                max_rank=aggregator.r_max,
+            )
+        except RankError as err:
+            hint = (
+                " (methods for heterogeneous ranks: hetlora, flora, flexlora, raflora)"
                 if aggregator.ranks_must_be_levels
-                else f"at most r_max = {aggregator.r_max}"
+                else ""
             )
-            raise ValueError(
-                f"update {i}: rank {rank} is not allowed for {method}; use {allowed} "
-                "(methods for heterogeneous ranks: hetlora, flora, flexlora, raflora)"
-            )
+            raise ValueError(f"update {i}: {err.reason} for {method}{hint}") from None
+        except InvalidUpdateError as err:
+            raise ValueError(f"update {i}: {err.reason}") from None
     return aggregator.aggregate_module([(B, A, int(n_k)) for B, A, n_k in updates], previous)
