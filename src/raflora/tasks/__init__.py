@@ -1,0 +1,29 @@
+"""Tasks: model, data, loss and metric behind one interface (DESIGN layer 4).
+
+Importing this package registers the built-in tasks: the offline ``synthetic`` and ``digits``
+tasks, and the Hugging Face ``image-classification`` and ``text-classification`` tasks.
+"""
+
+from raflora.tasks import digits as digits
+from raflora.tasks import image as image
+from raflora.tasks import synthetic as synthetic
+from raflora.tasks import text as text
+from raflora.tasks.base import (
+    Batch,
+    Task,
+    TaskError,
+    available_tasks,
+    build_task,
+    move_batch,
+    register_task,
+)
+
+__all__ = [
+    "Batch",
+    "Task",
+    "TaskError",
+    "available_tasks",
+    "build_task",
+    "move_batch",
+    "register_task",
+]

@@ -1,0 +1,165 @@
+"""The task interface: a model builder, a dataset, a loss and a metric (DESIGN layer 4).
+
+A :class:`Task` owns one frozen base model (built once, float32 on the CPU; the engine moves it),
+the training examples (addressed by integer index so partitioners and engines never copy data),
+the evaluation split, and the loss/metric. Engines only talk to this interface, so the local and
+Flower engines train every task the same way.
+
+Tasks are registered by name (:func:`register_task`) and built from a run configuration with
+:func:`build_task`. A model or dataset that cannot be loaded raises :class:`TaskError` naming what
+was asked for (the CLI turns it into one line and exit code 2).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from raflora.config import RunConfig
+
+__all__ = [
+    "Batch",
+    "Task",
+    "TaskError",
+    "available_tasks",
+    "build_task",
+    "move_batch",
+    "register_task",
+]
+
+Batch = dict[str, Tensor]
+"""A collated batch: model keyword arguments plus ``labels``."""
+
+
+class TaskError(RuntimeError):
+    """A task's model or dataset could not be built or loaded (message names what was asked)."""
+
+
+class Task(ABC):
+    """One federated fine-tuning task.
+
+    Subclasses set :attr:`name`, build everything in ``__init__(config)`` and implement the
+    abstract methods. Attributes every task sets:
+
+    Attributes
+    ----------
+    model : nn.Module
+        The base model (frozen weights are fine; PEFT freezes them anyway), float32 on the CPU.
+    model_id : str
+        Where the base model comes from: a hub name or a local directory that
+        :meth:`load_base_model` (and ``PeftModel.from_pretrained``'s users) can load again.
+    num_train : int
+        Number of training examples (indices ``0 … num_train-1``).
+    partition_labels : np.ndarray | None
+        Integer class of each training example, used by the non-IID partitioners; ``None`` when
+        the task has no labels to split by (only ``iid`` is then possible).
+    target_modules : list[str] | str
+        What ``lora.target_modules: all-linear`` means for this task: every linear layer of the
+        backbone but not the new head (a list of names or a PEFT regex string). An explicit list
+        in the config is used as given.
+    modules_to_save : list[str] | None
+        Modules trained in full and FedAvg-aggregated (a new classifier head), PEFT names.
+    task_type : str | None
+        PEFT task type (``"SEQ_CLS"`` for sequence classification, else ``None``).
+    """
+
+    name: ClassVar[str]
+
+    model: nn.Module
+    model_id: str
+    num_train: int
+    partition_labels: np.ndarray | None
+    target_modules: list[str] | str
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+
+    @abstractmethod
+    def train_batch(self, indices: Sequence[int]) -> Batch:
+        """The collated training batch of the given example indices (CPU tensors)."""
+
+    @abstractmethod
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The evaluation split in batches, always in the same order (CPU tensors)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Scalar training loss of ``model`` on ``batch`` (already on the model's device)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+        """Metrics of ``model`` on the evaluation split: at least ``accuracy`` and ``eval_loss``.
+
+        Called under ``torch.no_grad`` with ``model.eval()``; deterministic.
+        """
+
+    @abstractmethod
+    def load_base_model(self) -> nn.Module:
+        """A fresh copy of the base model exactly as :attr:`model` was built (for export checks)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Short facts about the task for the run summary."""
+        return {
+            "task": self.name,
+            "model": self.model_id,
+            "num_train": self.num_train,
+            "num_classes": (
+                None
+                if self.partition_labels is None
+                else int(np.unique(self.partition_labels).size)
+            ),
+        }
+
+
+def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+    """Move a batch to ``device``; floating tensors are cast to ``dtype`` when given."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if dtype is not None and value.is_floating_point():
+            out[key] = value.to(device=device, dtype=dtype)
+        else:
+            out[key] = value.to(device=device)
+    return out
+
+
+_TASKS: dict[str, Callable[[RunConfig], Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator registering a task class under ``name``."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_tasks() -> list[str]:
+    """Registered task names, sorted."""
+    return sorted(_TASKS)
+
+
+def build_task(config: RunConfig) -> Task:
+    """Build the task named by ``config.task.name``.
+
+    Raises
+    ------
+    TaskError
+        Unknown task, or its model/dataset cannot be loaded.
+    """
+    try:
+        factory = _TASKS[config.task.name]
+    except KeyError:
+        raise TaskError(
+            f"unknown task {config.task.name!r}; available: {', '.join(available_tasks())}"
+        ) from None
+    return factory(config)
