@@ -35,9 +35,12 @@ __all__ = [
     "PEFT_PREFIX",
     "AdapterBank",
     "adapter_name",
+    "base_weights",
     "export_peft_adapter",
     "get_dense",
     "get_factors",
+    "live_factors",
+    "load_base_weights",
     "lora_scaling",
     "merge_into_base",
     "module_shapes",
@@ -160,6 +163,51 @@ def get_factors(peft_model: nn.Module, adapter: str) -> Factors:
             A.detach().to(torch.float32).clone(),
         )
     return factors
+
+
+def live_factors(peft_model: nn.Module, adapter: str) -> Factors:
+    """Effective factors ``(s · lora_B.weight, lora_A.weight)`` that keep the autograd graph.
+
+    For local loss terms on the factors (HetLoRA's rank self-pruning penalty): gradients flow
+    back to the adapter's weights. Same names and layout as :func:`get_factors`.
+    """
+    factors: Factors = {}
+    for name, layer in _layer_map(peft_model, adapter).items():
+        B, A = _weights(layer, adapter)
+        factors[name] = (B * float(layer.scaling[adapter]), A)
+    return factors
+
+
+def base_weights(peft_model: nn.Module, adapter: str) -> dict[str, Tensor]:
+    """Detached copies of the base weights of every LoRA-wrapped module (canonical names).
+
+    The weights FLoRA merges into; a checkpoint stores them so a resumed run continues from the
+    exact same floating-point values.
+    """
+    out: dict[str, Tensor] = {}
+    for name, layer in _layer_map(peft_model, adapter).items():
+        weight = layer.get_base_layer().weight
+        assert isinstance(weight, Tensor)
+        out[name] = weight.detach().clone()
+    return out
+
+
+def load_base_weights(peft_model: nn.Module, adapter: str, weights: Mapping[str, Tensor]) -> None:
+    """Copy weights saved by :func:`base_weights` back into the wrapped modules' base layers."""
+    layers = _layer_map(peft_model, adapter)
+    unknown = sorted(set(weights) - set(layers))
+    if unknown:
+        raise KeyError(f"load_base_weights: no LoRA module named {unknown[0]!r}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            target = layers[name].get_base_layer().weight
+            assert isinstance(target, Tensor)
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"load_base_weights: module {name!r} has weight {tuple(target.shape)}, "
+                    f"got {tuple(value.shape)}"
+                )
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
 def set_factors(
@@ -553,7 +601,7 @@ def wrap_model(
 
 
 def export_peft_adapter(
-    base_model_or_peft: nn.Module,
+    base_model_or_peft: nn.Module | None,
     factors: Mapping[str, tuple[Tensor, Tensor]],
     dense: Mapping[str, Tensor] | None,
     out_dir: str | os.PathLike[str],
@@ -562,6 +610,7 @@ def export_peft_adapter(
     target_modules: Sequence[str] | str | None = None,
     modules_to_save: Sequence[str] | None = None,
     task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write a standard PEFT LoRA adapter directory for the given effective factors.
 
@@ -572,9 +621,10 @@ def export_peft_adapter(
 
     Parameters
     ----------
-    base_model_or_peft : nn.Module
+    base_model_or_peft : nn.Module | None
         The base model or the ``PeftModel``; used to check shapes and for
-        ``base_model_name_or_path``.
+        ``base_model_name_or_path``. ``None`` skips the shape checks against a model (the
+        factors' own consistency is still checked).
     factors : Mapping[str, tuple[Tensor, Tensor]]
         Canonical module name → effective ``(B (d, r'), A (r', n))`` with ``r' >= rank``.
     dense : Mapping[str, Tensor] | None
@@ -590,6 +640,8 @@ def export_peft_adapter(
         implies it, as ``"SEQ_CLS"`` does).
     task_type : str | None
         PEFT task type.
+    base_model_name_or_path : str | None
+        Recorded in ``adapter_config.json``; defaults to the model's ``name_or_path``.
 
     Returns
     -------
@@ -603,19 +655,21 @@ def export_peft_adapter(
         raise ValueError(f"rank must be >= 1, got {rank}")
     if not factors:
         raise ValueError("export_peft_adapter: no factors given")
-    root: nn.Module = (
+    root: nn.Module | None = (
         base_model_or_peft.get_base_model()
         if isinstance(base_model_or_peft, PeftModel)
         else base_model_or_peft
     )
     tensors: dict[str, Tensor] = {}
     for name, (B, A) in factors.items():
-        try:
-            module = root.get_submodule(name)
-        except AttributeError as err:
-            raise KeyError(f"export_peft_adapter: no module named {name!r}") from err
-        out_f = getattr(module, "out_features", None)
-        in_f = getattr(module, "in_features", None)
+        out_f = in_f = None
+        if root is not None:
+            try:
+                module = root.get_submodule(name)
+            except AttributeError as err:
+                raise KeyError(f"export_peft_adapter: no module named {name!r}") from err
+            out_f = getattr(module, "out_features", None)
+            in_f = getattr(module, "in_features", None)
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(
                 f"module {name!r}: B (d, r) and A (r, n) expected, got B {tuple(B.shape)} "
@@ -646,7 +700,9 @@ def export_peft_adapter(
         modules_to_save=None if modules_to_save is None else list(modules_to_save),
         task_type=task_type,
         inference_mode=True,
-        base_model_name_or_path=getattr(root, "name_or_path", None) or None,
+        base_model_name_or_path=base_model_name_or_path
+        or getattr(root, "name_or_path", None)
+        or None,
     )
     if dense:
         # PEFT's task models add their heads at load time (SEQ_CLS: classifier, score).

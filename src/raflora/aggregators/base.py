@@ -203,9 +203,22 @@ class Aggregator(ABC):
             k: (B[:, :rank].clone(), A[:rank, :].clone()) for k, (B, A) in state.factors.items()
         }
 
+    def model_factors(self, state: GlobalState) -> Factors:
+        """Factors at ``r_max`` that, on the current base weights, give the global model.
+
+        ``B_g, A_g`` for the methods that keep global factors; FLoRA (whose updates are merged
+        into the base) overrides it with a zero adapter.
+        """
+        return {k: (B.clone(), A.clone()) for k, (B, A) in state.factors.items()}
+
     def download_numel(self, state: GlobalState, rank: int) -> int:
         """Elements sent down to a client of rank ``rank`` for the adapted modules (SPEC §8)."""
         return sum((d + n) * rank for d, n in state.module_shapes.values())
+
+    @property
+    def uses_local_penalty(self) -> bool:
+        """Whether :meth:`local_penalty` adds a term (the engine skips it otherwise)."""
+        return False
 
     def local_penalty(
         self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int

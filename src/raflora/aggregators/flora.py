@@ -69,6 +69,15 @@ class FLoRA(Aggregator):
             out[name] = (B_ref.new_zeros(d, rank), A)
         return out
 
+    def model_factors(self, state: GlobalState) -> Factors:
+        """A zero adapter at ``r_max``: the global model is the merged base itself."""
+        out: Factors = {}
+        for name in sorted(state.module_shapes):
+            d, n = state.module_shapes[name]
+            B_ref = state.factors[name][0]
+            out[name] = (B_ref.new_zeros(d, self.r_max), B_ref.new_zeros(self.r_max, n))
+        return out
+
     def download_numel(self, state: GlobalState, rank: int) -> int:
         """The whole stack of the last round, ``(d + n) Σ r_k`` per module."""
         return sum(B.numel() + A.numel() for B, A in state.factors.values())

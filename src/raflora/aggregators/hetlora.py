@@ -98,6 +98,11 @@ class HetLoRA(Aggregator):
         """``⌊γ r⌋`` (at least 1)."""
         return max(1, int(self.pruning_gamma * rank))
 
+    @property
+    def uses_local_penalty(self) -> bool:
+        """True when rank self-pruning is on."""
+        return self.self_pruning
+
     def local_penalty(
         self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int
     ) -> Tensor | None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from raflora import __version__
-from raflora.cli import theory
+from raflora.cli import compare, export, run, theory
 from raflora.cli.common import CLIError
 
 __all__ = ["main"]
 
-_COMMANDS = (theory,)
+_COMMANDS = (run, compare, export, theory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user of this tool."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``raflora`` console script; returns the exit code."""
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,84 @@
+"""``raflora compare``: the same federation under several methods, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from raflora.cli.common import CLIError
+from raflora.cli.runs import (
+    default_run_dir,
+    describe_result,
+    load_run_config,
+    split_config_args,
+    user_errors,
+)
+from raflora.config import validate
+
+__all__ = ["DEFAULT_METHODS", "register", "run"]
+
+DEFAULT_METHODS = ("hetlora", "flora", "flexlora", "raflora")
+
+
+def register(sub: Any) -> None:
+    """Add the ``compare`` sub-command."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "compare",
+        help="run several methods on identical partitions, ranks, sampling and seeds",
+        description=(
+            "Run each method with the same config (same partitions, client ranks, client "
+            "sampling and seeds), one sub-directory per method, then write comparison.md and "
+            "overlay plots."
+        ),
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated methods (default: %(default)s)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``raflora compare``."""
+    from raflora.engine import run_local
+    from raflora.report import write_comparison
+
+    config_path, overrides = split_config_args(args.config, args.overrides)
+    base = load_run_config(config_path, overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or len(set(methods)) != len(methods):
+        raise CLIError(f"--methods must name distinct methods, got {args.methods!r}")
+    out = args.out if args.out is not None else default_run_dir(base, "compare")
+    configs = {}
+    problems: list[str] = []
+    for method in methods:
+        cfg = copy.deepcopy(base)
+        cfg.method = method
+        cfg.output.dir = str(out / method)
+        problems += [f"[{method}] {p}" for p in validate(cfg)]
+        configs[method] = cfg
+    if problems:
+        raise CLIError("invalid configuration:\n  " + "\n  ".join(problems))
+    if base.engine != "local":
+        raise CLIError("compare runs on the local engine; set engine=local")
+    runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for method, cfg in configs.items():
+        with user_errors():
+            result = run_local(
+                cfg, out / method, progress=False if args.quiet else None, label=method
+            )
+        runs[method] = (result.summary, result.metrics)
+        if not args.quiet:
+            print(f"{method}: {describe_result(result.summary)}")
+    table = write_comparison(out, runs)
+    if not args.quiet:
+        print(table.read_text())
+        print(f"comparison: {table}")
+    return 0

@@ -1,0 +1,80 @@
+"""``raflora run``: one federated fine-tuning run on the local engine (or Flower)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from raflora.cli.common import CLIError
+from raflora.cli.runs import (
+    default_run_dir,
+    describe_result,
+    load_run_config,
+    split_config_args,
+    user_errors,
+)
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``run`` sub-command."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "run",
+        help="run federated LoRA fine-tuning from a config file",
+        description=(
+            "Run federated LoRA fine-tuning with heterogeneous client ranks. CONFIG is a YAML "
+            "file; key=value arguments override it (e.g. fl.rounds=20 method=flexlora). "
+            "The run directory gets config.yaml, partition.json, metrics.jsonl, summary.json, "
+            "plots, adapter/ (PEFT) and checkpoint/."
+        ),
+    )
+    p.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: output.dir)")
+    p.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a stopped run"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary lines")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``raflora run``."""
+    from raflora.engine import run_local
+
+    config_path, overrides = split_config_args(args.config, args.overrides)
+    if args.resume is not None:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise CLIError(f"--resume {args.resume}: not a run directory (no config.yaml)")
+        if config_path is None:
+            config_path = str(saved)
+        run_dir = args.resume
+    elif config_path is None:
+        raise CLIError("a CONFIG file is required (or --resume RUN_DIR)")
+    config = load_run_config(config_path, overrides)
+    if args.resume is None:
+        run_dir = args.out if args.out is not None else default_run_dir(config, config.method)
+    config.output.dir = str(run_dir)
+    with user_errors():
+        if config.engine == "flower":
+            raise CLIError(
+                "engine=flower: the Flower engine is not available yet; use engine=local"
+            )
+        try:
+            result = run_local(
+                config,
+                run_dir,
+                resume=args.resume is not None,
+                progress=False if args.quiet else None,
+            )
+        except ValueError as err:
+            if str(err).startswith("--resume"):
+                raise CLIError(str(err)) from None
+            raise
+    if not args.quiet:
+        print(f"{config.method}: {describe_result(result.summary)}")
+        print(f"run directory: {run_dir}")
+    return 0

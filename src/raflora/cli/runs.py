@@ -1,0 +1,69 @@
+"""Helpers shared by ``raflora run`` and ``raflora compare``: configs, run directories, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from raflora.cli.common import CLIError
+from raflora.config import ConfigError, RunConfig, load_config
+
+__all__ = ["default_run_dir", "load_run_config", "split_config_args", "user_errors"]
+
+
+def split_config_args(config: str | None, rest: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Separate the CONFIG path from ``key=value`` overrides (CONFIG may be left out)."""
+    overrides = list(rest)
+    if config is not None and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def load_run_config(path: str | None, overrides: Sequence[str]) -> RunConfig:
+    """:func:`~raflora.config.load_config`, with every problem as one :class:`CLIError`."""
+    if path is not None and not Path(path).is_file():
+        raise CLIError(f"config file {path!r} does not exist")
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+
+
+def default_run_dir(config: RunConfig, kind: str) -> Path:
+    """``output.dir`` or ``runs/<kind>-<task>-<timestamp>``."""
+    if config.output.dir:
+        return Path(config.output.dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{kind}-{config.task.name}-{stamp}"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (config, task, data, checkpoint) into :class:`CLIError`."""
+    from raflora.engine import CheckpointError, EngineError
+    from raflora.tasks import TaskError
+
+    try:
+        yield
+    except (TaskError, EngineError, CheckpointError, ConfigError) as err:
+        raise CLIError(str(err)) from None
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    """Two lines on a finished run for the terminal."""
+    from raflora.report import format_bytes
+
+    acc = summary.get("final_accuracy")
+    hre = summary.get("final_higher_rank_energy")
+    parts = [
+        f"final accuracy {acc:.4f}" if isinstance(acc, float) else "not evaluated",
+        f"best {summary['best_accuracy']:.4f}" if summary.get("best_accuracy") is not None else "",
+        f"higher-rank energy {hre:.3f}" if isinstance(hre, float) else "",
+        f"traffic ↑{format_bytes(summary['total_upload_bytes'])} "
+        f"↓{format_bytes(summary['total_download_bytes'])}",
+        f"{summary['wall_seconds']:.1f} s",
+    ]
+    return ", ".join(p for p in parts if p)

@@ -1,0 +1,360 @@
+"""What every engine shares: the federation's set-up, a client's local training, evaluation.
+
+A :class:`Federation` holds the one base model in memory (wrapped by an
+:class:`~raflora.adapters.AdapterBank` with one adapter per client rank), the task, the
+aggregator, each client's fixed rank and data indices. The local engine and the Flower client
+both call :func:`train_client` — there is a single copy of the training loop.
+
+Local training follows the paper's protocol (Algorithm 1 lines 5–7, Appendix E): the client
+starts from the factors the server sent for its rank, trains with AdamW for ``local_epochs`` at the
+round's learning rate (linear decay over rounds), and returns its effective factors and heads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raflora.adapters import AdapterBank, live_factors, wrap_model
+from raflora.aggregators import Aggregator, ClientUpdate, GlobalState, get_aggregator
+from raflora.aggregators.base import Factors
+from raflora.config import RunConfig
+from raflora.data import partition, summarize_partition
+from raflora.engine import seeds
+from raflora.tasks import Task, TaskError, build_task, move_batch
+
+__all__ = [
+    "ClientResult",
+    "EngineError",
+    "Federation",
+    "build_federation",
+    "evaluate_global",
+    "learning_rate",
+    "resolve_device",
+    "tensor_bytes",
+    "train_client",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineError(RuntimeError):
+    """The run cannot be set up as configured (message says what to change)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available) as a ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def learning_rate(config: RunConfig, round_index: int) -> float:
+    """Client learning rate in round ``round_index`` (1-based).
+
+    ``linear``: ``lr · (1 − (t − 1) / T)``, decaying over the rounds (SPEC §7);
+    ``constant``: ``lr``.
+    """
+    if config.train.lr_schedule == "constant":
+        return float(config.train.lr)
+    return float(config.train.lr) * (1.0 - (round_index - 1) / config.fl.rounds)
+
+
+def tensor_bytes(tensors: Mapping[str, Any]) -> int:
+    """Bytes of every tensor in a mapping of tensors or ``(B, A)`` pairs (SPEC §8)."""
+    total = 0
+    for value in tensors.values():
+        parts = value if isinstance(value, tuple) else (value,)
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+@dataclass
+class Federation:
+    """Everything a round needs besides the global state.
+
+    Attributes
+    ----------
+    config : RunConfig
+        The resolved run configuration.
+    task : Task
+        Model, data, loss and metric.
+    bank : AdapterBank
+        The base model with one adapter per client rank.
+    aggregator : Aggregator
+        The method.
+    client_ranks : list[int]
+        Rank ``r_k`` of every client (drawn once from the run's seed).
+    client_indices : list[np.ndarray]
+        Training example indices of every client.
+    partition_summary : dict
+        Samples and classes per client (written to ``partition.json``).
+    device : torch.device
+        Where training runs.
+    dtype : torch.dtype
+        Model dtype.
+    """
+
+    config: RunConfig
+    task: Task
+    bank: AdapterBank
+    aggregator: Aggregator
+    client_ranks: list[int]
+    client_indices: list[np.ndarray]
+    partition_summary: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def seed(self) -> int:
+        """The run seed."""
+        return int(self.config.seed)
+
+    def num_samples(self, client_id: int) -> int:
+        """``n_k``: training examples of client ``client_id``."""
+        return len(self.client_indices[client_id])
+
+    def initial_state(self) -> GlobalState:
+        """The round-0 global state (``B_g = 0``, seeded ``A_g``; the task's initial heads)."""
+        dense = {k: v.float() for k, v in self.bank.get_dense(self.aggregator.r_max).items()}
+        return self.aggregator.init_state(
+            self.bank.module_shapes(), generator=seeds.init_generator(self.seed), dense=dense
+        )
+
+    def start_factors(self, state: GlobalState, client_id: int, round_index: int) -> Factors:
+        """What the server sends client ``client_id`` in round ``round_index``."""
+        rank = self.rank_of(state, client_id)
+        return self.aggregator.client_factors(
+            state,
+            rank,
+            generator=seeds.client_init_generator(self.seed, round_index, client_id),
+        )
+
+    def rank_of(self, state: GlobalState, client_id: int) -> int:
+        """Rank client ``client_id`` trains at (HetLoRA may have pruned it)."""
+        return self.aggregator.client_rank(state, client_id, self.client_ranks[client_id])
+
+
+def _split(config: RunConfig, task: Task) -> tuple[list[np.ndarray], dict[str, Any]]:
+    spec = config.data.partition
+    labels = task.partition_labels
+    if labels is None and spec != "iid":
+        raise EngineError(
+            f"data.partition {spec!r} needs class labels, but task {task.name!r} has none; "
+            f"use data.partition=iid"
+        )
+    try:
+        parts = partition(
+            spec,
+            labels,
+            config.fl.num_clients,
+            seeds.partition_seed(config.seed),
+            num_samples=task.num_train,
+            min_samples=config.data.min_samples,
+        )
+    except ValueError as err:
+        raise EngineError(f"data.partition {spec!r}: {err}") from None
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise EngineError(
+            f"data.partition {spec!r}: {len(empty)} of {len(parts)} clients got no training "
+            f"example (e.g. client {empty[0]}); use fewer clients or a different partition"
+        )
+    return parts, summarize_partition(parts, labels)
+
+
+def build_federation(config: RunConfig, *, task: Task | None = None) -> Federation:
+    """Build the task, split its data, draw client ranks and wrap the base model.
+
+    Parameters
+    ----------
+    config : RunConfig
+        A validated configuration.
+    task : Task, optional
+        An already built task (``raflora compare`` reuses one across methods is *not* done: each
+        method needs a pristine base model, so this is for tests and the Flower client).
+
+    Raises
+    ------
+    TaskError
+        The model or dataset cannot be loaded.
+    EngineError
+        The partition or device cannot be satisfied.
+    """
+    device = resolve_device(config.device)
+    dtype = _DTYPES[config.dtype]
+    task = task if task is not None else build_task(config)
+    parts, summary = _split(config, task)
+    ranks = seeds.client_ranks(
+        config.seed, config.fl.num_clients, config.fl.rank_levels, config.fl.rank_probs
+    )
+    summary["client_ranks"] = ranks
+    aggregator = get_aggregator(config.method, config.fl.rank_levels, **config.method_options)
+    lo = config.lora
+    target = task.target_modules if lo.target_modules == "all-linear" else lo.target_modules
+    model = task.model.to(device=device, dtype=dtype)
+    if config.train.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise TaskError(
+                f"task {task.name!r}: the model does not support gradient checkpointing"
+            )
+        enable()
+        require_grads = getattr(model, "enable_input_require_grads", None)
+        if callable(require_grads):
+            require_grads()
+    try:
+        bank = wrap_model(
+            model,
+            target_modules=target,
+            max_rank=aggregator.r_max,
+            modules_to_save=lo.modules_to_save or task.modules_to_save,
+            lora_alpha=None if lo.alpha == "rank" else float(lo.alpha),
+            lora_dropout=lo.dropout,
+            use_rslora=lo.use_rslora,
+            task_type=task.task_type,
+        )
+    except ValueError as err:  # PEFT: target modules not found
+        raise EngineError(f"lora.target_modules {target!r}: {err}") from None
+    return Federation(
+        config=config,
+        task=task,
+        bank=bank,
+        aggregator=aggregator,
+        client_ranks=ranks,
+        client_indices=parts,
+        partition_summary=summary,
+        device=device,
+        dtype=dtype,
+    )
+
+
+@dataclass
+class ClientResult:
+    """One client's round: its update and how training went.
+
+    Attributes
+    ----------
+    update : ClientUpdate
+        Effective factors, heads and sample count (validated by the server).
+    train_loss : float
+        Mean training loss over the client's local steps (``nan`` if it diverged).
+    steps : int
+        Optimizer steps taken.
+    compute_seconds : float
+        Time inside forward, backward and optimizer steps.
+    seconds : float
+        Whole local round, including loading the factors and reading them back.
+    """
+
+    update: ClientUpdate
+    train_loss: float
+    steps: int
+    compute_seconds: float
+    seconds: float
+
+
+def train_client(
+    fed: Federation,
+    client_id: int,
+    rank: int,
+    start: Mapping[str, tuple[Tensor, Tensor]],
+    dense: Mapping[str, Tensor],
+    round_index: int,
+    lr: float,
+) -> ClientResult:
+    """Local training of one client on the shared base model (Algorithm 1 lines 5–7).
+
+    Parameters
+    ----------
+    fed : Federation
+        The federation (its base model is reused; only the rank's adapter changes).
+    client_id : int
+        The client.
+    rank : int
+        Its rank this round.
+    start : Mapping[str, tuple[Tensor, Tensor]]
+        Effective factors sent by the server (rank ``rank``).
+    dense : Mapping[str, Tensor]
+        Global head tensors.
+    round_index : int
+        1-based round (seeds the batch order and dropout).
+    lr : float
+        This round's learning rate.
+    """
+    t0 = time.perf_counter()
+    cfg = fed.config
+    bank, task = fed.bank, fed.task
+    adapter = bank.activate(rank)
+    bank.set_factors(rank, start)
+    if dense:
+        bank.set_dense(rank, dense)
+    model = bank.model
+    model.train()
+    params = bank.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
+    torch.manual_seed(seeds.training_torch_seed(fed.seed, round_index, client_id))
+    indices = fed.client_indices[client_id]
+    batch_size = cfg.train.batch_size
+    penalize = fed.aggregator.uses_local_penalty
+    losses: list[float] = []
+    compute = 0.0
+    for _ in range(cfg.train.local_epochs):
+        order = shuffle.permutation(indices)
+        for lo in range(0, len(order), batch_size):
+            batch = move_batch(
+                task.train_batch(order[lo : lo + batch_size].tolist()), fed.device, fed.dtype
+            )
+            c0 = time.perf_counter()
+            loss = task.loss(model, batch)
+            total = loss
+            if penalize:
+                penalty = fed.aggregator.local_penalty(live_factors(model, adapter), rank)
+                total = loss if penalty is None else loss + penalty
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()  # type: ignore[no-untyped-call]
+            if cfg.train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            compute += time.perf_counter() - c0
+            losses.append(float(loss.detach()))
+    factors = bank.get_factors(rank)
+    head = {k: v.float() for k, v in bank.get_dense(rank).items()} if dense else {}
+    update = ClientUpdate(
+        client_id=client_id,
+        rank=rank,
+        num_samples=len(indices),
+        factors=factors,
+        dense=head,
+    )
+    mean_loss = sum(losses) / len(losses) if losses else math.nan
+    return ClientResult(update, mean_loss, len(losses), compute, time.perf_counter() - t0)
+
+
+def load_global_model(fed: Federation, state: GlobalState) -> None:
+    """Put the global model on the base model's ``r_max`` adapter and activate it."""
+    r_max = fed.aggregator.r_max
+    fed.bank.activate(r_max)
+    fed.bank.set_factors(r_max, fed.aggregator.model_factors(state))
+    if state.dense:
+        fed.bank.set_dense(r_max, state.dense)
+
+
+def evaluate_global(fed: Federation, state: GlobalState) -> dict[str, float]:
+    """The task's metrics (``accuracy``, ``eval_loss`` …) of the global model."""
+    load_global_model(fed, state)
+    model = fed.bank.model
+    model.eval()
+    with torch.no_grad():
+        metrics: dict[str, float] = fed.task.evaluate(model, fed.config.eval.batch_size, fed.device)
+    return metrics

@@ -1,0 +1,291 @@
+"""The local engine: every client trained one after another in this process (DESIGN layer 6).
+
+One round (paper Algorithm 1): sample ``M`` clients with the run's own stream; for each, load the
+factors the server sends for its rank onto the one base model, train locally, read back its
+effective factors; validate and aggregate; merge into the base when the method says so (FLoRA);
+record the energy diagnostics (SPEC §4), traffic (SPEC §8) and timings; evaluate every
+``eval.every`` rounds and at the last one. After each round the checkpoint is replaced atomically
+and the round's metrics line is appended, so a killed run loses nothing it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raflora.adapters import adapter_name, base_weights, load_base_weights
+from raflora.aggregators import GlobalState
+from raflora.config import RunConfig, config_from_dict, config_to_dict, save_config
+from raflora.diagnostics import energy_report
+from raflora.engine import seeds
+from raflora.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from raflora.engine.export import write_adapter
+from raflora.engine.federation import (
+    ClientResult,
+    Federation,
+    build_federation,
+    evaluate_global,
+    learning_rate,
+    tensor_bytes,
+    train_client,
+)
+from raflora.report import append_metrics, progress_postfix, summarize, write_run_plots
+
+__all__ = ["RunResult", "adapter_meta", "energy_metrics", "run_local", "run_round"]
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunResult:
+    """A finished run: where it is and what it measured."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+
+def energy_metrics(state: GlobalState, levels: list[int]) -> dict[str, Any]:
+    """``higher_rank_energy`` (1 − ρ_{r_1}, mean over modules) and ρ at every rank level."""
+    if not state.factors or all(B.shape[-1] == 0 for B, _ in state.factors.values()):
+        return {"higher_rank_energy": None, "energy_per_level": None}
+    report = energy_report(state.factors, levels)
+    return {
+        "higher_rank_energy": report.higher_rank_energy,
+        "energy_per_level": {str(r): v for r, v in report.cumulative.items()},
+    }
+
+
+def _weighted_loss(results: list[ClientResult], accepted: tuple[int, ...]) -> float | None:
+    chosen = [r for r in results if r.update.client_id in accepted and math.isfinite(r.train_loss)]
+    total = sum(r.update.num_samples for r in chosen)
+    if not chosen or total == 0:
+        return None
+    return sum(r.train_loss * r.update.num_samples for r in chosen) / total
+
+
+def run_round(
+    fed: Federation, state: GlobalState, round_index: int
+) -> tuple[GlobalState, dict[str, Any]]:
+    """Run round ``round_index`` (1-based) from ``state``; return the new state and its metrics."""
+    cfg = fed.config
+    agg = fed.aggregator
+    t0 = time.perf_counter()
+    lr = learning_rate(cfg, round_index)
+    clients = seeds.sample_clients(
+        fed.seed, round_index, cfg.fl.num_clients, cfg.fl.clients_per_round
+    )
+    results: list[ClientResult] = []
+    ranks: list[int] = []
+    download = upload = 0
+    head_bytes = tensor_bytes(state.dense)
+    for client_id in clients:
+        rank = fed.rank_of(state, client_id)
+        start = fed.start_factors(state, client_id, round_index)
+        element = next(iter(state.factors.values()))[0].element_size()
+        download += agg.download_numel(state, rank) * element + head_bytes
+        result = train_client(fed, client_id, rank, start, state.dense, round_index, lr)
+        upload += tensor_bytes(result.update.factors) + tensor_bytes(result.update.dense)
+        results.append(result)
+        ranks.append(rank)
+    t1 = time.perf_counter()
+    outcome = agg.aggregate(state, [r.update for r in results])
+    if outcome.base_update is not None:
+        fed.bank.merge_into_base(outcome.base_update)
+    state = outcome.state
+    energy = energy_metrics(state, list(cfg.fl.rank_levels))
+    t2 = time.perf_counter()
+    row: dict[str, Any] = {
+        "round": round_index,
+        "lr": lr,
+        "train_loss": _weighted_loss(results, outcome.accepted),
+    }
+    evaluated = round_index % cfg.eval.every == 0 or round_index == cfg.fl.rounds
+    if evaluated:
+        row.update(evaluate_global(fed, state))
+    t3 = time.perf_counter()
+    row.update(energy)
+    row.update(
+        {
+            "upload_bytes": upload,
+            "download_bytes": download,
+            "clients": clients,
+            "client_ranks": ranks,
+            "accepted": len(outcome.accepted),
+            "rejected": len(outcome.rejected),
+            "rejected_reasons": {str(k): v for k, v in outcome.rejected.items()},
+            "time": {
+                "train_seconds": t1 - t0,
+                "client_compute_seconds": sum(r.compute_seconds for r in results),
+                "aggregate_seconds": t2 - t1,
+                "eval_seconds": t3 - t2,
+                "round_seconds": t3 - t0,
+            },
+        }
+    )
+    return state, row
+
+
+def adapter_meta(fed: Federation) -> dict[str, Any]:
+    """What :func:`~raflora.engine.export.write_adapter` needs, kept in the checkpoint."""
+    peft_config = fed.bank.config(fed.aggregator.r_max)
+    target = peft_config.target_modules
+    return {
+        "model_id": fed.task.model_id,
+        "task": fed.task.name,
+        "target_modules": sorted(target) if isinstance(target, set) else target,
+        "modules_to_save": fed.bank.modules_to_save,
+        "task_type": fed.task.task_type,
+    }
+
+
+def _checkpoint(
+    fed: Federation, state: GlobalState, metrics: list[dict[str, Any]], wall: float
+) -> Checkpoint:
+    merges = bool(state.base_delta)
+    weights = base_weights(fed.bank.model, adapter_name(fed.aggregator.r_max)) if merges else {}
+    return Checkpoint(
+        round=len(metrics),
+        state=state,
+        metrics=metrics,
+        wall_seconds=wall,
+        base_weights=weights,
+        meta=adapter_meta(fed),
+    )
+
+
+def _check_resume_config(run_dir: Path, config: RunConfig) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    import yaml
+
+    previous = config_from_dict(yaml.safe_load(saved.read_text()))
+    a, b = config_to_dict(previous), config_to_dict(config)
+    a.pop("output", None)
+    b.pop("output", None)
+    if a != b:
+        diff = sorted(
+            f"{section}" for section in set(a) | set(b) if a.get(section) != b.get(section)
+        )
+        raise ValueError(
+            f"--resume {run_dir}: the configuration differs from the run's saved config.yaml "
+            f"(in: {', '.join(diff)}); resume with the same config"
+        )
+
+
+def run_local(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    label: str = "",
+    fed: Federation | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run (or resume) a federated fine-tuning run on the local engine.
+
+    Parameters
+    ----------
+    config : RunConfig
+        A validated configuration.
+    run_dir : Path
+        The run directory (created; a resumed run must hold a checkpoint).
+    resume : bool
+        Continue from ``run_dir``'s checkpoint.
+    progress : bool, optional
+        Show a progress bar (default: when stderr is a terminal).
+    label : str
+        Prefix of the progress bar (the method in ``raflora compare``).
+    fed : Federation, optional
+        A pre-built federation (tests, benchmarks).
+    on_round : callable, optional
+        Called with each round's metrics row after it is saved.
+
+    Returns
+    -------
+    RunResult
+        The summary and metrics; the files are in ``run_dir``.
+    """
+    from tqdm import tqdm
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_resume_config(run_dir, config)
+        checkpoint = load_checkpoint(run_dir)
+    fed = fed if fed is not None else build_federation(config)
+    metrics_path = run_dir / METRICS_FILE
+    if resume:
+        state = checkpoint.state
+        if checkpoint.base_weights:
+            load_base_weights(
+                fed.bank.model, adapter_name(fed.aggregator.r_max), checkpoint.base_weights
+            )
+        metrics = checkpoint.metrics
+        wall_before = checkpoint.wall_seconds
+    else:
+        state = fed.initial_state()
+        metrics = []
+        wall_before = 0.0
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
+    # The metrics file always mirrors the checkpoint (a kill may have left a partial line).
+    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in metrics))
+
+    total = config.fl.rounds
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(
+        total=total,
+        initial=len(metrics),
+        desc=label or config.method,
+        unit="round",
+        disable=not show,
+        file=sys.stderr,
+        leave=True,
+    )
+    started = time.perf_counter()
+    try:
+        for round_index in range(len(metrics) + 1, total + 1):
+            state, row = run_round(fed, state, round_index)
+            metrics.append(row)
+            wall = wall_before + time.perf_counter() - started
+            save_checkpoint(run_dir, _checkpoint(fed, state, metrics, wall))
+            append_metrics(metrics_path, row)
+            bar.set_postfix(progress_postfix(row), refresh=False)
+            bar.update(1)
+            if on_round is not None:
+                on_round(row)
+    finally:
+        bar.close()
+    wall = wall_before + time.perf_counter() - started
+    return RunResult(run_dir, finish_run(fed, state, metrics, run_dir, wall), metrics)
+
+
+def finish_run(
+    fed: Federation, state: GlobalState, metrics: list[dict[str, Any]], run_dir: Path, wall: float
+) -> dict[str, Any]:
+    """Write the summary, plots and the final PEFT adapter; return the summary."""
+    config = fed.config
+    exported = write_adapter(run_dir / "adapter", fed.aggregator, state, adapter_meta(fed))
+    extra = {
+        **fed.task.describe(),
+        "seed": config.seed,
+        "num_clients": config.fl.num_clients,
+        "clients_per_round": config.fl.clients_per_round,
+        "rank_levels": list(config.fl.rank_levels),
+        "partition": config.data.partition,
+        "adapter": {"path": "adapter", "rank": exported.rank},
+    }
+    summary = summarize(metrics, method=config.method, wall_seconds=wall, extra=extra)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    if config.output.plots:
+        write_run_plots(run_dir, metrics, title=f"{config.method} · {fed.task.name}")
+    return summary
