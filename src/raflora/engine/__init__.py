@@ -16,7 +16,16 @@ from raflora.engine.federation import (
     learning_rate,
     train_client,
 )
-from raflora.engine.local import RunResult, run_local, run_round
+from raflora.engine.local import (
+    RoundPlan,
+    RunResult,
+    adapter_meta,
+    complete_round,
+    finish_run,
+    plan_round,
+    run_local,
+    run_round,
+)
 
 __all__ = [
     "AdapterExport",
@@ -25,12 +34,17 @@ __all__ = [
     "ClientResult",
     "EngineError",
     "Federation",
+    "RoundPlan",
     "RunResult",
     "adapter_factors",
+    "adapter_meta",
     "build_federation",
+    "complete_round",
     "evaluate_global",
+    "finish_run",
     "learning_rate",
     "load_checkpoint",
+    "plan_round",
     "run_local",
     "run_round",
     "seeds",

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,17 @@ from raflora.engine.federation import (
 )
 from raflora.report import append_metrics, progress_postfix, summarize, write_run_plots
 
-__all__ = ["RunResult", "adapter_meta", "energy_metrics", "run_local", "run_round"]
+__all__ = [
+    "RoundPlan",
+    "RunResult",
+    "adapter_meta",
+    "complete_round",
+    "energy_metrics",
+    "finish_run",
+    "plan_round",
+    "run_local",
+    "run_round",
+]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -63,7 +73,7 @@ def energy_metrics(state: GlobalState, levels: list[int]) -> dict[str, Any]:
     }
 
 
-def _weighted_loss(results: list[ClientResult], accepted: tuple[int, ...]) -> float | None:
+def _weighted_loss(results: Sequence[ClientResult], accepted: tuple[int, ...]) -> float | None:
     chosen = [r for r in results if r.update.client_id in accepted and math.isfinite(r.train_loss)]
     total = sum(r.update.num_samples for r in chosen)
     if not chosen or total == 0:
@@ -71,66 +81,130 @@ def _weighted_loss(results: list[ClientResult], accepted: tuple[int, ...]) -> fl
     return sum(r.train_loss * r.update.num_samples for r in chosen) / total
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who trains in a round and what it costs to send them the global state.
+
+    Attributes
+    ----------
+    round_index : int
+        1-based round.
+    lr : float
+        The round's learning rate.
+    clients : list[int]
+        Sampled client ids, ascending.
+    ranks : list[int]
+        The rank each trains at.
+    download_bytes : int
+        Bytes sent down to all of them (factors and heads, SPEC §8).
+    """
+
+    round_index: int
+    lr: float
+    clients: list[int]
+    ranks: list[int]
+    download_bytes: int
+
+
+def plan_round(fed: Federation, state: GlobalState, round_index: int) -> RoundPlan:
+    """Sample round ``round_index``'s clients (the run's own stream) and count the download."""
+    cfg = fed.config
+    clients = seeds.sample_clients(
+        fed.seed, round_index, cfg.fl.num_clients, cfg.fl.clients_per_round
+    )
+    ranks = [fed.rank_of(state, k) for k in clients]
+    element = next(iter(state.factors.values()))[0].element_size()
+    head = tensor_bytes(state.dense)
+    download = sum(fed.aggregator.download_numel(state, r) * element + head for r in ranks)
+    return RoundPlan(round_index, learning_rate(cfg, round_index), clients, ranks, download)
+
+
+def complete_round(
+    fed: Federation,
+    state: GlobalState,
+    plan: RoundPlan,
+    results: Sequence[ClientResult],
+    *,
+    train_seconds: float,
+    failures: Mapping[int, str] | None = None,
+) -> tuple[GlobalState, dict[str, Any]]:
+    """Validate and aggregate the round's client results, evaluate, and build its metrics row.
+
+    Parameters
+    ----------
+    fed : Federation
+        The federation (its base model receives FLoRA's merge and the evaluation).
+    state : GlobalState
+        The state the round started from.
+    plan : RoundPlan
+        The round's plan.
+    results : Sequence[ClientResult]
+        What the clients sent back (invalid updates are rejected here and counted).
+    train_seconds : float
+        Wall time of the client phase.
+    failures : Mapping[int, str], optional
+        Clients that sent nothing usable (raised, timed out) → reason; counted as rejected.
+    """
+    cfg = fed.config
+    t1 = time.perf_counter()
+    outcome = fed.aggregator.aggregate(state, [r.update for r in results])
+    if outcome.base_update is not None:
+        fed.bank.merge_into_base(outcome.base_update)
+    new_state = outcome.state
+    energy = energy_metrics(new_state, list(cfg.fl.rank_levels))
+    t2 = time.perf_counter()
+    row: dict[str, Any] = {
+        "round": plan.round_index,
+        "lr": plan.lr,
+        "train_loss": _weighted_loss(results, outcome.accepted),
+    }
+    if plan.round_index % cfg.eval.every == 0 or plan.round_index == cfg.fl.rounds:
+        row.update(evaluate_global(fed, new_state))
+    t3 = time.perf_counter()
+    rejected = {**outcome.rejected, **(failures or {})}
+    row.update(energy)
+    row.update(
+        {
+            "upload_bytes": sum(
+                tensor_bytes(r.update.factors) + tensor_bytes(r.update.dense) for r in results
+            ),
+            "download_bytes": plan.download_bytes,
+            "clients": plan.clients,
+            "client_ranks": plan.ranks,
+            "accepted": len(outcome.accepted),
+            "rejected": len(rejected),
+            "rejected_reasons": {str(k): v for k, v in sorted(rejected.items())},
+            "time": {
+                "train_seconds": train_seconds,
+                "client_compute_seconds": sum(r.compute_seconds for r in results),
+                "aggregate_seconds": t2 - t1,
+                "eval_seconds": t3 - t2,
+                "round_seconds": train_seconds + (t3 - t1),
+            },
+        }
+    )
+    return new_state, row
+
+
 def run_round(
     fed: Federation, state: GlobalState, round_index: int
 ) -> tuple[GlobalState, dict[str, Any]]:
     """Run round ``round_index`` (1-based) from ``state``; return the new state and its metrics."""
-    cfg = fed.config
-    agg = fed.aggregator
     t0 = time.perf_counter()
-    lr = learning_rate(cfg, round_index)
-    clients = seeds.sample_clients(
-        fed.seed, round_index, cfg.fl.num_clients, cfg.fl.clients_per_round
-    )
-    results: list[ClientResult] = []
-    ranks: list[int] = []
-    download = upload = 0
-    head_bytes = tensor_bytes(state.dense)
-    for client_id in clients:
-        rank = fed.rank_of(state, client_id)
-        start = fed.start_factors(state, client_id, round_index)
-        element = next(iter(state.factors.values()))[0].element_size()
-        download += agg.download_numel(state, rank) * element + head_bytes
-        result = train_client(fed, client_id, rank, start, state.dense, round_index, lr)
-        upload += tensor_bytes(result.update.factors) + tensor_bytes(result.update.dense)
-        results.append(result)
-        ranks.append(rank)
-    t1 = time.perf_counter()
-    outcome = agg.aggregate(state, [r.update for r in results])
-    if outcome.base_update is not None:
-        fed.bank.merge_into_base(outcome.base_update)
-    state = outcome.state
-    energy = energy_metrics(state, list(cfg.fl.rank_levels))
-    t2 = time.perf_counter()
-    row: dict[str, Any] = {
-        "round": round_index,
-        "lr": lr,
-        "train_loss": _weighted_loss(results, outcome.accepted),
-    }
-    evaluated = round_index % cfg.eval.every == 0 or round_index == cfg.fl.rounds
-    if evaluated:
-        row.update(evaluate_global(fed, state))
-    t3 = time.perf_counter()
-    row.update(energy)
-    row.update(
-        {
-            "upload_bytes": upload,
-            "download_bytes": download,
-            "clients": clients,
-            "client_ranks": ranks,
-            "accepted": len(outcome.accepted),
-            "rejected": len(outcome.rejected),
-            "rejected_reasons": {str(k): v for k, v in outcome.rejected.items()},
-            "time": {
-                "train_seconds": t1 - t0,
-                "client_compute_seconds": sum(r.compute_seconds for r in results),
-                "aggregate_seconds": t2 - t1,
-                "eval_seconds": t3 - t2,
-                "round_seconds": t3 - t0,
-            },
-        }
-    )
-    return state, row
+    plan = plan_round(fed, state, round_index)
+    results = [
+        train_client(
+            fed,
+            client_id,
+            rank,
+            fed.start_factors(state, client_id, round_index),
+            state.dense,
+            round_index,
+            plan.lr,
+        )
+        for client_id, rank in zip(plan.clients, plan.ranks, strict=True)
+    ]
+    return complete_round(fed, state, plan, results, train_seconds=time.perf_counter() - t0)
 
 
 def adapter_meta(fed: Federation) -> dict[str, Any]:
