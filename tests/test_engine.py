@@ -150,7 +150,7 @@ def test_exported_adapter_loads_with_peft_and_reproduces_the_final_accuracy(
         assert metrics["eval_loss"] == pytest.approx(result.summary["final_eval_loss"], rel=1e-4)
 
 
-class Interrupt(Exception):
+class StopRunError(Exception):
     pass
 
 
@@ -163,10 +163,10 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_run(method: str, tmp_pat
 
     def stop_after_two(row: dict[str, Any]) -> None:
         if row["round"] == 2:
-            raise Interrupt
+            raise StopRunError
 
     cut = tmp_path / "cut"
-    with pytest.raises(Interrupt):
+    with pytest.raises(StopRunError):
         run_local(
             synthetic_config(method=method, **over), cut, progress=False, on_round=stop_after_two
         )
@@ -192,9 +192,9 @@ def test_resume_repairs_a_metrics_file_with_a_partial_last_line(tmp_path: Path) 
 
     def stop(row: dict[str, Any]) -> None:
         if row["round"] == 1:
-            raise Interrupt
+            raise StopRunError
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(StopRunError):
         run_local(cfg, tmp_path, progress=False, on_round=stop)
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 2, "train_lo')  # killed while writing

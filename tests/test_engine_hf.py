@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from hf_fixtures import make_image_dataset, make_text_csv, make_tiny_roberta, make_tiny_vit
 from peft import PeftModel
 
+from hf_fixtures import make_image_dataset, make_text_csv, make_tiny_roberta, make_tiny_vit
 from raflora.config import config_from_dict
 from raflora.engine import run_local
 from raflora.tasks import build_task
