@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/raflora theory --ranks 8,16,32,48,64 --clients 100 --per-round 10 --rounds 30 --simulate 100 --seed 0 --plot runs/theory.png
+	$(VENV)/bin/raflora compare configs/quickstart.yaml --out runs/quickstart
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/aggregation.py
+	$(PY) benchmarks/engine.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

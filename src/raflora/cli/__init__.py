@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from raflora import __version__
-from raflora.cli import compare, export, run, theory
+from raflora.cli import compare, config, export, run, theory
 from raflora.cli.common import CLIError
 
 __all__ = ["main"]
 
-_COMMANDS = (run, compare, export, theory)
+_COMMANDS = (run, compare, export, theory, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"raflora {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(f"raflora {args.command}: interrupted", file=sys.stderr)
         return 130
