@@ -81,8 +81,27 @@ def _lora_layers(peft_model: nn.Module, adapter: str) -> Iterator[tuple[str, Lor
             yield _canonical(name), module
 
 
+_CACHE_ATTR = "_raflora_module_cache"
+
+
+def _cached(peft_model: nn.Module, key: tuple[str, str], build: Callable[[], Any]) -> Any:
+    """Per-model memo of module lookups (walking ``named_modules`` each round is slow on big
+    models). An entry is rebuilt when a cached module no longer carries the adapter.
+    """
+    cache: dict[tuple[str, str], Any] = peft_model.__dict__.setdefault(_CACHE_ATTR, {})
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+    return value
+
+
 def _layer_map(peft_model: nn.Module, adapter: str) -> dict[str, LoraLayer]:
-    layers = dict(_lora_layers(peft_model, adapter))
+    layers: dict[str, LoraLayer] = _cached(
+        peft_model, ("lora", adapter), lambda: dict(_lora_layers(peft_model, adapter))
+    )
+    if not layers or any(adapter not in layer.lora_A for layer in layers.values()):
+        layers = dict(_lora_layers(peft_model, adapter))
+        peft_model.__dict__[_CACHE_ATTR][("lora", adapter)] = layers
     if not layers:
         raise KeyError(f"no LoRA layer carries adapter {adapter!r}")
     return layers
@@ -260,11 +279,18 @@ def set_factors(
             A.copy_(A_new.to(device=A.device, dtype=A.dtype))
 
 
-def _saved_modules(peft_model: nn.Module, adapter: str) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(canonical module name, adapter's trainable copy)`` of every ``modules_to_save``."""
-    for name, module in peft_model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            yield _canonical(name), module.modules_to_save[adapter]
+def _saved_modules(peft_model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
+    """``(canonical module name, adapter's trainable copy)`` of every ``modules_to_save``."""
+
+    def build() -> list[tuple[str, nn.Module]]:
+        return [
+            (_canonical(name), module.modules_to_save[adapter])
+            for name, module in peft_model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save
+        ]
+
+    saved: list[tuple[str, nn.Module]] = _cached(peft_model, ("saved", adapter), build)
+    return saved
 
 
 def get_dense(peft_model: nn.Module, adapter: str) -> dict[str, Tensor]:
