@@ -4,8 +4,10 @@ Importing this package registers the built-in tasks: the offline ``synthetic`` a
 tasks, and the Hugging Face ``image-classification`` and ``text-classification`` tasks.
 """
 
+from raflora.tasks import commonsense as commonsense
 from raflora.tasks import digits as digits
 from raflora.tasks import image as image
+from raflora.tasks import math as math
 from raflora.tasks import synthetic as synthetic
 from raflora.tasks import text as text
 from raflora.tasks.base import (

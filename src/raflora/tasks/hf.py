@@ -42,12 +42,16 @@ __all__ = [
     "DATA_FILE_BUILDERS",
     "HFClassificationTask",
     "LabelEncoding",
+    "as_splits",
+    "attempt_load",
     "backbone_target_modules",
     "check_options",
     "encode_labels",
     "head_modules",
+    "load_local",
     "load_pretrained",
     "load_splits",
+    "looks_local",
     "pick_column",
     "seeded",
 ]
@@ -81,7 +85,7 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _attempt(what: str, fn: Callable[[], T]) -> T:
+def attempt_load(what: str, fn: Callable[[], T]) -> T:
     """Run ``fn``; any exception becomes a :class:`TaskError` starting with ``what``."""
     try:
         return fn()
@@ -166,7 +170,7 @@ def check_options(task: str, options: Mapping[str, Any]) -> SplitOptions:
 # --------------------------------------------------------------------------------------------
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """Whether ``name`` is meant as a filesystem path rather than a hub id."""
     return (
         name.startswith((".", "/", "~"))
@@ -196,14 +200,14 @@ def load_pretrained(field: str, name: str, loader: Callable[[str], T]) -> T:
     """
     path = Path(name).expanduser()
     if path.is_dir():
-        return _attempt(
+        return attempt_load(
             f"{field} {name!r}: could not load from this local directory", lambda: loader(str(path))
         )
     if path.exists():
         raise TaskError(f"{field} {name!r}: a directory expected, this is a file")
-    if _looks_local(name):
+    if looks_local(name):
         raise TaskError(f"{field} {name!r}: no such local directory")
-    return _attempt(
+    return attempt_load(
         f"{field} {name!r}: not a local directory and could not be loaded from the Hugging Face "
         "hub (offline?)",
         lambda: loader(name),
@@ -283,7 +287,7 @@ def backbone_target_modules(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_local(path: Path) -> Any:
+def load_local(path: Path) -> Any:
     """A ``Dataset``/``DatasetDict`` from a local file or directory."""
     import datasets
 
@@ -301,7 +305,8 @@ def _load_local(path: Path) -> Any:
     return datasets.load_dataset(str(path))
 
 
-def _as_splits(loaded: Any) -> dict[str, Dataset]:
+def as_splits(loaded: Any) -> dict[str, Dataset]:
+    """A loaded ``Dataset`` / ``DatasetDict`` as ``{split name: Dataset}``."""
     from datasets import Dataset, DatasetDict
 
     if isinstance(loaded, DatasetDict):
@@ -333,14 +338,14 @@ def load_splits(name: str, options: SplitOptions) -> tuple[Dataset, Dataset]:
     if path.exists():
         kind = "file" if path.is_file() else "directory"
         what = f"task.dataset {name!r}: could not load this local {kind}"
-        splits = _as_splits(_attempt(what, lambda: _load_local(path)))
-    elif _looks_local(name):
+        splits = as_splits(attempt_load(what, lambda: load_local(path)))
+    elif looks_local(name):
         raise TaskError(f"task.dataset {name!r}: no such local file or directory")
     else:
         import datasets
 
-        splits = _as_splits(
-            _attempt(
+        splits = as_splits(
+            attempt_load(
                 f"task.dataset {name!r}: not a local file or directory and could not be loaded "
                 "from the Hugging Face hub (offline?)",
                 lambda: datasets.load_dataset(name, options.dataset_config),
@@ -367,7 +372,7 @@ def load_splits(name: str, options: SplitOptions) -> tuple[Dataset, Dataset]:
         if candidate in splits and candidate != train_name:
             return splits[train_name], splits[candidate]
     train = splits[train_name]
-    parts = _attempt(
+    parts = attempt_load(
         f"task.dataset {name!r}: cannot hold out eval_fraction={options.eval_fraction} of "
         f"{len(train)} examples",
         lambda: train.train_test_split(test_size=options.eval_fraction, seed=0, shuffle=True),
