@@ -429,3 +429,27 @@ def test_config_to_dict_is_a_deep_copy() -> None:
     d["fl"]["rank_levels"].append(99)
     assert cfg.fl.rank_levels == [8, 16, 32, 48, 64]
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_several_files_merge_section_by_section_in_order(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("method: flexlora\nfl: {num_clients: 20, rounds: 7, rank_levels: [8, 16]}\n")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("fl: {rank_levels: [1, 4, 16], rank_probs: [0.5, 0.25, 0.25]}\n")
+    cfg = load_config([base, preset], ["fl.rounds=9"])
+    assert cfg.method == "flexlora"
+    assert (cfg.fl.num_clients, cfg.fl.rounds) == (20, 9)
+    assert cfg.fl.rank_levels == [1, 4, 16] and cfg.fl.rank_probs == [0.5, 0.25, 0.25]
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([base, tmp_path / "missing.yaml"])
+
+
+def test_every_paper_rank_preset_applies_to_its_base_config() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs" / "paper"
+    presets = sorted((root / "ranks").glob("*.yaml"))
+    assert len(presets) == 12
+    for preset in presets:
+        base = "gsm8k-llama.yaml" if preset.stem.startswith("conf") else "commonsense-llama.yaml"
+        cfg = load_config([root / base, preset])
+        assert cfg.fl.rank_levels == yaml.safe_load(preset.read_text())["fl"]["rank_levels"]
+        assert cfg.fl.rounds == 20

@@ -549,19 +549,56 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(parts)
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a YAML config, apply ``section.key=value`` overrides, and validate.
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """One YAML config file as a mapping (an empty file is ``{}``)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {p}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {p}: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{p}: invalid YAML{where}: {_one_line(exc)}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: config must be a mapping of sections, got {_value_type(data)}"])
+    return data
 
-    Override values are parsed with ``yaml.safe_load`` (``fl.rank_levels=[8,16]``,
-    ``task.model=null``, ``lora.target_modules=[q_proj,v_proj]``); float fields also accept
-    strings such as ``1e-3`` that YAML leaves unparsed.
+
+def _deep_merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` over ``base``: sections merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | Sequence[str | Path] | None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Load YAML config file(s), apply ``section.key=value`` overrides, and validate.
+
+    Several files are merged in order, section by section (a later file's keys win), so a base
+    config can be combined with presets such as ``configs/paper/ranks/conf-8.yaml``. Override
+    values are parsed with ``yaml.safe_load`` (``fl.rank_levels=[8,16]``, ``task.model=null``,
+    ``lora.target_modules=[q_proj,v_proj]``); float fields also accept strings such as ``1e-3``
+    that YAML leaves unparsed.
 
     Parameters
     ----------
-    path : str, Path or None
-        YAML file; ``None`` starts from the defaults.
+    path : str, Path, sequence of them, or None
+        YAML file(s); ``None`` (or an empty sequence) starts from the defaults.
     overrides : sequence of str
-        Dotted overrides, applied in order after the file.
+        Dotted overrides, applied in order after the files.
 
     Returns
     -------
@@ -571,29 +608,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     Raises
     ------
     ConfigError
-        If the file is missing or not valid YAML, or with every problem in the merged config.
+        If a file is missing or not valid YAML, or with every problem in the merged config.
     """
-    data: Any = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError([f"config file not found: {p}"]) from None
-        except OSError as exc:
-            raise ConfigError([f"cannot read config file {p}: {exc}"]) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError([f"{p}: invalid YAML{where}: {_one_line(exc)}"]) from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                [f"{p}: config must be a mapping of sections, got {_value_type(data)}"]
-            )
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    data: dict[str, Any] = {}
+    for p in paths:
+        data = _deep_merge(data, _read_yaml(p))
     problems: list[str] = []
     for override in overrides:
         _apply_override(data, override, problems)

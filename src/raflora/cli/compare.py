@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
             "overlay plots."
         ),
     )
-    p.add_argument("config", help="YAML config")
+    p.add_argument("config", help="YAML config; more files (presets) may follow, merged in order")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument(
         "--methods",

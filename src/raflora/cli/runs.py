@@ -14,20 +14,35 @@ from raflora.config import ConfigError, RunConfig, load_config
 __all__ = ["default_run_dir", "load_run_config", "split_config_args", "user_errors"]
 
 
-def split_config_args(config: str | None, rest: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Separate the CONFIG path from ``key=value`` overrides (CONFIG may be left out)."""
-    overrides = list(rest)
-    if config is not None and "=" in config and not Path(config).exists():
-        return None, [config, *overrides]
-    return config, overrides
+def split_config_args(
+    config: str | None, rest: Sequence[str]
+) -> tuple[list[str] | None, list[str]]:
+    """Separate CONFIG files (one or more, merged in order) from ``key=value`` overrides.
+
+    An argument is a config file when it has no ``=`` or names an existing file; files must come
+    before the overrides. Returns ``None`` for the files when there are none.
+    """
+    args = ([config] if config is not None else []) + list(rest)
+    files: list[str] = []
+    for i, arg in enumerate(args):
+        if "=" in arg and not Path(arg).exists():
+            overrides = args[i:]
+            stray = [a for a in overrides if "=" not in a]
+            if stray:
+                raise CLIError(f"config file {stray[0]!r} must come before the key=value overrides")
+            return files or None, overrides
+        files.append(arg)
+    return files or None, []
 
 
-def load_run_config(path: str | None, overrides: Sequence[str]) -> RunConfig:
+def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str]) -> RunConfig:
     """:func:`~raflora.config.load_config`, with every problem as one :class:`CLIError`."""
-    if path is not None and not Path(path).is_file():
-        raise CLIError(f"config file {path!r} does not exist")
+    files = [paths] if isinstance(paths, str) else list(paths or [])
+    for path in files:
+        if not Path(path).is_file():
+            raise CLIError(f"config file {path!r} does not exist")
     try:
-        return load_config(path, overrides)
+        return load_config(files, overrides)
     except ConfigError as err:
         raise CLIError(str(err)) from None
 
