@@ -472,6 +472,7 @@ class AdapterBank:
         task_type: str | None = None,
     ) -> None:
         self._model = model
+        self._trainable: dict[str, list[nn.Parameter]] = {}
         self.target_modules = (
             target_modules if isinstance(target_modules, str) else list(target_modules)
         )
@@ -518,6 +519,7 @@ class AdapterBank:
         name = adapter_name(rank)
         if name not in self.model.peft_config:
             self.model.add_adapter(name, self.config(rank))
+            self._trainable.clear()
         return name
 
     def activate(self, rank: int) -> str:
@@ -526,7 +528,8 @@ class AdapterBank:
         Afterwards only that adapter's LoRA weights and heads require grad.
         """
         name = self.ensure(rank)
-        self.model.set_adapter(name)
+        if self.model.active_adapter != name:  # PEFT walks every module: skip when unchanged
+            self.model.set_adapter(name)
         return name
 
     @property
@@ -555,8 +558,11 @@ class AdapterBank:
         return module_shapes(self.model, adapter_name(self.max_rank))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """:func:`trainable_parameters` of the model (the active adapter's)."""
-        return trainable_parameters(self.model)
+        """:func:`trainable_parameters` of the model (the active adapter's; memoized per rank)."""
+        name = str(self.model.active_adapter)
+        if name not in self._trainable:
+            self._trainable[name] = trainable_parameters(self.model)
+        return list(self._trainable[name])
 
     def merge_into_base(self, delta: Mapping[str, tuple[Tensor, Tensor]]) -> None:
         """:func:`merge_into_base` on the shared base model."""

@@ -299,7 +299,8 @@ def train_client(
     if dense:
         bank.set_dense(rank, dense)
     model = bank.model
-    model.train()
+    if not model.training:  # train() walks every module; evaluation is what switches it off
+        model.train()
     params = bank.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)

@@ -147,6 +147,9 @@ def complete_round(
     """
     cfg = fed.config
     t1 = time.perf_counter()
+    # Client order never changes the result: aggregate in client-id order whatever order the
+    # clients trained or replied in (the local engine groups them by rank, Flower by arrival).
+    results = sorted(results, key=lambda r: r.update.client_id)
     outcome = fed.aggregator.aggregate(state, [r.update for r in results])
     if outcome.base_update is not None:
         fed.bank.merge_into_base(outcome.base_update)
@@ -192,6 +195,8 @@ def run_round(
     """Run round ``round_index`` (1-based) from ``state``; return the new state and its metrics."""
     t0 = time.perf_counter()
     plan = plan_round(fed, state, round_index)
+    # Trained grouped by rank so the shared model switches adapters as rarely as possible.
+    order = sorted(zip(plan.ranks, plan.clients, strict=True))
     results = [
         train_client(
             fed,
@@ -202,7 +207,7 @@ def run_round(
             round_index,
             plan.lr,
         )
-        for client_id, rank in zip(plan.clients, plan.ranks, strict=True)
+        for rank, client_id in order
     ]
     return complete_round(fed, state, plan, results, train_seconds=time.perf_counter() - t0)
 
