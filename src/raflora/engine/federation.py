@@ -203,7 +203,9 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
     target = task.target_modules if lo.target_modules == "all-linear" else lo.target_modules
     model = task.model.to(device=device, dtype=dtype)
     if config.train.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None
+        )
         if not callable(enable):
             raise TaskError(
                 f"task {task.name!r}: the model does not support gradient checkpointing"

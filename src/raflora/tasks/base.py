@@ -50,7 +50,8 @@ class Task(ABC):
     Attributes
     ----------
     model : nn.Module
-        The base model (frozen weights are fine; PEFT freezes them anyway), float32 on the CPU.
+        The base model on the CPU (frozen weights are fine; PEFT freezes them anyway), float32
+        or, for large models, already in the run's ``dtype``.
     model_id : str
         Where the base model comes from: a hub name or a local directory that
         :meth:`load_base_model` (and ``PeftModel.from_pretrained``'s users) can load again.
