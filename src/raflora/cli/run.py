@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raflora.cli.common import CLIError
 from raflora.cli.runs import (
@@ -14,6 +14,10 @@ from raflora.cli.runs import (
     split_config_args,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from raflora.config import RunConfig
+    from raflora.engine import RunResult
 
 __all__ = ["register", "run"]
 
@@ -30,7 +34,9 @@ def register(sub: Any) -> None:
             "plots, adapter/ (PEFT) and checkpoint/."
         ),
     )
-    p.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    p.add_argument(
+        "config", nargs="?", help="YAML config; more files (presets) may follow, merged in order"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: output.dir)")
     p.add_argument(
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if not saved.is_file():
             raise CLIError(f"--resume {args.resume}: not a run directory (no config.yaml)")
         if config_path is None:
-            config_path = str(saved)
+            config_path = [str(saved)]
         run_dir = args.resume
     elif config_path is None:
         raise CLIError("a CONFIG file is required (or --resume RUN_DIR)")
@@ -59,17 +65,16 @@ def run(args: argparse.Namespace) -> int:
         run_dir = args.out if args.out is not None else default_run_dir(config, config.method)
     config.output.dir = str(run_dir)
     with user_errors():
-        if config.engine == "flower":
-            raise CLIError(
-                "engine=flower: the Flower engine is not available yet; use engine=local"
-            )
         try:
-            result = run_local(
-                config,
-                run_dir,
-                resume=args.resume is not None,
-                progress=False if args.quiet else None,
-            )
+            if config.engine == "flower":
+                result = _run_flower(config, run_dir, args)
+            else:
+                result = run_local(
+                    config,
+                    run_dir,
+                    resume=args.resume is not None,
+                    progress=False if args.quiet else None,
+                )
         except ValueError as err:
             if str(err).startswith("--resume"):
                 raise CLIError(str(err)) from None
@@ -78,3 +83,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"{config.method}: {describe_result(result.summary)}")
         print(f"run directory: {run_dir}")
     return 0
+
+
+def _run_flower(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> RunResult:
+    """``engine=flower``: Flower's simulation engine (needs the ``flower`` extra)."""
+    try:
+        from raflora.flower import run_flower
+    except ImportError as err:
+        raise CLIError(
+            f"engine=flower needs Flower: pip install 'raflora[flower]' ({err})"
+        ) from None
+    return run_flower(
+        config,
+        run_dir,
+        resume=args.resume is not None,
+        progress=False if args.quiet else None,
+    )

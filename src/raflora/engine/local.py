@@ -40,10 +40,14 @@ from raflora.report import append_metrics, progress_postfix, summarize, write_ru
 __all__ = [
     "RoundPlan",
     "RunResult",
+    "RunStart",
     "adapter_meta",
+    "check_resume_config",
     "complete_round",
     "energy_metrics",
     "finish_run",
+    "make_checkpoint",
+    "open_run",
     "plan_round",
     "run_local",
     "run_round",
@@ -225,9 +229,10 @@ def adapter_meta(fed: Federation) -> dict[str, Any]:
     }
 
 
-def _checkpoint(
+def make_checkpoint(
     fed: Federation, state: GlobalState, metrics: list[dict[str, Any]], wall: float
 ) -> Checkpoint:
+    """The checkpoint after ``len(metrics)`` rounds (with FLoRA's merged base weights)."""
     merges = bool(state.base_delta)
     weights = base_weights(fed.bank.model, adapter_name(fed.aggregator.r_max)) if merges else {}
     return Checkpoint(
@@ -240,7 +245,14 @@ def _checkpoint(
     )
 
 
-def _check_resume_config(run_dir: Path, config: RunConfig) -> None:
+def check_resume_config(run_dir: Path, config: RunConfig) -> None:
+    """Refuse to resume ``run_dir`` under a configuration other than the one it was started with.
+
+    Raises
+    ------
+    ValueError
+        Naming the sections that differ (``output`` may differ).
+    """
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -258,6 +270,48 @@ def _check_resume_config(run_dir: Path, config: RunConfig) -> None:
             f"--resume {run_dir}: the configuration differs from the run's saved config.yaml "
             f"(in: {', '.join(diff)}); resume with the same config"
         )
+
+
+@dataclass
+class RunStart:
+    """Where a (new or resumed) run starts: the federation, state, metrics and time so far."""
+
+    fed: Federation
+    state: GlobalState
+    metrics: list[dict[str, Any]]
+    wall_before: float
+
+
+def open_run(
+    config: RunConfig, run_dir: Path, *, resume: bool, fed: Federation | None = None
+) -> RunStart:
+    """Prepare ``run_dir`` for a run, shared by the local and Flower engines.
+
+    A new run writes ``config.yaml`` and ``partition.json``; a resumed one checks the config,
+    loads the checkpoint (and FLoRA's merged base weights). Either way ``metrics.jsonl`` is
+    rewritten to mirror the checkpoint (a kill may have left a partial line).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_resume_config(run_dir, config)
+        checkpoint = load_checkpoint(run_dir)
+    fed = fed if fed is not None else build_federation(config)
+    if resume:
+        state = checkpoint.state
+        if checkpoint.base_weights:
+            load_base_weights(
+                fed.bank.model, adapter_name(fed.aggregator.r_max), checkpoint.base_weights
+            )
+        metrics = checkpoint.metrics
+        wall_before = checkpoint.wall_seconds
+    else:
+        state = fed.initial_state()
+        metrics = []
+        wall_before = 0.0
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    return RunStart(fed, state, metrics, wall_before)
 
 
 def run_local(
@@ -296,28 +350,9 @@ def run_local(
     """
     from tqdm import tqdm
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _check_resume_config(run_dir, config)
-        checkpoint = load_checkpoint(run_dir)
-    fed = fed if fed is not None else build_federation(config)
+    start = open_run(config, run_dir, resume=resume, fed=fed)
+    fed, state, metrics, wall_before = start.fed, start.state, start.metrics, start.wall_before
     metrics_path = run_dir / METRICS_FILE
-    if resume:
-        state = checkpoint.state
-        if checkpoint.base_weights:
-            load_base_weights(
-                fed.bank.model, adapter_name(fed.aggregator.r_max), checkpoint.base_weights
-            )
-        metrics = checkpoint.metrics
-        wall_before = checkpoint.wall_seconds
-    else:
-        state = fed.initial_state()
-        metrics = []
-        wall_before = 0.0
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
-    # The metrics file always mirrors the checkpoint (a kill may have left a partial line).
-    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in metrics))
 
     total = config.fl.rounds
     show = sys.stderr.isatty() if progress is None else progress
@@ -336,7 +371,7 @@ def run_local(
             state, row = run_round(fed, state, round_index)
             metrics.append(row)
             wall = wall_before + time.perf_counter() - started
-            save_checkpoint(run_dir, _checkpoint(fed, state, metrics, wall))
+            save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
             append_metrics(metrics_path, row)
             bar.set_postfix(progress_postfix(row), refresh=False)
             bar.update(1)

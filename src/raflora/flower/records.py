@@ -1,0 +1,203 @@
+"""Flower records ↔ raflora tensors: what travels in a Flower ``Message`` between engine halves.
+
+The server sends a client (issue 4, "sends each node the factors for its own rank"):
+
+- an :class:`~flwr.app.ArrayRecord` ``"arrays"`` with the effective factors of the client's rank
+  (``B/<module>`` ``(d, r)`` and ``A/<module>`` ``(r, n)``, SPEC §1), the global heads
+  (``dense/<name>``) and, for methods that merge into the base model (FLoRA), the server's current
+  base weights (``base/<module>``), so that a client process's base model equals the server's;
+- a :class:`~flwr.app.ConfigRecord` ``"config"`` with the round, learning rate, rank, client id
+  and the resolved run configuration (JSON), from which the client builds its own
+  :class:`~raflora.engine.federation.Federation`.
+
+The client replies with its effective factors and heads in ``"arrays"`` and a
+:class:`~flwr.app.MetricRecord` ``"metrics"`` (sample count, loss, steps, timings). Decoding never
+trusts the reply: anything that cannot be turned into a :class:`ClientUpdate` raises
+:class:`MalformedReplyError` with a reason the server records.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord
+from torch import Tensor
+
+from raflora.aggregators import ClientUpdate
+from raflora.engine.federation import ClientResult
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "METRICS",
+    "DecodedArrays",
+    "MalformedReplyError",
+    "decode_arrays",
+    "decode_result",
+    "encode_arrays",
+    "encode_result",
+]
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+_KINDS = ("B", "A", "dense", "base")
+
+
+class MalformedReplyError(ValueError):
+    """A reply whose content cannot be read as a client update (the message says why)."""
+
+
+@dataclass
+class DecodedArrays:
+    """The tensors of one ``"arrays"`` record.
+
+    Attributes
+    ----------
+    factors : dict[str, tuple[Tensor, Tensor]]
+        Module → effective ``(B, A)``.
+    dense : dict[str, Tensor]
+        Fully trained tensors (heads).
+    base : dict[str, Tensor]
+        Base weights of the adapted modules (FLoRA only; empty otherwise).
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    dense: dict[str, Tensor]
+    base: dict[str, Tensor]
+
+
+def _to_array(tensor: Tensor) -> Array:
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: travel as float32
+        t = t.float()
+    return Array.from_torch_tensor(t.contiguous())
+
+
+def encode_arrays(
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    dense: Mapping[str, Tensor],
+    base: Mapping[str, Tensor] | None = None,
+) -> ArrayRecord:
+    """Pack factors, heads and (optionally) base weights into one :class:`ArrayRecord`."""
+    record = ArrayRecord()
+    for name, (B, A) in factors.items():
+        record[f"B/{name}"] = _to_array(B)
+        record[f"A/{name}"] = _to_array(A)
+    for name, tensor in dense.items():
+        record[f"dense/{name}"] = _to_array(tensor)
+    for name, tensor in (base or {}).items():
+        record[f"base/{name}"] = _to_array(tensor)
+    return record
+
+
+def decode_arrays(record: object) -> DecodedArrays:
+    """Inverse of :func:`encode_arrays`.
+
+    Raises
+    ------
+    MalformedReplyError
+        ``record`` is not an :class:`ArrayRecord`, a key has no known prefix, an array cannot be
+        read, or a module has only one of its two factors. Shapes and values are checked later by
+        the aggregator's validation (:func:`~raflora.aggregators.validation.validate_update`).
+    """
+    if not isinstance(record, ArrayRecord):
+        raise MalformedReplyError(f"{ARRAYS!r} is {type(record).__name__}, not an ArrayRecord")
+    parts: dict[str, dict[str, Tensor]] = {kind: {} for kind in _KINDS}
+    for key, array in record.items():
+        kind, sep, name = key.partition("/")
+        if not sep or kind not in parts or not name:
+            raise MalformedReplyError(f"unexpected array {key!r}")
+        try:
+            values = np.array(array.numpy(), copy=True)
+        except Exception as err:  # any decoding failure of untrusted bytes
+            raise MalformedReplyError(f"array {key!r} cannot be read: {err}") from None
+        parts[kind][name] = torch.from_numpy(values)
+    lone = sorted(set(parts["B"]) ^ set(parts["A"]))
+    if lone:
+        raise MalformedReplyError(f"module {lone[0]!r} has only one of its two factors")
+    factors = {name: (parts["B"][name], parts["A"][name]) for name in parts["B"]}
+    return DecodedArrays(factors, parts["dense"], parts["base"])
+
+
+def encode_result(result: ClientResult) -> tuple[ArrayRecord, MetricRecord]:
+    """A client's reply: its update's tensors and its training metrics."""
+    update = result.update
+    metrics = MetricRecord(
+        {
+            "client-id": int(update.client_id),
+            "rank": int(update.rank),
+            "num-samples": int(update.num_samples),
+            "train-loss": float(result.train_loss),
+            "steps": int(result.steps),
+            "compute-seconds": float(result.compute_seconds),
+            "seconds": float(result.seconds),
+        }
+    )
+    return encode_arrays(update.factors, update.dense), metrics
+
+
+def _integer(metrics: MetricRecord, key: str) -> int:
+    value = metrics.get(key)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise MalformedReplyError(f"metric {key!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    value = metrics.get(key)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise MalformedReplyError(f"metric {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def decode_result(arrays: object, metrics: object, *, client_id: int, rank: int) -> ClientResult:
+    """Turn a reply's records into a :class:`ClientResult` for the client the server asked.
+
+    Parameters
+    ----------
+    arrays, metrics : object
+        The reply's ``"arrays"`` and ``"metrics"`` records (anything: replies are untrusted).
+    client_id : int
+        The client the message went to.
+    rank : int
+        The rank the server sent it (the aggregator validates the factors against it).
+
+    Raises
+    ------
+    MalformedReplyError
+        A record is missing or of the wrong kind, a metric is missing or not a number, or the
+        reply names another client or rank.
+    """
+    if not isinstance(metrics, MetricRecord):
+        raise MalformedReplyError(f"{METRICS!r} is missing or not a MetricRecord")
+    decoded = decode_arrays(arrays)
+    if decoded.base:
+        raise MalformedReplyError("a client reply must not carry base weights")
+    replied_id = _integer(metrics, "client-id")
+    if replied_id != client_id:
+        raise MalformedReplyError(f"reply names client {replied_id}, expected {client_id}")
+    replied_rank = _integer(metrics, "rank")
+    if replied_rank != rank:
+        raise MalformedReplyError(f"reply trained rank {replied_rank}, expected {rank}")
+    loss = _number(metrics, "train-loss")
+    update = ClientUpdate(
+        client_id=client_id,
+        rank=rank,
+        num_samples=_integer(metrics, "num-samples"),
+        factors=decoded.factors,
+        dense=decoded.dense,
+    )
+    return ClientResult(
+        update=update,
+        train_loss=loss if math.isfinite(loss) else math.nan,
+        steps=_integer(metrics, "steps"),
+        compute_seconds=_number(metrics, "compute-seconds"),
+        seconds=_number(metrics, "seconds"),
+    )

@@ -1,0 +1,241 @@
+"""The Flower engine (issue 4): same results as the local engine, failures left out, deployment."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from raflora.config import RunConfig, load_config
+from raflora.engine import build_federation, load_checkpoint, run_local
+from raflora.flower import RankStrategy, run_flower
+from raflora.flower.records import ARRAYS, METRICS, encode_result
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "task.name=synthetic",
+    "task.options={num_train: 400, num_eval: 200}",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.rounds=3",
+    "fl.rank_levels=[4,8]",
+    "output.plots=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def tiny(method: str, *extra: str) -> RunConfig:
+    return load_config(None, [*TINY, f"method={method}", "flower.cpus_per_client=1", *extra])
+
+
+@pytest.mark.parametrize("method", ["raflora", "flexlora", "flora"])
+def test_simulation_matches_local_engine(method: str, tmp_path: Path) -> None:
+    config = tiny(method)
+    local = run_local(config, tmp_path / "local", progress=False)
+    flower = run_flower(config, tmp_path / "flower", progress=False)
+    assert [r["clients"] for r in flower.metrics] == [r["clients"] for r in local.metrics]
+    assert [r["client_ranks"] for r in flower.metrics] == [r["client_ranks"] for r in local.metrics]
+    assert [r["accuracy"] for r in flower.metrics] == pytest.approx(
+        [r["accuracy"] for r in local.metrics], abs=1e-6
+    )
+    assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in flower.metrics)
+    ca, cb = load_checkpoint(local.run_dir), load_checkpoint(flower.run_dir)
+    a, b = ca.state, cb.state
+    # FLoRA merges into the base model: the server sends its base weights to the client processes
+    assert ca.base_weights.keys() == cb.base_weights.keys()
+    for name, weight in ca.base_weights.items():
+        torch.testing.assert_close(cb.base_weights[name], weight, rtol=1e-5, atol=1e-6)
+    assert a.factors.keys() == b.factors.keys()
+    for name, (B, A) in a.factors.items():
+        torch.testing.assert_close(b.factors[name][0], B, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.factors[name][1], A, rtol=1e-5, atol=1e-6)
+    for name, head in a.dense.items():
+        torch.testing.assert_close(b.dense[name], head, rtol=1e-5, atol=1e-6)
+    # the same run directory as the local engine
+    for path in ("config.yaml", "partition.json", "metrics.jsonl", "summary.json", "adapter"):
+        assert (flower.run_dir / path).exists(), path
+    assert flower.summary["adapter"] == local.summary["adapter"]
+
+
+def test_failing_and_nan_clients_are_left_out(tmp_path: Path) -> None:
+    config = tiny("raflora")
+    result = run_flower(config, tmp_path / "run", progress=False, faults={0: "raise", 3: "nan"})
+    assert len(result.metrics) == config.fl.rounds
+    for row in result.metrics:
+        bad = {c for c in row["clients"] if c in (0, 3)}
+        assert row["rejected"] == len(bad)
+        assert row["accepted"] == len(row["clients"]) - len(bad)
+        reasons = row["rejected_reasons"]
+        assert set(reasons) == {str(c) for c in bad}
+        if 0 in bad:
+            assert "fault injection: client 0 raises" in reasons["0"]
+        if 3 in bad:
+            assert "non-finite" in reasons["3"]
+    state = load_checkpoint(result.run_dir).state
+    assert all(
+        torch.isfinite(B).all() and torch.isfinite(A).all() for B, A in state.factors.values()
+    )
+    assert math.isfinite(result.summary["final_accuracy"])
+
+
+def test_aggregate_train_rejects_bad_replies_without_crashing() -> None:
+    """Hand-built replies: an error, a malformed one, a missing one; no usable reply → unchanged."""
+    from flwr.app import Error
+
+    from raflora.engine import train_client
+
+    config = tiny("raflora", "fl.clients_per_round=4")
+    fed = build_federation(config)
+    state = fed.initial_state()
+    strategy = RankStrategy(fed, state)
+    nodes = {k: 100 + k for k in range(4)}
+    messages = strategy.prepare_round(nodes)
+    assert [m.metadata.dst_node_id for m in messages] == [100, 101, 102, 103]
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    # client 0: a good reply, trained for real on the factors the message carries
+    from raflora.flower.records import decode_arrays
+
+    msg0 = by_node[100]
+    received = decode_arrays(msg0.content[ARRAYS])
+    cfg = msg0.content["config"]
+    good = train_client(
+        fed, 0, int(cfg["rank"]), received.factors, received.dense, 1, float(cfg["lr"])
+    )
+    arrays, metrics = encode_result(good)
+    replies = [
+        Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg0),
+        Message(Error(code=0, reason="boom"), reply_to=by_node[101]),
+        # client 2: metrics only, no arrays
+        Message(RecordDict({METRICS: MetricRecord({"client-id": 2})}), reply_to=by_node[102]),
+        # client 3: never replies
+    ]
+    _, summary = strategy.aggregate_train(1, replies)
+    row = strategy.metrics[-1]
+    assert row["accepted"] == 1
+    assert row["rejected"] == 3
+    reasons = row["rejected_reasons"]
+    assert "boom" in reasons["1"]
+    assert reasons["2"].startswith("malformed reply")
+    assert "no reply" in reasons["3"]
+    assert summary is not None and summary["accepted"] == 1
+
+    # round 2: every reply bad (wrong shapes) → the global state does not change
+    before = {k: (B.clone(), A.clone()) for k, (B, A) in strategy.state.factors.items()}
+    messages = strategy.prepare_round(nodes)
+    bad_replies = []
+    for m in messages:
+        cid = int(m.content["config"]["client-id"])
+        rank = int(m.content["config"]["rank"])
+        wrong = {
+            k: (torch.zeros(B.shape[0], rank + 1), A) for k, (B, A) in good.update.factors.items()
+        }
+        bad_arrays = ArrayRecord(
+            {
+                **{f"B/{k}": _arr(B) for k, (B, _) in wrong.items()},
+                **{f"A/{k}": _arr(A) for k, (_, A) in wrong.items()},
+            }
+        )
+        bad_metrics = MetricRecord(
+            {
+                "client-id": cid,
+                "rank": rank,
+                "num-samples": 10,
+                "train-loss": 1.0,
+                "steps": 1,
+                "compute-seconds": 0.0,
+                "seconds": 0.0,
+            }
+        )
+        bad_replies.append(
+            Message(RecordDict({ARRAYS: bad_arrays, METRICS: bad_metrics}), reply_to=m)
+        )
+    strategy.aggregate_train(2, bad_replies)
+    assert strategy.metrics[-1]["accepted"] == 0
+    assert strategy.metrics[-1]["rejected"] == len(messages)
+    for name, (B, A) in before.items():
+        torch.testing.assert_close(strategy.state.factors[name][0], B)
+        torch.testing.assert_close(strategy.state.factors[name][1], A)
+
+
+def _arr(t: torch.Tensor):  # type: ignore[no-untyped-def]
+    from flwr.app import Array
+
+    return Array.from_torch_tensor(t.contiguous())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_deployment_engine_on_loopback(tmp_path: Path) -> None:
+    """2 rounds: SuperLink + 2 SuperNodes (scripts/flower_local.sh); processes cleaned up."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "flower-superlink").exists() or shutil.which("bash") is None:
+        pytest.skip("flower-superlink is not installed")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "method: raflora\ntask:\n  name: synthetic\n  options: {num_train: 200, num_eval: 100}\n"
+        "fl: {num_clients: 2, clients_per_round: 2, rounds: 2, rank_levels: [4, 8]}\n"
+        "output: {plots: false}\n"
+    )
+    run_dir = tmp_path / "run"
+    pid_file = tmp_path / "pids"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "RAFLORA_FLOWER_PIDS": str(pid_file),
+        "RAFLORA_FLOWER_WORKDIR": str(tmp_path / "flower"),
+    }
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "flower_local.sh"), str(config), "2", str(run_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"the deployment run timed out:\n{out[-4000:]}")
+    finally:
+        pids = [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
+        time.sleep(1)
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, out[-4000:]
+    assert pids and not alive, f"processes left running: {alive}"
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    assert (run_dir / "summary.json").is_file() and (run_dir / "adapter").is_dir()
