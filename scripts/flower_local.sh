@@ -20,6 +20,8 @@ if [[ $# -lt 1 ]]; then
     exit 2
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The checkout's environment (make install) when there is one: python, flwr, flower-superlink …
+if [[ -x "$ROOT/.venv/bin/python" ]]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
 PYTHON="${PYTHON:-python}"
 CONFIG="$(realpath "$1")"
 N="${2:-$("$PYTHON" -c 'import sys; from raflora.config import load_config; print(load_config(sys.argv[1]).fl.num_clients)' "$CONFIG")}"
