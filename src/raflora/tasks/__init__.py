@@ -12,6 +12,7 @@ from raflora.tasks import synthetic as synthetic
 from raflora.tasks import text as text
 from raflora.tasks.base import (
     Batch,
+    ClassificationTask,
     Task,
     TaskError,
     available_tasks,
@@ -22,6 +23,7 @@ from raflora.tasks.base import (
 
 __all__ = [
     "Batch",
+    "ClassificationTask",
     "Task",
     "TaskError",
     "available_tasks",

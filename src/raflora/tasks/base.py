@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Batch",
+    "ClassificationTask",
     "Task",
     "TaskError",
     "available_tasks",
@@ -115,6 +117,36 @@ class Task(ABC):
                 else int(np.unique(self.partition_labels).size)
             ),
         }
+
+
+class ClassificationTask(Task):
+    """A task whose model maps a batch to class logits: cross-entropy loss, accuracy metric.
+
+    Subclasses implement :meth:`logits`; the loss and the metrics are computed in float32
+    whatever the model's dtype.
+    """
+
+    @abstractmethod
+    def logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Class logits ``(batch, classes)`` of ``model`` on ``batch`` (labels are not used)."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Mean cross-entropy of the logits."""
+        return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
+
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
+        """``accuracy`` and mean cross-entropy ``eval_loss`` over the evaluation split."""
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        total_loss, correct, count = 0.0, 0, 0
+        with torch.no_grad():  # also when a caller forgot to disable autograd
+            for cpu_batch in self.eval_batches(batch_size):
+                batch = move_batch(cpu_batch, device, dtype)
+                logits = self.logits(model, batch).float()
+                labels = batch["labels"]
+                total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                count += int(labels.numel())
+        return {"accuracy": correct / count, "eval_loss": total_loss / count}
 
 
 def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:

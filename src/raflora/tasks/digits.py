@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raflora.tasks.base import Batch, Task, TaskError, move_batch, register_task
+from raflora.tasks.base import Batch, ClassificationTask, TaskError, register_task
 
 if TYPE_CHECKING:
     from transformers import ViTForImageClassification
@@ -356,7 +356,7 @@ def _load(path: str) -> ViTForImageClassification:
 
 
 @register_task("digits")
-class DigitsTask(Task):
+class DigitsTask(ClassificationTask):
     """Federated fine-tuning of a tiny pretrained ViT on scikit-learn's 8×8 digits (offline).
 
     Parameters
@@ -410,24 +410,10 @@ class DigitsTask(Task):
             stop = start + batch_size
             yield {"pixel_values": self._eval.x[start:stop], "labels": self._eval.y[start:stop]}
 
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Mean cross entropy of the model's logits."""
-        logits: Tensor = model(pixel_values=batch["pixel_values"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"])
-
-    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
-        """Accuracy and mean cross entropy on the evaluation split."""
-        dtype = next(model.parameters()).dtype
-        correct, total, loss_sum = 0, 0, 0.0
-        for cpu_batch in self.eval_batches(batch_size):
-            batch = move_batch(cpu_batch, device, dtype)
-            with torch.no_grad():  # also when a caller forgot to disable autograd
-                logits = model(pixel_values=batch["pixel_values"]).logits.float()
-            labels = batch["labels"]
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += labels.numel()
-        return {"accuracy": correct / total, "eval_loss": loss_sum / total}
+    def logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The ViT's class logits."""
+        out: Tensor = model(pixel_values=batch["pixel_values"]).logits
+        return out
 
     def load_base_model(self) -> nn.Module:
         """``ViTForImageClassification.from_pretrained(model_id)``: the base model again."""

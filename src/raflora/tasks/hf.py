@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raflora.tasks.base import Batch, Task, TaskError, move_batch
+from raflora.tasks.base import Batch, ClassificationTask, TaskError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -487,7 +486,7 @@ def _ids(values: Sequence[Any]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-class HFClassificationTask(Task):
+class HFClassificationTask(ClassificationTask):
     """Body shared by the HF image and text classification tasks.
 
     Subclasses load their processor in :meth:`_setup`, collate examples in :meth:`_collate` and
@@ -600,26 +599,10 @@ class HFClassificationTask(Task):
                 self.eval_data, self.labels.eval, range(start, min(start + batch_size, n))
             )
 
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Mean cross-entropy of the logits (computed in float32)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        return F.cross_entropy(logits.float(), batch["labels"])
-
-    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
-        """``accuracy`` and mean ``eval_loss`` over the evaluation split."""
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        total_loss, correct, count = 0.0, 0, 0
-        with torch.no_grad():
-            for cpu_batch in self.eval_batches(batch_size):
-                batch = move_batch(cpu_batch, device, dtype)
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = model(**inputs).logits.float()
-                labels = batch["labels"]
-                total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-                count += int(labels.numel())
-        return {"accuracy": correct / count, "eval_loss": total_loss / count}
+    def logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The model's class logits for every input but the labels."""
+        out: Tensor = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return out
 
     def describe(self) -> dict[str, Any]:
         """Task facts plus the dataset, columns and evaluation size."""

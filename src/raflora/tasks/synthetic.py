@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raflora.tasks.base import Batch, Task, TaskError, move_batch, register_task
+from raflora.tasks.base import Batch, ClassificationTask, TaskError, register_task
 
 if TYPE_CHECKING:
     from raflora.config import RunConfig
@@ -279,7 +278,7 @@ def _check_no_model_or_dataset(config: RunConfig, task: str) -> None:
 
 
 @register_task("synthetic")
-class SyntheticTask(Task):
+class SyntheticTask(ClassificationTask):
     """Offline teacher–student classification whose best adapter needs a high rank.
 
     Parameters
@@ -335,24 +334,10 @@ class SyntheticTask(Task):
             stop = start + batch_size
             yield {"x": self._x_eval[start:stop], "labels": self._y_eval[start:stop]}
 
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Mean cross entropy of ``model(x=...)`` against the teacher's labels."""
-        logits: Tensor = model(x=batch["x"])
-        return F.cross_entropy(logits.float(), batch["labels"])
-
-    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
-        """Accuracy and mean cross entropy on the evaluation split."""
-        dtype = next(model.parameters()).dtype
-        correct, total, loss_sum = 0, 0, 0.0
-        for cpu_batch in self.eval_batches(batch_size):
-            batch = move_batch(cpu_batch, device, dtype)
-            with torch.no_grad():  # also when a caller forgot to disable autograd
-                logits = model(x=batch["x"]).float()
-            labels = batch["labels"]
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += labels.numel()
-        return {"accuracy": correct / total, "eval_loss": loss_sum / total}
+    def logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """``model(x=...)``: the frozen network's class logits (plus the adapters)."""
+        out: Tensor = model(x=batch["x"])
+        return out
 
     def load_base_model(self) -> nn.Module:
         """Rebuild the base model from ``model_seed`` (identical to :attr:`model` as built)."""
