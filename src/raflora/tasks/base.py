@@ -12,9 +12,12 @@ was asked for (the CLI turns it into one line and exit code 2).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ __all__ = [
     "available_tasks",
     "build_task",
     "move_batch",
+    "parse_options",
     "register_task",
 ]
 
@@ -158,6 +162,74 @@ def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = N
         else:
             out[key] = value.to(device=device)
     return out
+
+
+_O = TypeVar("_O")
+
+
+def _option_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """``(ok, converted)`` for one option value against its field type."""
+    if tp is int:
+        return (not isinstance(value, bool) and isinstance(value, int)), value
+    if tp is float:
+        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp == (str | None):
+        return value is None or isinstance(value, str), value
+    if typing.get_origin(tp) is tuple:
+        (item, _) = typing.get_args(tp)
+        ok = isinstance(value, list | tuple) and all(_option_value(v, item)[0] for v in value)
+        return ok, tuple(value) if ok else value
+    raise TypeError(f"unsupported option type {tp!r}")
+
+
+def _type_words(tp: Any) -> str:
+    """How an option type reads in a message (``int`` → ``an integer``)."""
+    words = {int: "an integer", float: "a number", str: "a string"}
+    if tp in words:
+        return words[tp]
+    if tp == (str | None):
+        return "a string or null"
+    return f"a list of {_type_words(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+
+
+def parse_options(
+    cls: type[_O], options: Mapping[str, Any], task: str, check: Callable[[_O], list[str]]
+) -> _O:
+    """``task.options`` as the options dataclass ``cls``, with every problem reported at once.
+
+    Each key must be a field of ``cls`` and its value of the field's type (``int``, ``float``,
+    ``str``, ``str | None`` or ``tuple[T, ...]``); missing keys take the field defaults. Then
+    ``check`` lists range problems of the parsed options.
+
+    Raises
+    ------
+    TaskError
+        ``"task '<task>': problem; problem; …"``.
+    """
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    problems: list[str] = []
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        problems.append(f"unknown option(s) {unknown}; valid: {', '.join(valid)}")
+    values: dict[str, Any] = {}
+    for name in valid:
+        if name in options:
+            ok, value = _option_value(options[name], hints[name])
+            if ok:
+                values[name] = value
+            else:
+                problems.append(
+                    f"{name}: expected {_type_words(hints[name])}, got {options[name]!r}"
+                )
+    parsed = cls(**values)
+    problems += check(parsed)
+    if problems:
+        raise TaskError(f"task {task!r}: " + "; ".join(problems))
+    return parsed
 
 
 _TASKS: dict[str, Callable[[RunConfig], Task]] = {}

@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raflora.tasks.base import Batch, ClassificationTask, TaskError, register_task
+from raflora.tasks.base import Batch, ClassificationTask, TaskError, parse_options, register_task
 
 if TYPE_CHECKING:
     from transformers import ViTForImageClassification
@@ -92,58 +92,8 @@ class DigitsOptions:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> DigitsOptions:
-        """Parse and validate ``task.options``.
-
-        Raises
-        ------
-        TaskError
-            Listing every unknown key (with the valid ones) and every bad value.
-        """
-        valid = [f.name for f in fields(cls)]
-        problems: list[str] = []
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            problems.append(f"unknown option(s) {unknown}; valid: {', '.join(valid)}")
-        values: dict[str, Any] = {}
-        for name in ("pretrain_epochs", "num_layers", "model_seed"):
-            if name in options:
-                value = options[name]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    problems.append(f"{name}: expected an integer ≥ 0, got {value!r}")
-                else:
-                    values[name] = value
-        if "num_layers" in values and values["num_layers"] < 1:
-            problems.append("num_layers: must be ≥ 1, got 0")
-        if "pretrain_lr" in options:
-            lr = options["pretrain_lr"]
-            if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
-                problems.append(f"pretrain_lr: expected a number > 0, got {lr!r}")
-            else:
-                values["pretrain_lr"] = float(lr)
-        if "pretrain_classes" in options:
-            classes = options["pretrain_classes"]
-            if (
-                not isinstance(classes, list | tuple)
-                or not classes
-                or any(isinstance(c, bool) or not isinstance(c, int) for c in classes)
-                or any(not 0 <= c <= 9 for c in classes)
-                or len(set(classes)) != len(classes)
-            ):
-                problems.append(
-                    f"pretrain_classes: expected a non-empty list of distinct digits 0–9, "
-                    f"got {classes!r}"
-                )
-            else:
-                values["pretrain_classes"] = tuple(sorted(classes))
-        if "cache_dir" in options:
-            cache_dir = options["cache_dir"]
-            if cache_dir is not None and not isinstance(cache_dir, str):
-                problems.append(f"cache_dir: expected a path string or null, got {cache_dir!r}")
-            else:
-                values["cache_dir"] = cache_dir
-        if problems:
-            raise TaskError("task 'digits': " + "; ".join(problems))
-        return cls(**values)
+        """Parse and validate ``task.options`` (:func:`~raflora.tasks.base.parse_options`)."""
+        return parse_options(cls, options, "digits", _digits_problems)
 
     def recipe(self) -> dict[str, Any]:
         """Everything that determines the pretrained model (the cache key)."""
@@ -158,6 +108,22 @@ class DigitsOptions:
             vit=_vit_kwargs(self.num_layers),
         )
         return recipe
+
+
+def _digits_problems(opts: DigitsOptions) -> list[str]:
+    problems = [
+        f"{name}: must be ≥ {low}, got {getattr(opts, name)}"
+        for name, low in (("pretrain_epochs", 0), ("num_layers", 1), ("model_seed", 0))
+        if getattr(opts, name) < low
+    ]
+    if not opts.pretrain_lr > 0:
+        problems.append(f"pretrain_lr: must be > 0, got {opts.pretrain_lr}")
+    classes = opts.pretrain_classes
+    if not classes or any(not 0 <= c <= 9 for c in classes) or len(set(classes)) != len(classes):
+        problems.append(
+            f"pretrain_classes: expected a non-empty list of distinct digits 0–9, got {classes!r}"
+        )
+    return problems
 
 
 def _vit_kwargs(num_layers: int) -> dict[str, Any]:

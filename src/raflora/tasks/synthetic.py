@@ -26,14 +26,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raflora.tasks.base import Batch, ClassificationTask, TaskError, register_task
+from raflora.tasks.base import Batch, ClassificationTask, TaskError, parse_options, register_task
 
 if TYPE_CHECKING:
     from raflora.config import RunConfig
@@ -89,50 +89,28 @@ class SyntheticOptions:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> SyntheticOptions:
-        """Parse and validate ``task.options``.
+        """Parse and validate ``task.options`` (:func:`~raflora.tasks.base.parse_options`)."""
+        return parse_options(cls, options, "synthetic", _synthetic_problems)
 
-        Raises
-        ------
-        TaskError
-            Listing every unknown key (with the valid ones) and every bad value.
-        """
-        valid = [f.name for f in fields(cls)]
-        problems: list[str] = []
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            problems.append(f"unknown option(s) {unknown}; valid: {', '.join(valid)}")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in options:
-                continue
-            value = options[f.name]
-            if f.type in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    problems.append(f"{f.name}: expected an integer, got {value!r}")
-                    continue
-            elif isinstance(value, bool) or not isinstance(value, int | float):
-                problems.append(f"{f.name}: expected a number, got {value!r}")
-                continue
-            values[f.name] = float(value) if f.type in ("float", float) else value
-        opts = cls(**values)
-        positive = ("num_train", "num_eval", "input_dim", "hidden_dim", "num_layers", "shift_rank")
-        for name in positive:
-            if getattr(opts, name) < 1:
-                problems.append(f"{name}: must be ≥ 1, got {getattr(opts, name)}")
-        if opts.num_classes < 2:
-            problems.append(f"num_classes: must be ≥ 2, got {opts.num_classes}")
-        if not (opts.shift_scale >= 0 and math.isfinite(opts.shift_scale)):
-            problems.append(f"shift_scale: must be a finite number ≥ 0, got {opts.shift_scale}")
-        if not 0 < opts.shift_decay <= 1:
-            problems.append(f"shift_decay: must be in (0, 1], got {opts.shift_decay}")
-        if not 0 <= opts.margin_quantile < 1:
-            problems.append(f"margin_quantile: must be in [0, 1), got {opts.margin_quantile}")
-        for name in ("model_seed", "data_seed"):
-            if getattr(opts, name) < 0:
-                problems.append(f"{name}: must be ≥ 0, got {getattr(opts, name)}")
-        if problems:
-            raise TaskError("task 'synthetic': " + "; ".join(problems))
-        return opts
+
+def _synthetic_problems(opts: SyntheticOptions) -> list[str]:
+    problems: list[str] = []
+    positive = ("num_train", "num_eval", "input_dim", "hidden_dim", "num_layers", "shift_rank")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            problems.append(f"{name}: must be ≥ 1, got {getattr(opts, name)}")
+    if opts.num_classes < 2:
+        problems.append(f"num_classes: must be ≥ 2, got {opts.num_classes}")
+    if not (opts.shift_scale >= 0 and math.isfinite(opts.shift_scale)):
+        problems.append(f"shift_scale: must be a finite number ≥ 0, got {opts.shift_scale}")
+    if not 0 < opts.shift_decay <= 1:
+        problems.append(f"shift_decay: must be in (0, 1], got {opts.shift_decay}")
+    if not 0 <= opts.margin_quantile < 1:
+        problems.append(f"margin_quantile: must be in [0, 1), got {opts.margin_quantile}")
+    for name in ("model_seed", "data_seed"):
+        if getattr(opts, name) < 0:
+            problems.append(f"{name}: must be ≥ 0, got {getattr(opts, name)}")
+    return problems
 
 
 class SyntheticMLP(nn.Module):
