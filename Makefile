@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/raflora compare configs/quickstart.yaml --out runs/quickstart
+	$(VENV)/bin/raflora compare configs/quickstart.yaml --out runs/quickstart --overwrite
 
 test: install
 	$(PY) -m pytest -q

@@ -520,6 +520,13 @@ def test_hetlora_self_pruning_prunes_clients_whose_tail_shrank() -> None:
     assert state.client_ranks == {0: p}
     assert agg.client_rank(state, 0, r) == p
     assert agg.client_rank(state, 1, r) == r
+    # Pruning happens once, from r_k: a pruned client whose tail shrinks again keeps ⌊γ r_k⌋.
+    B_p, A_p = agg.client_factors(state, p)["m"]
+    B_p = B_p.clone()
+    B_p[:, math.floor(gamma * p) :] *= 0.1
+    third = [ClientUpdate(0, p, 10, {"m": (B_p, A_p)})]
+    state = agg.aggregate(state, third).state
+    assert state.client_ranks == {0: p}
 
 
 # ---------------------------------------------------------------- registry errors

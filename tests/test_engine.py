@@ -232,3 +232,24 @@ def test_a_nan_update_is_rejected_and_the_round_completes(
 def test_learning_rate_decays_linearly_over_rounds(tmp_path: Path) -> None:
     result = run_local(synthetic_config(**{"fl.rounds": 4}), tmp_path, progress=False)
     assert [r["lr"] for r in result.metrics] == pytest.approx([5e-3, 3.75e-3, 2.5e-3, 1.25e-3])
+
+
+def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwriting(tmp_path: Path) -> None:
+    from raflora.engine import EngineError
+
+    run_local(synthetic_config(), tmp_path, progress=False)
+    with pytest.raises(EngineError, match="already holds a run"):
+        run_local(synthetic_config(method="flexlora"), tmp_path, progress=False)
+    result = run_local(
+        synthetic_config(method="flexlora"), tmp_path, progress=False, overwrite=True
+    )
+    assert result.summary["method"] == "flexlora"
+    assert load_checkpoint(tmp_path).meta["model_id"]
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_unknown_modules_to_save_is_an_error() -> None:
+    from raflora.engine import EngineError
+
+    with pytest.raises(EngineError, match="modules_to_save: no module named 'nope'"):
+        build_federation(synthetic_config(**{"lora.modules_to_save": ["nope"]}))

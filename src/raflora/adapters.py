@@ -390,10 +390,12 @@ def merge_into_base(peft_model: nn.Module, delta: Mapping[str, tuple[Tensor, Ten
     ValueError
         If ``B @ A`` does not match the weight's shape.
     """
-    updates: list[tuple[Tensor, Tensor, str]] = []
     root: nn.Module = (
         peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
     )
+    # Validate every module first (nothing is merged when one is wrong), then merge one module
+    # at a time so only one (d, n) product exists at once.
+    targets: list[tuple[Tensor, bool, Tensor, Tensor]] = []
     for name, (B, A) in delta.items():
         try:
             module = root.get_submodule(name)
@@ -411,23 +413,21 @@ def merge_into_base(peft_model: nn.Module, delta: Mapping[str, tuple[Tensor, Ten
             B.ndim != 2
             or A.ndim != 2
             or B.shape[1] != A.shape[0]
-            or (B.shape[0], A.shape[1])
-            != (
-                d,
-                n,
-            )
+            or (B.shape[0], A.shape[1]) != (d, n)
         ):
             raise ValueError(
                 f"merge_into_base: module {name!r} has weight (d, n) = ({d}, {n}), "
                 f"got B {tuple(B.shape)} and A {tuple(A.shape)}"
             )
-        dw = B.to(device=weight.device, dtype=torch.float32) @ A.to(
-            device=weight.device, dtype=torch.float32
-        )
-        updates.append((weight, dw.T if fan_in_fan_out else dw, name))
+        targets.append((weight, fan_in_fan_out, B, A))
     with torch.no_grad():
-        for weight, dw, _ in updates:
-            weight.copy_((weight.to(torch.float32) + dw).to(weight.dtype))
+        for weight, fan_in_fan_out, B, A in targets:
+            dw = B.to(device=weight.device, dtype=torch.float32) @ A.to(
+                device=weight.device, dtype=torch.float32
+            )
+            weight.copy_(
+                (weight.to(torch.float32) + (dw.T if fan_in_fan_out else dw)).to(weight.dtype)
+            )
 
 
 def _alpha_for(alpha: Alpha, rank: int) -> Any:
@@ -552,6 +552,10 @@ class AdapterBank:
     def set_dense(self, rank: int, dense: Mapping[str, Tensor]) -> None:
         """:func:`set_dense` into the adapter at ``rank`` (created if missing)."""
         set_dense(self.model, self.ensure(rank), dense)
+
+    def saved_module_names(self) -> list[str]:
+        """Canonical names of the modules trained in full (``modules_to_save`` matches)."""
+        return [name for name, _ in _saved_modules(self.model, adapter_name(self.max_rank))]
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """:func:`module_shapes` (the same for every rank)."""

@@ -146,7 +146,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (≥ 0)."))
     lr_schedule: LRSchedule = field(
         default="linear",
-        metadata=_help("'linear' (decay to 0 over the rounds) or 'constant'."),
+        metadata=_help("'linear' (lr·(1 − (t−1)/T) in round t of T) or 'constant'."),
     )
     max_grad_norm: float | None = field(
         default=None, metadata=_help("Gradient clipping norm (None: no clipping).")

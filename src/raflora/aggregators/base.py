@@ -73,14 +73,22 @@ class GlobalState:
     base_delta: dict[str, Tensor] = field(default_factory=dict)
     client_ranks: dict[int, int] = field(default_factory=dict)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain nested dict of tensors and ints (for ``torch.save`` checkpoints)."""
+    def state_dict(self, *, clone: bool = True) -> dict[str, Any]:
+        """Plain nested dict of tensors and ints (for ``torch.save`` checkpoints).
+
+        ``clone=False`` shares the tensors (enough for writing a checkpoint right away, and no
+        extra copy of FLoRA's dense deltas).
+        """
+
+        def c(t: Tensor) -> Tensor:
+            return t.clone() if clone else t
+
         return {
-            "factors": {k: (B.clone(), A.clone()) for k, (B, A) in self.factors.items()},
+            "factors": {k: (c(B), c(A)) for k, (B, A) in self.factors.items()},
             "module_shapes": dict(self.module_shapes),
-            "dense": {k: v.clone() for k, v in self.dense.items()},
+            "dense": {k: c(v) for k, v in self.dense.items()},
             "round": self.round,
-            "base_delta": {k: v.clone() for k, v in self.base_delta.items()},
+            "base_delta": {k: c(v) for k, v in self.base_delta.items()},
             "client_ranks": dict(self.client_ranks),
         }
 

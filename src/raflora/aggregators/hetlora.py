@@ -143,6 +143,8 @@ class HetLoRA(Aggregator):
             return state
         ranks = dict(state.client_ranks)
         for u in accepted:
+            if u.client_id in previous.client_ranks:
+                continue  # pruned once, from its own rank r_k: keeps ⌊γ r_k⌋ from then on
             start = self.pruned_rank(u.rank)
             if start >= u.rank:
                 continue

@@ -41,6 +41,9 @@ def register(sub: Any) -> None:
         help="comma-separated methods (default: %(default)s)",
     )
     p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace previous runs in the output directory"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     p.set_defaults(handler=run)
 
@@ -72,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
     for method, cfg in configs.items():
         with user_errors():
             result = run_local(
-                cfg, out / method, progress=False if args.quiet else None, label=method
+                cfg,
+                out / method,
+                progress=False if args.quiet else None,
+                label=method,
+                overwrite=args.overwrite,
             )
         runs[method] = (result.summary, result.metrics)
         if not args.quiet:

@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a stopped run"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a previous run in the run directory"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary lines")
     p.set_defaults(handler=run)
 
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                     run_dir,
                     resume=args.resume is not None,
                     progress=False if args.quiet else None,
+                    overwrite=args.overwrite,
                 )
         except ValueError as err:
             if str(err).startswith("--resume"):
@@ -98,4 +102,5 @@ def _run_flower(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> R
         run_dir,
         resume=args.resume is not None,
         progress=False if args.quiet else None,
+        overwrite=args.overwrite,
     )

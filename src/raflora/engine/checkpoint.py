@@ -69,7 +69,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     payload = {
         "version": _VERSION,
         "round": checkpoint.round,
-        "state": checkpoint.state.state_dict(),
+        "state": checkpoint.state.state_dict(clone=False),
         "metrics": checkpoint.metrics,
         "wall_seconds": checkpoint.wall_seconds,
         "base_weights": {k: v.detach().cpu() for k, v in checkpoint.base_weights.items()},

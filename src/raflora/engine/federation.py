@@ -227,6 +227,16 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
         )
     except ValueError as err:  # PEFT: target modules not found
         raise EngineError(f"lora.target_modules {target!r}: {err}") from None
+    if lo.modules_to_save:
+        heads = bank.saved_module_names()
+        missing = [
+            m for m in lo.modules_to_save if not any(h == m or h.endswith("." + m) for h in heads)
+        ]
+        if missing:
+            raise EngineError(
+                f"lora.modules_to_save: no module named {missing[0]!r} in the model "
+                f"(modules trained in full: {', '.join(heads) or 'none'})"
+            )
     return Federation(
         config=config,
         task=task,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,10 +25,16 @@ from raflora.aggregators import GlobalState
 from raflora.config import RunConfig, config_from_dict, config_to_dict, save_config
 from raflora.diagnostics import energy_report
 from raflora.engine import seeds
-from raflora.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from raflora.engine.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from raflora.engine.export import write_adapter
 from raflora.engine.federation import (
     ClientResult,
+    EngineError,
     Federation,
     build_federation,
     evaluate_global,
@@ -49,6 +56,7 @@ __all__ = [
     "make_checkpoint",
     "open_run",
     "plan_round",
+    "prepare_run_dir",
     "run_local",
     "run_round",
 ]
@@ -282,16 +290,63 @@ class RunStart:
     wall_before: float
 
 
+RUN_FILES = ("config.yaml", "partition.json", METRICS_FILE, SUMMARY_FILE, "adapter", "checkpoint")
+"""What a run writes into its directory (besides ``*.png`` plots)."""
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove a previous run's files from ``run_dir`` (only the files a run writes)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for plot in run_dir.glob("*.png"):
+        plot.unlink()
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> None:
+    """Create ``run_dir``; refuse to start a new run over an old one unless ``overwrite``.
+
+    Raises
+    ------
+    EngineError
+        ``run_dir`` is a file or cannot be created, or already holds a run (not resuming,
+        not overwriting).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EngineError(f"run directory {run_dir} is a file")
+    if not resume and (run_dir / CHECKPOINT_FILE).exists():
+        if not overwrite:
+            raise EngineError(
+                f"{run_dir} already holds a run (checkpoint/); continue it with --resume "
+                f"{run_dir}, replace it with --overwrite, or choose another output directory"
+            )
+        clear_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EngineError(f"cannot create the run directory {run_dir}: {err}") from None
+
+
 def open_run(
-    config: RunConfig, run_dir: Path, *, resume: bool, fed: Federation | None = None
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    fed: Federation | None = None,
+    overwrite: bool = False,
 ) -> RunStart:
     """Prepare ``run_dir`` for a run, shared by the local and Flower engines.
 
-    A new run writes ``config.yaml`` and ``partition.json``; a resumed one checks the config,
+    A new run refuses a directory that already holds a run unless ``overwrite`` (then that run's
+    files are removed) and writes ``config.yaml`` and ``partition.json``; a resumed one checks
+    the config,
     loads the checkpoint (and FLoRA's merged base weights). Either way ``metrics.jsonl`` is
     rewritten to mirror the checkpoint (a kill may have left a partial line).
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_config(run_dir, config)
         checkpoint = load_checkpoint(run_dir)
@@ -323,6 +378,7 @@ def run_local(
     label: str = "",
     fed: Federation | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run (or resume) a federated fine-tuning run on the local engine.
 
@@ -342,6 +398,8 @@ def run_local(
         A pre-built federation (tests, benchmarks).
     on_round : callable, optional
         Called with each round's metrics row after it is saved.
+    overwrite : bool
+        Replace a previous run in ``run_dir`` (otherwise that is an error).
 
     Returns
     -------
@@ -350,7 +408,7 @@ def run_local(
     """
     from tqdm import tqdm
 
-    start = open_run(config, run_dir, resume=resume, fed=fed)
+    start = open_run(config, run_dir, resume=resume, fed=fed, overwrite=overwrite)
     fed, state, metrics, wall_before = start.fed, start.state, start.metrics, start.wall_before
     metrics_path = run_dir / METRICS_FILE
 

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecordValues
 
 from raflora.config import RunConfig
 from raflora.engine.federation import EngineError, build_federation
-from raflora.engine.local import RunResult
+from raflora.engine.local import RunResult, prepare_run_dir
 from raflora.report import progress_postfix
 
 __all__ = ["num_supernodes", "run_flower"]
@@ -50,6 +50,7 @@ def run_flower(
     progress: bool | None = None,
     round_timeout: float = 3600.0,
     faults: Mapping[int, str] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run (or resume) ``config`` on Flower's simulation engine; same results as ``run_local``.
 
@@ -67,6 +68,8 @@ def run_flower(
         Seconds to wait for a round's replies; late clients are left out and counted.
     faults : Mapping[int, str], optional
         **Fault injection for tests only** (see :func:`raflora.flower.app.make_client_app`).
+    overwrite : bool
+        Replace a previous run in ``run_dir`` (otherwise that is an error).
 
     Returns
     -------
@@ -80,6 +83,7 @@ def run_flower(
     from raflora.flower.app import make_client_app, make_server_app
 
     nodes = num_supernodes(config)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before Ray starts
     # Built here, in the main thread, before Ray starts its worker processes: NumPy's OpenBLAS
     # can deadlock when a thread is inside a BLAS call while another thread forks.
     fed = build_federation(config)

@@ -42,6 +42,7 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import Tensor
 
 from raflora.adapters import adapter_name, base_weights
 from raflora.aggregators import GlobalState
@@ -132,6 +133,7 @@ class RankStrategy(Strategy):
         self._started = time.perf_counter()
         self._round_start = 0.0
         self._plan: RoundPlan | None = None
+        self._base: dict[str, Tensor] | None = None  # FLoRA: merged base weights, per round
         self._sent: dict[int, int] = {}  # node id → client id of this round's messages
         self._unreachable: dict[int, str] = {}
 
@@ -218,13 +220,8 @@ class RankStrategy(Strategy):
     def train_message(self, plan: RoundPlan, client_id: int, rank: int, node: int) -> Message:
         """The message client ``client_id`` gets: its rank's start factors, heads, round config."""
         fed, state = self.fed, self.state
-        base = (
-            base_weights(fed.bank.model, adapter_name(fed.aggregator.r_max))
-            if state.base_delta
-            else None
-        )
         arrays = encode_arrays(
-            fed.start_factors(state, client_id, plan.round_index), state.dense, base
+            fed.start_factors(state, client_id, plan.round_index), state.dense, self._base
         )
         config = ConfigRecord(
             {
@@ -256,6 +253,13 @@ class RankStrategy(Strategy):
         self._round_start = time.perf_counter()
         plan = plan_round(self.fed, self.state, len(self.metrics) + 1)
         self._plan = plan
+        # FLoRA: the merged base weights go to every client (one copy per round); a client
+        # process may serve clients that missed earlier merges, so it cannot rebuild them itself.
+        self._base = (
+            base_weights(self.fed.bank.model, adapter_name(self.fed.aggregator.r_max))
+            if self.state.base_delta
+            else None
+        )
         self._sent = {}
         self._unreachable = {}
         messages = []
