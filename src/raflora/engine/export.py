@@ -45,14 +45,34 @@ class AdapterExport:
     energy_kept: float
 
 
+_RANK_TOL = 1e-6
+"""Singular values below this fraction of a module's largest are numerically zero."""
+
+
+def _numerical_rank(S: Tensor) -> int:
+    """Singular values (descending) above ``_RANK_TOL`` times the largest."""
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0
+    return int(torch.count_nonzero(S / S[0] > _RANK_TOL))
+
+
 def _delta_factors(delta: Mapping[str, Tensor], rank: int | None) -> tuple[Factors, int]:
-    """SVD factors ``(UΣ, Vᵀ)`` of dense deltas, all at one rank (zero-padded where smaller)."""
-    full = {k: min(v.shape) for k, v in delta.items()}
-    out_rank = max(full.values()) if rank is None else int(rank)
+    """SVD factors ``(UΣ, Vᵀ)`` of dense deltas, all at one rank (zero-padded where smaller).
+
+    ``rank=None`` keeps every numerically non-zero direction: the largest numerical rank over
+    the modules (so the adapter reproduces the deltas to float precision without carrying
+    ``min(d, n)`` columns of zeros).
+    """
+    svds = {k: torch.linalg.svd(v.double(), full_matrices=False) for k, v in delta.items()}
+    if rank is None:
+        numerical = [_numerical_rank(S) for _, S, _ in svds.values()]
+        out_rank = max(1, *numerical)
+    else:
+        out_rank = int(rank)
     factors: Factors = {}
-    for name, dw in delta.items():
-        U, S, Vh = torch.linalg.svd(dw.double(), full_matrices=False)
-        k = min(out_rank, full[name])
+    for name, (U, S, Vh) in svds.items():
+        k = min(out_rank, S.numel())
+        dw = delta[name]
         B = torch.zeros(dw.shape[0], out_rank, dtype=torch.float64)
         A = torch.zeros(out_rank, dw.shape[1], dtype=torch.float64)
         B[:, :k] = U[:, :k] * S[:k]
