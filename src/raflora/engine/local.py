@@ -57,6 +57,7 @@ __all__ = [
     "open_run",
     "plan_round",
     "prepare_run_dir",
+    "record_round",
     "run_local",
     "run_round",
 ]
@@ -342,9 +343,9 @@ def open_run(
 
     A new run refuses a directory that already holds a run unless ``overwrite`` (then that run's
     files are removed) and writes ``config.yaml`` and ``partition.json``; a resumed one checks
-    the config,
-    loads the checkpoint (and FLoRA's merged base weights). Either way ``metrics.jsonl`` is
-    rewritten to mirror the checkpoint (a kill may have left a partial line).
+    the config and loads the checkpoint (and FLoRA's merged base weights). Either way
+    ``metrics.jsonl`` is rewritten to mirror the checkpoint (a kill may have left a partial
+    line).
     """
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
@@ -367,6 +368,24 @@ def open_run(
         (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in metrics))
     return RunStart(fed, state, metrics, wall_before)
+
+
+def record_round(
+    fed: Federation,
+    state: GlobalState,
+    metrics: list[dict[str, Any]],
+    row: dict[str, Any],
+    run_dir: Path,
+    wall: float,
+) -> None:
+    """Keep a finished round: append its row, replace the checkpoint, then extend the JSONL.
+
+    The checkpoint is written first, so a kill in between leaves a metrics file that
+    :func:`open_run` rewrites from the checkpoint on resume.
+    """
+    metrics.append(row)
+    save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
+    append_metrics(run_dir / METRICS_FILE, row)
 
 
 def run_local(
@@ -410,8 +429,6 @@ def run_local(
 
     start = open_run(config, run_dir, resume=resume, fed=fed, overwrite=overwrite)
     fed, state, metrics, wall_before = start.fed, start.state, start.metrics, start.wall_before
-    metrics_path = run_dir / METRICS_FILE
-
     total = config.fl.rounds
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(
@@ -427,10 +444,9 @@ def run_local(
     try:
         for round_index in range(len(metrics) + 1, total + 1):
             state, row = run_round(fed, state, round_index)
-            metrics.append(row)
-            wall = wall_before + time.perf_counter() - started
-            save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
-            append_metrics(metrics_path, row)
+            record_round(
+                fed, state, metrics, row, run_dir, wall_before + time.perf_counter() - started
+            )
             bar.set_postfix(progress_postfix(row), refresh=False)
             bar.update(1)
             if on_round is not None:

@@ -47,14 +47,12 @@ from torch import Tensor
 from raflora.adapters import adapter_name, base_weights
 from raflora.aggregators import GlobalState
 from raflora.config import config_to_dict
-from raflora.engine.checkpoint import save_checkpoint
 from raflora.engine.federation import ClientResult, EngineError, Federation
 from raflora.engine.local import (
-    METRICS_FILE,
     RoundPlan,
     complete_round,
-    make_checkpoint,
     plan_round,
+    record_round,
 )
 from raflora.flower.records import (
     ARRAYS,
@@ -64,7 +62,6 @@ from raflora.flower.records import (
     decode_result,
     encode_arrays,
 )
-from raflora.report import append_metrics
 
 __all__ = ["QUERY_PARTITION", "RankStrategy"]
 
@@ -324,11 +321,11 @@ class RankStrategy(Strategy):
         self.state, row = complete_round(
             self.fed, self.state, plan, results, train_seconds=train_seconds, failures=failures
         )
-        self.metrics.append(row)
         if self.run_dir is not None:
             wall = self.wall_before + time.perf_counter() - self._started
-            save_checkpoint(self.run_dir, make_checkpoint(self.fed, self.state, self.metrics, wall))
-            append_metrics(self.run_dir / METRICS_FILE, row)
+            record_round(self.fed, self.state, self.metrics, row, self.run_dir, wall)
+        else:
+            self.metrics.append(row)
         if failures or row["rejected"]:
             log(WARNING, "Round %d left out: %s", plan.round_index, row["rejected_reasons"])
         if self.on_round is not None:
