@@ -83,10 +83,30 @@ def run(args: argparse.Namespace) -> int:
             if str(err).startswith("--resume"):
                 raise CLIError(str(err)) from None
             raise
+        except KeyboardInterrupt:
+            _interrupted(run_dir)
+            raise
     if not args.quiet:
         print(f"{config.method}: {describe_result(result.summary)}")
         print(f"run directory: {run_dir}")
     return 0
+
+
+def _interrupted(run_dir: Path) -> None:
+    """Tell the user what an interrupted run kept and how to continue it."""
+    import sys
+
+    from raflora.engine import CheckpointError, load_checkpoint
+
+    try:
+        done = load_checkpoint(run_dir).round
+    except CheckpointError:
+        return
+    print(
+        f"raflora run: {done} finished round(s) are saved in {run_dir}; continue with "
+        f"`raflora run --resume {run_dir}`",
+        file=sys.stderr,
+    )
 
 
 def _run_flower(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> RunResult:
