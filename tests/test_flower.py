@@ -76,6 +76,21 @@ def test_simulation_matches_local_engine(method: str, tmp_path: Path) -> None:
     assert flower.summary["adapter"] == local.summary["adapter"]
 
 
+def test_one_thread_everywhere_gives_bit_identical_engines(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        config = tiny("raflora", "threads=1")
+        local = run_local(config, tmp_path / "local", progress=False)
+        flower = run_flower(config, tmp_path / "flower", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in local.metrics]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in flower.metrics] == strip
+    a, b = load_checkpoint(local.run_dir).state, load_checkpoint(flower.run_dir).state
+    for name, (B, A) in a.factors.items():
+        assert torch.equal(b.factors[name][0], B) and torch.equal(b.factors[name][1], A)
+
+
 def test_failing_and_nan_clients_are_left_out(tmp_path: Path) -> None:
     config = tiny("raflora")
     result = run_flower(config, tmp_path / "run", progress=False, faults={0: "raise", 3: "nan"})

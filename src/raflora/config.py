@@ -229,6 +229,13 @@ class RunConfig:
     dtype: DType = field(
         default="float32", metadata=_help("Model dtype: 'float32', 'bfloat16' or 'float16'.")
     )
+    threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "Torch intra-op CPU threads of every process of the run (None: torch's default). "
+            "1 gives bit-identical numbers across engines and machines."
+        ),
+    )
     task: TaskConfig = field(default_factory=TaskConfig, metadata=_help("Task, model and data."))
     fl: FLConfig = field(default_factory=FLConfig, metadata=_help("Federation settings."))
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("Client partitioning."))
@@ -694,6 +701,7 @@ def validate(config: RunConfig) -> list[str]:
     if ok("method") and config.method not in methods:
         problems.append(f"method: unknown method {config.method!r}; valid: {', '.join(methods)}")
     at_least("seed", config.seed, 0)
+    at_least("threads", config.threads, 1)
 
     # task
     t = config.task

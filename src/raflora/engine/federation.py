@@ -190,6 +190,8 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
     EngineError
         The partition or device cannot be satisfied.
     """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # every process of the run builds a federation
     device = resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     task = task if task is not None else build_task(config)
