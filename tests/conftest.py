@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 from torch import Tensor
@@ -81,3 +82,16 @@ def assert_best_rank(
         err = torch.linalg.matrix_norm(M - X) ** 2
         tail = (torch.linalg.svdvals(M)[..., r:] ** 2).sum(-1)
         torch.testing.assert_close(err, tail, rtol=0, atol=atol * atol / rtol)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network for Hugging Face: the env variables and the constants the libraries read at
+    import time (so a test sees the offline errors a user without network sees)."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

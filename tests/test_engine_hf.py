@@ -14,11 +14,7 @@ from raflora.config import config_from_dict
 from raflora.engine import run_local
 from raflora.tasks import build_task
 
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 def _config(task: dict[str, Any], method: str) -> Any:

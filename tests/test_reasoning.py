@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import datasets.config
-import huggingface_hub.constants
 import pytest
 import torch
 
@@ -40,12 +38,7 @@ from raflora.tasks.reasoning import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(autouse=True, scope="module")
