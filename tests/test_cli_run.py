@@ -113,6 +113,16 @@ def test_missing_config_and_missing_resume_dir_are_clear_errors(
     assert "not a run directory" in capsys.readouterr().err
 
 
+def test_resume_under_another_config_is_refused(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["run", str(config_file), "--out", str(run), "--quiet"]) == 0
+    code = main(["run", str(config_file), "method=flexlora", "--resume", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "differs" in err and "method" in err and "Traceback" not in err
+
+
 def test_export_truncates_for_a_client_rank_and_reports_kept_energy(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

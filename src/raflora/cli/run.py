@@ -79,10 +79,6 @@ def run(args: argparse.Namespace) -> int:
                     progress=False if args.quiet else None,
                     overwrite=args.overwrite,
                 )
-        except ValueError as err:
-            if str(err).startswith("--resume"):
-                raise CLIError(str(err)) from None
-            raise
         except KeyboardInterrupt:
             _interrupted(run_dir)
             raise

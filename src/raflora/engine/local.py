@@ -22,7 +22,7 @@ from typing import Any
 
 from raflora.adapters import adapter_name, base_weights, load_base_weights
 from raflora.aggregators import GlobalState
-from raflora.config import RunConfig, config_from_dict, config_to_dict, save_config
+from raflora.config import RunConfig, config_to_dict, load_config, save_config
 from raflora.diagnostics import energy_report
 from raflora.engine import seeds
 from raflora.engine.checkpoint import (
@@ -259,23 +259,20 @@ def check_resume_config(run_dir: Path, config: RunConfig) -> None:
 
     Raises
     ------
-    ValueError
+    EngineError
         Naming the sections that differ (``output`` may differ).
     """
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    import yaml
-
-    previous = config_from_dict(yaml.safe_load(saved.read_text()))
-    a, b = config_to_dict(previous), config_to_dict(config)
+    a, b = config_to_dict(load_config(saved)), config_to_dict(config)
     a.pop("output", None)
     b.pop("output", None)
     if a != b:
         diff = sorted(
             f"{section}" for section in set(a) | set(b) if a.get(section) != b.get(section)
         )
-        raise ValueError(
+        raise EngineError(
             f"--resume {run_dir}: the configuration differs from the run's saved config.yaml "
             f"(in: {', '.join(diff)}); resume with the same config"
         )
