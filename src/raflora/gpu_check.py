@@ -1,0 +1,642 @@
+"""End-to-end checks of the engine on a device and in each dtype (``scripts/gpu_check.sh``).
+
+``python -m raflora.gpu_check [--device cuda|cpu]`` builds a tiny random Llama (byte-level BPE
+tokenizer trained in-process, GSM8K-style data) and a tiny random ViT (coloured-noise images) in
+a temporary directory — fully offline, nothing read from the network or from ``tests/`` — and
+prints one ``PASS name (details)`` or ``FAIL name (reason)`` line per check:
+
+``run MODEL/METHOD/DTYPE``
+    Every registered method × {float32, bfloat16} × {llama, vit}: :data:`ROUNDS` rounds through
+    :func:`~raflora.engine.run_local` on the device. Metrics are finite; every global state the
+    aggregator receives or returns (round 0's included) has all its tensors — factors, heads,
+    FLoRA's merged delta — on the device and in float32; the checkpoint's state is float32; the
+    PEFT adapter is written. FedIT needs equal ranks, so it runs with one rank level.
+``export MODEL/METHOD/DTYPE``
+    The run's ``adapter/`` loaded with ``PeftModel.from_pretrained`` onto a fresh base model on
+    the device gives the engine's final ``eval_loss`` with the task's own evaluation, within
+    :data:`EXPORT_RTOL` (relative).
+``resume MODEL/METHOD/DTYPE``
+    ``raflora run`` in a subprocess (``torch.use_deterministic_algorithms`` and
+    ``CUBLAS_WORKSPACE_CONFIG`` set) is killed with SIGKILL once round 1 is checkpointed, then
+    continued with ``--resume``; its ``metrics.jsonl`` (without ``time``) and adapter must equal
+    those of an uninterrupted run — bit for bit, or within :data:`RESUME_RTOL` on CUDA, where the
+    difference is printed.
+
+The exit code is 1 if any check fails. Every check is also a function the ``gpu``-marked tests
+call (``tests/test_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from raflora.aggregators import Aggregator, GlobalState
+    from raflora.engine.federation import Federation
+
+__all__ = [
+    "DTYPES",
+    "EXPORT_RTOL",
+    "MODELS",
+    "RESUME_RTOL",
+    "ROUNDS",
+    "Assets",
+    "CheckResult",
+    "build_assets",
+    "check_resume",
+    "check_run",
+    "main",
+    "run_checks",
+    "run_config",
+    "state_problems",
+]
+
+ROUNDS = 3
+MODELS = ("llama", "vit")
+DTYPES = ("float32", "bfloat16")
+EXPORT_RTOL = {"float32": 1e-4, "bfloat16": 1e-2}
+"""Relative tolerance of the PEFT re-evaluation's ``eval_loss``.
+
+bfloat16: PEFT keeps the loaded LoRA factors in float32 and adds ``B A x`` to a bf16 base
+output, while FLoRA's engine model holds ``bf16(W_0 + ΔW)``; a bf16 rounding (2⁻⁸ relative) of
+the adapted weights moves a tiny model's loss by well under 1 %.
+"""
+RESUME_RTOL = 1e-4
+"""Largest relative difference accepted between a resumed and an uninterrupted run on CUDA
+when they are not bit-identical (a kernel without a deterministic implementation); on the CPU
+they must be bit-identical."""
+
+DETERMINISTIC_MAIN = (
+    "import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+    "from raflora.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+"""``python -c`` entry point of the resume check's runs: the CLI with deterministic kernels."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check's outcome; ``str()`` is its ``PASS``/``FAIL`` line."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name} ({self.detail})"
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny offline models and data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Model and dataset directories per model kind (``"llama"``, ``"vit"``)."""
+
+    models: dict[str, Path]
+    datasets: dict[str, Path]
+
+
+def _gsm8k_rows(n: int, rng: np.random.Generator) -> list[dict[str, str]]:
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(2, 60, size=2))
+        rows.append(
+            {
+                "question": f"Natalia sold {a} clips in April and {b} clips in May. How many?",
+                "answer": f"Natalia sold {a}+{b} = {a + b} clips.\n#### {a + b}",
+            }
+        )
+    return rows
+
+
+def make_llama(model_dir: Path, data_dir: Path, *, seed: int = 0) -> None:
+    """A random 2-layer ``LlamaForCausalLM`` and GSM8K-style data.
+
+    ``data_dir`` gets ``train.jsonl``/``test.jsonl`` (``question``/``answer`` with ``#### n``);
+    the byte-level BPE tokenizer is trained on that data.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(seed)
+    splits = {"train": _gsm8k_rows(24, rng), "test": _gsm8k_rows(8, rng)}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        (data_dir / f"{split}.jsonl").write_text(text, encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [value for rows in splits.values() for row in rows for value in row.values()],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", model_max_length=256
+    )
+    tokenizer.save_pretrained(model_dir)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+
+
+def make_vit(model_dir: Path, data_dir: Path, *, num_classes: int = 3, seed: int = 0) -> None:
+    """A random 2-layer ViT (32×32 images) and a dataset of class-coloured noise images.
+
+    The dataset is saved with ``save_to_disk`` with CIFAR-100's columns ``img``/``fine_label``.
+    """
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_classes,  # type: ignore[call-arg]  # a PretrainedConfig keyword
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ViTForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    names = [f"class{c}" for c in range(num_classes)]
+    features = Features({"img": Image(), "fine_label": ClassLabel(names=names)})
+    splits = {}
+    for split, n in (("train", 32), ("test", 12)):
+        labels = [i % num_classes for i in range(n)]
+        images = [
+            PILImage.fromarray(
+                np.clip(40 + 80 * y + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            )
+            for y in labels
+        ]
+        splits[split] = Dataset.from_dict({"img": images, "fine_label": labels}, features=features)
+    DatasetDict(splits).save_to_disk(str(data_dir))
+
+
+_BUILDERS: dict[str, Callable[[Path, Path], None]] = {"llama": make_llama, "vit": make_vit}
+
+
+def build_assets(root: Path, models: Iterable[str] = MODELS) -> Assets:
+    """Write the tiny models and datasets of ``models`` under ``root``."""
+    assets = Assets({}, {})
+    for kind in models:
+        assets.models[kind], assets.datasets[kind] = root / kind / "model", root / kind / "data"
+        _BUILDERS[kind](assets.models[kind], assets.datasets[kind])
+    return assets
+
+
+def run_config(
+    assets: Assets, model: str, method: str, dtype: str, device: str, *, seed: int = 0
+) -> dict[str, Any]:
+    """The check's run configuration (a plain dict, as in a YAML file).
+
+    Four clients, two per round, rank levels {2, 4, 8} ({4} for FedIT, which needs equal ranks):
+    with seed 0 the top partition is empty in some rounds, the case that mixes the carried
+    state with new updates.
+    """
+    if model == "llama":
+        task: dict[str, Any] = {
+            "name": "math-reasoning",
+            "max_length": 64,
+            "num_eval_samples": 4,
+            "options": {"max_new_tokens": 4},
+        }
+    else:
+        task = {"name": "image-classification"}
+    task.update(model=str(assets.models[model]), dataset=str(assets.datasets[model]))
+    return {
+        "method": method,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "task": task,
+        "fl": {
+            "num_clients": 4,
+            "clients_per_round": 2,
+            "rounds": ROUNDS,
+            "rank_levels": [4] if method == "fedit" else [2, 4, 8],
+        },
+        "data": {"partition": "iid", "min_samples": 1},
+        "train": {"lr": 1e-3, "batch_size": 4},
+        "eval": {"every": 1, "batch_size": 8},
+        "output": {"plots": False},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Check 1: every method runs on the device, state on the device in float32
+# --------------------------------------------------------------------------------------------
+
+
+def _state_tensors(state: GlobalState) -> Iterable[tuple[str, Tensor]]:
+    for name, (B, A) in state.factors.items():
+        yield f"factors[{name}].B", B
+        yield f"factors[{name}].A", A
+    for name, value in state.dense.items():
+        yield f"dense[{name}]", value
+    for name, value in state.base_delta.items():
+        yield f"base_delta[{name}]", value
+
+
+def state_problems(state: GlobalState, device: torch.device | None, where: str = "") -> list[str]:
+    """Tensors of ``state`` that are not float32, or not on ``device`` (``None``: any device).
+
+    Returns one short line per kind of problem, naming the first offending tensor.
+    """
+    found: dict[str, str] = {}
+    for name, tensor in _state_tensors(state):
+        if device is not None and tensor.device.type != device.type:
+            found.setdefault("device", f"{where}{name} on {tensor.device}, not {device.type}")
+        if tensor.dtype != torch.float32:
+            found.setdefault("dtype", f"{where}{name} is {tensor.dtype}, not float32")
+    return list(found.values())
+
+
+def _probe_states(aggregator: Aggregator, device: torch.device, problems: list[str]) -> None:
+    """Check every state ``aggregator.aggregate`` receives and returns (the run's own calls)."""
+    inner = aggregator.aggregate
+
+    def aggregate(state: GlobalState, *args: Any, **kwargs: Any) -> Any:
+        problems.extend(state_problems(state, device, f"state before round {state.round + 1}: "))
+        outcome = inner(state, *args, **kwargs)
+        problems.extend(
+            state_problems(outcome.state, device, f"state after round {state.round + 1}: ")
+        )
+        return outcome
+
+    # On this instance only: the run is otherwise untouched.
+    setattr(aggregator, "aggregate", aggregate)  # noqa: B010
+
+
+def _metric_problems(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    problems = []
+    for row in metrics:
+        for key in ("train_loss", "eval_loss", "accuracy", "higher_rank_energy"):
+            value = row.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                problems.append(f"round {row.get('round')}: {key} = {value}")
+    if len(metrics) != ROUNDS:
+        problems.append(f"{len(metrics)} metrics rows, not {ROUNDS}")
+    return problems
+
+
+def _error(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def check_run(
+    assets: Assets, model: str, method: str, dtype: str, device: str, work: Path
+) -> tuple[CheckResult, CheckResult]:
+    """Check 1 (``run``) and check 3 (``export``) for one model, method and dtype.
+
+    Parameters
+    ----------
+    assets : Assets
+        From :func:`build_assets`.
+    model, method, dtype, device : str
+        ``llama``/``vit``, a registered method, ``float32``/``bfloat16``, ``cuda``/``cpu``.
+    work : Path
+        The run directory is ``work / MODEL-METHOD-DTYPE``.
+    """
+    from raflora.config import config_from_dict
+    from raflora.engine import build_federation, load_checkpoint, run_local
+
+    label = f"{model}/{method}/{dtype}"
+    t0 = time.perf_counter()
+    run_dir = work / label.replace("/", "-")
+    try:
+        config = config_from_dict(run_config(assets, model, method, dtype, device))
+        fed = build_federation(config)
+        problems: list[str] = []
+        _probe_states(fed.aggregator, fed.device, problems)
+        result = run_local(config, run_dir, progress=False, fed=fed)
+        problems += _metric_problems(result.metrics)
+        problems += state_problems(load_checkpoint(run_dir).state, None, "checkpoint: ")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (run_dir / "adapter" / name).is_file():
+                problems.append(f"no adapter/{name}")
+    except Exception as err:
+        failed = CheckResult(f"run {label}", False, _error(err))
+        return failed, CheckResult(f"export {label}", False, "no finished run")
+    seconds = time.perf_counter() - t0
+    row = result.metrics[-1]
+    detail = (
+        "; ".join(problems[:3])
+        if problems
+        else f"{ROUNDS} rounds in {seconds:.1f} s, state on {fed.device.type} in float32, "
+        f"eval_loss {row['eval_loss']:.4f}, higher-rank energy {row['higher_rank_energy']:.3f}"
+    )
+    ran = CheckResult(f"run {label}", not problems, detail)
+    return ran, check_export(fed, run_dir, result.summary, label)
+
+
+# --------------------------------------------------------------------------------------------
+# Check 3: the exported adapter reproduces the engine's eval_loss under PEFT
+# --------------------------------------------------------------------------------------------
+
+
+def check_export(
+    fed: Federation, run_dir: Path, summary: Mapping[str, Any], label: str
+) -> CheckResult:
+    """Load ``run_dir/adapter`` with PEFT on a fresh base model and re-evaluate it."""
+    from peft import PeftModel
+
+    name = f"export {label}"
+    try:
+        base = fed.task.load_base_model().to(device=fed.device, dtype=fed.dtype)
+        model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+        model.eval()
+        with torch.no_grad():
+            metrics = fed.task.evaluate(model, fed.config.eval.batch_size, fed.device)
+    except Exception as err:
+        return CheckResult(name, False, _error(err))
+    engine, peft = float(summary["final_eval_loss"]), float(metrics["eval_loss"])
+    rel = abs(peft - engine) / max(abs(engine), 1e-12)
+    tol = EXPORT_RTOL[fed.config.dtype]
+    detail = f"eval_loss engine {engine:.6f}, PEFT {peft:.6f}, rel. diff {rel:.1e} (tol {tol:g})"
+    return CheckResult(name, rel <= tol, detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Check 2: kill -9 after round 1, --resume, same metrics and adapter
+# --------------------------------------------------------------------------------------------
+
+
+def _cli(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", DETERMINISTIC_MAIN, *args],
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str], what: str, timeout: float) -> None:
+    _, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        tail = err.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{what} exited {proc.returncode}: {tail[0]}")
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines if line]
+
+
+def _kill_after_round_one(proc: subprocess.Popen[str], run_dir: Path, timeout: float) -> None:
+    """SIGKILL ``proc`` as soon as round 1's metrics line (written after its checkpoint) exists."""
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not metrics.is_file() or not metrics.stat().st_size:
+        if proc.poll() is not None:
+            _finish(proc, "the run to be killed", timeout)
+            raise RuntimeError("the run to be killed ended before round 1 was saved")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"round 1 not saved within {timeout:.0f} s")
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    if proc.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"the run finished (exit {proc.returncode}) before SIGKILL reached it")
+
+
+def _max_rel_diff(a: Any, b: Any) -> float:
+    """Largest relative difference between the numbers of two equal-shaped JSON values."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return max((_max_rel_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return max((_max_rel_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) / max(abs(a), abs(b), 1e-12) if a != b else 0.0
+    return 0.0 if a == b else math.inf
+
+
+def _adapter_diff(a: Path, b: Path) -> float:
+    """Largest relative difference between two adapters' tensors (``inf``: different keys)."""
+    from safetensors.torch import load_file
+
+    ta, tb = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (a, b))
+    if ta.keys() != tb.keys():
+        return math.inf
+    worst = 0.0
+    for key, x in ta.items():
+        y = tb[key]
+        if x.shape != y.shape:
+            return math.inf
+        scale = max(float(x.abs().max()) if x.numel() else 0.0, 1e-12)
+        worst = max(worst, float((x.double() - y.double()).abs().max()) / scale if x.numel() else 0)
+    return worst
+
+
+def check_resume(
+    assets: Assets,
+    device: str,
+    work: Path,
+    *,
+    model: str = "llama",
+    method: str = "raflora",
+    dtype: str = "float32",
+    timeout: float = 240.0,
+) -> CheckResult:
+    """Check 2: a CLI run killed with SIGKILL after round 1, then resumed, equals a whole run.
+
+    Compared: ``metrics.jsonl`` without ``time``, and the adapter's tensors.
+    """
+    import yaml
+
+    label = f"{model}/{method}/{dtype}"
+    name = f"resume {label}"
+    t0 = time.perf_counter()
+    root = work / f"resume-{label.replace('/', '-')}"
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(run_config(assets, model, method, dtype, device)))
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "HF_HUB_OFFLINE": "1"}
+    env["HF_DATASETS_OFFLINE"] = "1"
+    full, killed = root / "uninterrupted", root / "killed"
+    try:
+        reference = _cli(["run", str(config), "--out", str(full), "--quiet"], env)
+        victim = _cli(["run", str(config), "--out", str(killed), "--quiet"], env)
+        _kill_after_round_one(victim, killed, timeout)
+        saved = len(_rows(killed))
+        _finish(_cli(["run", "--resume", str(killed), "--quiet"], env), "--resume", timeout)
+        _finish(reference, "the uninterrupted run", timeout)
+        metrics_diff = _max_rel_diff(_rows(full), _rows(killed))
+        adapter_diff = _adapter_diff(full, killed)
+    except Exception as err:
+        return CheckResult(name, False, _error(err))
+    where = f"killed after {saved} saved round(s), resumed to {ROUNDS}"
+    seconds = f"{time.perf_counter() - t0:.1f} s"
+    if metrics_diff == 0.0 and adapter_diff == 0.0:
+        return CheckResult(name, True, f"{where}; metrics and adapter bit-identical; {seconds}")
+    tol = RESUME_RTOL if device != "cpu" else 0.0
+    worst = max(metrics_diff, adapter_diff)
+    detail = (
+        f"{where}; not bit-identical: max rel. diff metrics {metrics_diff:.1e}, adapter "
+        f"{adapter_diff:.1e} (tol {tol:g}); {seconds}"
+    )
+    return CheckResult(name, worst <= tol, detail)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole check
+# --------------------------------------------------------------------------------------------
+
+
+def run_checks(
+    device: str,
+    work: Path,
+    *,
+    models: Sequence[str] = MODELS,
+    methods: Sequence[str] | None = None,
+    dtypes: Sequence[str] = DTYPES,
+    resume: bool = True,
+    report: Callable[[CheckResult], None] = print,
+) -> list[CheckResult]:
+    """Build the assets under ``work`` and run every check, reporting each result as it ends."""
+    from raflora.aggregators import available_methods
+
+    assets = build_assets(work / "assets", models)
+    results: list[CheckResult] = []
+
+    def keep(result: CheckResult) -> None:
+        results.append(result)
+        report(result)
+
+    for model in models:
+        for method in methods or available_methods():
+            for dtype in dtypes:
+                for result in check_run(assets, model, method, dtype, device, work / "runs"):
+                    keep(result)
+    if resume:
+        keep(check_resume(assets, device, work, model=models[0]))
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpu_check",
+        description="Every method in float32 and bfloat16 on tiny offline Llama and ViT models, "
+        "a SIGKILL + --resume run, and the PEFT export; one PASS/FAIL line per check.",
+    )
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a rehearsal)")
+    p.add_argument("--models", default="", help="comma-separated (default: llama,vit)")
+    p.add_argument("--methods", default="", help="comma-separated (default: every method)")
+    p.add_argument("--dtypes", default="", help="comma-separated (default: float32,bfloat16)")
+    p.add_argument("--no-resume", action="store_true", help="skip the SIGKILL + resume check")
+    p.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
+    return p
+
+
+def _quiet() -> None:
+    """No library progress bars or notices: the check's lines are the output."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    datasets.disable_progress_bars()
+
+
+def _selection(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[str], list[str], list[str]]:
+    """The models, methods and dtypes asked for (an unknown name is a usage error)."""
+    from raflora.aggregators import available_methods
+
+    chosen = []
+    for option, allowed in (
+        ("models", MODELS),
+        ("methods", tuple(available_methods())),
+        ("dtypes", DTYPES),
+    ):
+        names = [s for s in getattr(args, option).split(",") if s] or list(allowed)
+        unknown = [s for s in names if s not in allowed]
+        if unknown:
+            parser.error(f"--{option}: unknown {unknown[0]!r} (choose from {', '.join(allowed)})")
+        chosen.append(names)
+    return chosen[0], chosen[1], chosen[2]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the checks; print one line per check and the total time; 1 if any failed."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    models, methods, dtypes = _selection(parser, args)
+    t0 = time.perf_counter()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"FAIL {args.device} (no CUDA device is available; --device cpu rehearses)")
+        return 1
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _quiet()
+    with tempfile.TemporaryDirectory(prefix="raflora-gpu-check-") as tmp:
+        results = run_checks(
+            args.device,
+            args.keep if args.keep is not None else Path(tmp),
+            models=models,
+            methods=methods,
+            dtypes=dtypes,
+            resume=not args.no_resume,
+            report=lambda r: print(r, flush=True),
+        )
+    failed = sum(not r.ok for r in results)
+    print(
+        f"{len(results) - failed} passed, {failed} failed on {args.device} in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The device checks of ``scripts/gpu_check.sh`` (:mod:`raflora.gpu_check`).
+
+Tests marked ``gpu`` run the script's checks on CUDA and are skipped without it; the others run
+its pieces on the CPU so the check cannot rot on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raflora.aggregators import GlobalState, available_methods
+from raflora.gpu_check import (
+    DTYPES,
+    MODELS,
+    Assets,
+    build_assets,
+    check_resume,
+    check_run,
+    main,
+    state_problems,
+)
+
+pytestmark = pytest.mark.usefixtures("hf_offline")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    models = MODELS if torch.cuda.is_available() else ("vit",)
+    return build_assets(tmp_path_factory.mktemp("gpu-check"), models)
+
+
+def _state(**tensors: torch.Tensor) -> GlobalState:
+    B, A = tensors.get("B", torch.zeros(4, 2)), tensors.get("A", torch.zeros(2, 3))
+    return GlobalState(
+        factors={"layer.q": (B, A)},
+        module_shapes={"layer.q": (4, 3)},
+        dense={"head": tensors.get("head", torch.zeros(3))},
+        base_delta={"layer.q": tensors["delta"]} if "delta" in tensors else {},
+    )
+
+
+def test_state_check_names_tensors_off_the_device() -> None:
+    # Today's round-0 state is built on the CPU: on a CUDA run the check must say so.
+    problems = state_problems(_state(), torch.device("cuda"), "round 0: ")
+    assert problems == ["round 0: factors[layer.q].B on cpu, not cuda"]
+    assert state_problems(_state(), torch.device("cpu")) == []
+    meta = _state(delta=torch.zeros(4, 3, device="meta"))
+    assert state_problems(meta, torch.device("cpu")) == ["base_delta[layer.q] on meta, not cpu"]
+
+
+@pytest.mark.parametrize("where", ["B", "head", "delta"])
+def test_state_check_names_tensors_not_in_float32(where: str) -> None:
+    shapes = {"B": (4, 2), "head": (3,), "delta": (4, 3)}
+    state = _state(**{where: torch.zeros(shapes[where], dtype=torch.bfloat16)})
+    [problem] = state_problems(state, None)
+    assert problem.endswith("is torch.bfloat16, not float32")
+
+
+def test_one_run_and_export_check_on_the_cpu(assets: Assets, tmp_path: Path) -> None:
+    ran, exported = check_run(assets, "vit", "flexlora", "float32", "cpu", tmp_path)
+    assert ran.ok, ran
+    assert str(ran).startswith("PASS run vit/flexlora/float32 (3 rounds")
+    assert exported.ok, exported
+    assert (tmp_path / "vit-flexlora-float32" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_broken_run_is_a_fail_line(assets: Assets, tmp_path: Path) -> None:
+    ran, exported = check_run(assets, "vit", "no-such-method", "float32", "cpu", tmp_path)
+    assert str(ran).startswith("FAIL run vit/no-such-method/float32 (")
+    assert str(exported) == "FAIL export vit/no-such-method/float32 (no finished run)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_a_device_fails_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--device", "cuda"]) == 1
+    assert capsys.readouterr().out == (
+        "FAIL cuda (no CUDA device is available; --device cpu rehearses)\n"
+    )
+
+
+def test_unknown_selection_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--methods", "raflora,fedavg"])
+    assert exit_info.value.code == 2
+    assert "--methods: unknown 'fedavg'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_check_on_the_cpu(assets: Assets, tmp_path: Path) -> None:
+    result = check_resume(assets, "cpu", tmp_path, model="vit", method="raflora")
+    assert result.ok, result
+    assert "bit-identical" in str(result)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", available_methods())
+@pytest.mark.parametrize("model", MODELS)
+def test_run_and_export_on_cuda(
+    assets: Assets, tmp_path: Path, model: str, method: str, dtype: str
+) -> None:
+    for result in check_run(assets, model, method, dtype, "cuda", tmp_path):
+        assert result.ok, result
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sigkill_and_resume_on_cuda(
+    assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    result = check_resume(assets, "cuda", tmp_path)
+    assert result.ok, result
