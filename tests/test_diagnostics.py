@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -13,10 +14,14 @@ from torch import Tensor
 
 from conftest import randn
 from raflora.diagnostics import (
+    EnergyReport,
+    ModuleEnergy,
     cumulative_energy_ratios,
     energy_report,
     energy_spectrum,
     higher_rank_energy,
+    module_energy_row,
+    natural_key,
 )
 
 LEVELS = (2, 4, 6)
@@ -155,3 +160,73 @@ def test_energy_report_to_dict() -> None:
     assert "modules" not in plain
     detailed = report.to_dict(include_modules=True)
     assert detailed["modules"]["a"]["spectrum"] == report.modules["a"].spectrum
+
+
+# --------------------------------------------------------------------------- energy.jsonl rows
+
+
+def orthonormal_rows(seed: int, k: int, n: int) -> Tensor:
+    Q, _ = torch.linalg.qr(randn(seed, n, k))  # (n, k), orthonormal columns
+    return Q.T
+
+
+def collapsed_and_spread() -> dict[str, tuple[Tensor, Tensor]]:
+    """``layers.10.q``: all energy in the first ``r_1`` directions (1 − ρ_{r_1} = 0 exactly in
+    exact arithmetic); ``layers.2.q``: a full spectrum; ``layers.2.v``: a zero update."""
+    r1, R = LEVELS[0], LEVELS[-1]
+    sigma = torch.tensor([5.0, 3.0] + [0.0] * (R - r1), dtype=torch.float64)
+    collapsed = (orthonormal_rows(1, R, 9).T * sigma, orthonormal_rows(2, R, 11))
+    spread = (randn(3, 9, R) * torch.logspace(0, -0.5, R, dtype=torch.float64), randn(4, R, 11))
+    zero = (torch.zeros(9, R, dtype=torch.float64), randn(5, R, 11))
+    return {"layers.10.q": collapsed, "layers.2.q": spread, "layers.2.v": zero}
+
+
+def test_module_energy_row_matches_dense_svd() -> None:
+    factors = collapsed_and_spread()
+    row = module_energy_row(7, energy_report(factors, LEVELS))
+    assert row["round"] == 7
+    # natural order (2 before 10), not the report's order
+    assert list(row["modules"]) == ["layers.2.q", "layers.2.v", "layers.10.q"]
+    collapsed = row["modules"]["layers.10.q"]
+    assert collapsed["higher_rank_energy"] == pytest.approx(0.0, abs=1e-12)
+    assert collapsed["energy_per_level"]["2"] == pytest.approx(1.0, abs=1e-12)
+    B, A = factors["layers.2.q"]
+    spread = row["modules"]["layers.2.q"]
+    expected = 1.0 - dense_rho(B, A, LEVELS[0], LEVELS[-1])
+    assert expected > 0.1  # far from collapsed
+    assert spread["higher_rank_energy"] == pytest.approx(expected, abs=1e-12)
+    assert list(spread["energy_per_level"]) == [str(r) for r in LEVELS]
+    for r in LEVELS:
+        got = spread["energy_per_level"][str(r)]
+        assert got == pytest.approx(dense_rho(B, A, r, LEVELS[-1]), abs=1e-12)
+    # a zero update has no energy: null, not the means' convention (ρ = 1, 1 − ρ = 0)
+    assert row["modules"]["layers.2.v"] == {"higher_rank_energy": None, "energy_per_level": None}
+    json.dumps(row, allow_nan=False)
+
+
+def test_module_energy_row_null_without_energy() -> None:
+    """FLoRA's round-0 empty stack (rank 0) and a non-finite spectrum give null, never NaN."""
+    empty = {"m": (torch.zeros(4, 0), torch.zeros(0, 5))}
+    row = module_energy_row(1, energy_report(empty, LEVELS))
+    assert row == {
+        "round": 1,
+        "modules": {"m": {"higher_rank_energy": None, "energy_per_level": None}},
+    }
+    nan = ModuleEnergy(spectrum=[math.nan, 1.0], cumulative={2: math.nan}, higher_rank_energy=0.5)
+    inf = ModuleEnergy(spectrum=[math.inf], cumulative={2: 1.0}, higher_rank_energy=0.0)
+    report = EnergyReport({"a": nan, "b": inf}, higher_rank_energy=0.0, cumulative={2: 1.0})
+    row = module_energy_row(2, report)
+    assert all(m["higher_rank_energy"] is None for m in row["modules"].values())
+    json.dumps(row, allow_nan=False)
+    assert module_energy_row(3, energy_report({}, LEVELS)) == {"round": 3, "modules": {}}
+
+
+def test_natural_key() -> None:
+    names = ["layers.10.mlp", "layers.2.mlp", "layers.1.mlp", "head", "layers.2.attn"]
+    assert sorted(names, key=natural_key) == [
+        "head",
+        "layers.1.mlp",
+        "layers.2.attn",
+        "layers.2.mlp",
+        "layers.10.mlp",
+    ]

@@ -5,11 +5,15 @@ The energy of direction ``i`` is ``σ_i²`` of the global update (its top ``r_ma
 ``ρ_r = Σ_{i≤r} σ_i² / Σ_{i≤r_max} σ_i²`` is the cumulative energy ratio and the **higher-rank
 energy ratio** ``1 − ρ_{r_1}`` (``r_1`` the smallest rank level) is the paper's Table 4 quantity:
 it decays to zero under rank collapse. A zero update has no energy; its ratios are reported as
-``ρ_r = 1`` and ``1 − ρ_{r_1} = 0``.
+``ρ_r = 1`` and ``1 − ρ_{r_1} = 0`` in the means; per module (:func:`module_energy_row`, one line
+of a run's ``energy.jsonl``) it is reported as ``null``, so a collapsed module (``0``) and a module
+that was never updated (``null``) can be told apart.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +31,8 @@ __all__ = [
     "energy_report",
     "energy_spectrum",
     "higher_rank_energy",
+    "module_energy_row",
+    "natural_key",
 ]
 
 
@@ -136,3 +142,48 @@ def energy_report(
         higher_rank_energy=sum(m.higher_rank_energy for m in modules.values()) / count,
         cumulative={r: sum(m.cumulative[r] for m in modules.values()) / count for r in levels},
     )
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``layers.2`` before ``layers.10`` (digit runs compare as numbers)."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part
+    )
+
+
+def _module_entry(module: ModuleEnergy) -> dict[str, Any]:
+    """``higher_rank_energy`` and ``energy_per_level`` of one module; ``None`` without energy."""
+    total = math.fsum(module.spectrum)
+    if not (math.isfinite(total) and total > 0.0):  # zero update, or a non-finite one
+        return {"higher_rank_energy": None, "energy_per_level": None}
+    return {
+        "higher_rank_energy": module.higher_rank_energy,
+        "energy_per_level": {str(r): v for r, v in module.cumulative.items()},
+    }
+
+
+def module_energy_row(round_index: int, report: EnergyReport) -> dict[str, Any]:
+    """One round's per-module diagnostics: a JSON-ready line of a run's ``energy.jsonl``.
+
+    Built from the spectra :func:`energy_report` already computed (no further SVD).
+
+    Parameters
+    ----------
+    round_index : int
+        The 1-based round the report describes.
+    report : EnergyReport
+        That round's :func:`energy_report` of the global update.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``{"round": t, "modules": {name: {"higher_rank_energy": 1 − ρ_{r_1},
+        "energy_per_level": {"8": ρ_8, …}}}}`` with modules in natural name order (layer 2
+        before layer 10). A module without energy (a zero update, FLoRA's empty stack) or with a
+        non-finite spectrum has ``null`` for both values, so the row never holds ``NaN``.
+    """
+    names = sorted(report.modules, key=natural_key)
+    return {
+        "round": int(round_index),
+        "modules": {name: _module_entry(report.modules[name]) for name in names},
+    }
