@@ -11,15 +11,21 @@ from typing import Any
 import numpy as np
 import pytest
 
+import raflora.report as report_module
 from raflora.report import (
+    ENERGY_FILE,
+    append_energy,
     append_metrics,
     energy_shares,
     format_bytes,
     partition_labels,
     progress_postfix,
+    read_energy,
     read_metrics,
     summarize,
+    truncate_jsonl,
     write_comparison,
+    write_energy_heatmap,
     write_run_plots,
 )
 
@@ -356,3 +362,148 @@ def test_read_metrics_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text("", encoding="utf-8")
     assert read_metrics(path) == []
+
+
+# --------------------------------------------------------------------------- energy.jsonl
+
+
+MODULES = ("vit.layers.0.attn.q", "vit.layers.0.mlp.fc1", "vit.layers.1.attn.q")
+
+
+def _energy_row(rnd: int) -> dict[str, Any]:
+    """Module 0 collapses over rounds, module 1 keeps its energy, module 2 is never updated."""
+    hre = [0.5 / rnd, 0.4, None]
+    return {
+        "round": rnd,
+        "modules": {
+            name: {
+                "higher_rank_energy": h,
+                "energy_per_level": None if h is None else {"8": 1.0 - h, "16": 1.0},
+            }
+            for name, h in zip(MODULES, hre, strict=True)
+        },
+    }
+
+
+def test_append_and_read_energy_roundtrip(tmp_path: Path) -> None:
+    path = tmp_path / "run" / ENERGY_FILE
+    rows = [_energy_row(r) for r in range(1, 4)]
+    for row in rows:
+        append_energy(path, row)
+    assert read_energy(path) == rows
+    assert "NaN" not in path.read_text(encoding="utf-8")
+
+
+def test_append_energy_refuses_nan(tmp_path: Path) -> None:
+    path = tmp_path / ENERGY_FILE
+    append_energy(path, _energy_row(1))
+    bad = _energy_row(2)
+    bad["modules"][MODULES[0]]["higher_rank_energy"] = float("nan")
+    with pytest.raises(ValueError, match=r"energy\.jsonl: energy row of round 2"):
+        append_energy(path, bad)
+    assert read_energy(path) == [_energy_row(1)]  # nothing written
+
+
+def test_append_energy_repairs_partial_last_line(tmp_path: Path) -> None:
+    path = tmp_path / ENERGY_FILE
+    whole = json.dumps(_energy_row(1)) + "\n"
+    path.write_text(whole + json.dumps(_energy_row(2))[:50], encoding="utf-8")  # killed mid-write
+    assert [r["round"] for r in read_energy(path)] == [1]
+    append_energy(path, _energy_row(2))
+    assert read_energy(path) == [_energy_row(1), _energy_row(2)]
+
+
+def test_read_energy_rejects_rows_without_modules(tmp_path: Path) -> None:
+    path = tmp_path / ENERGY_FILE
+    append_energy(path, _energy_row(1))
+    append_energy(path, {"round": 2, "higher_rank_energy": 0.3})  # a metrics row by mistake
+    with pytest.raises(ValueError, match=r"row 2 \(round 2\) has no modules"):
+        read_energy(path)
+
+
+def test_truncate_jsonl_keeps_checkpointed_rounds(tmp_path: Path) -> None:
+    """A resume after a kill: rows beyond the checkpoint's round and a partial line go."""
+    path = tmp_path / ENERGY_FILE
+    for rnd in range(1, 5):
+        append_energy(path, _energy_row(rnd))
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(_energy_row(5))[:30])
+    assert truncate_jsonl(path, 2) == 2
+    assert read_energy(path) == [_energy_row(1), _energy_row(2)]
+    append_energy(path, _energy_row(3))  # the resumed run goes on
+    assert [r["round"] for r in read_energy(path)] == [1, 2, 3]
+    assert truncate_jsonl(path, 10) == 3  # nothing beyond: unchanged
+    assert [r["round"] for r in read_energy(path)] == [1, 2, 3]
+    assert truncate_jsonl(path, 0) == 0  # a new run over an old file
+    assert path.read_text(encoding="utf-8") == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ENERGY_FILE]  # no temporary left
+
+
+def test_truncate_jsonl_missing_file_and_rows_without_round(tmp_path: Path) -> None:
+    path = tmp_path / "new" / ENERGY_FILE
+    assert truncate_jsonl(path, 3) == 0
+    assert path.read_text(encoding="utf-8") == ""
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3}\n', encoding="utf-8")  # position = round
+    assert truncate_jsonl(path, 2) == 2
+    assert read_metrics(path) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(ValueError, match="rounds must be"):
+        truncate_jsonl(path, -1)
+
+
+def test_energy_grid_orders_modules_and_marks_missing() -> None:
+    rows = [_energy_row(1), _energy_row(2), _energy_row(4)]  # round 3 has no row
+    rows[1]["modules"]["vit.layers.10.attn.q"] = {"higher_rank_energy": 0.9}
+    modules, rounds, grid = report_module._energy_grid(rows)
+    assert modules == [*MODULES, "vit.layers.10.attn.q"]  # layer 10 after layer 1
+    assert rounds == [1, 2, 3, 4]
+    assert grid[0][:2] == [0.5, 0.25] and grid[0][3] == 0.125
+    assert grid[1][:2] == [0.4, 0.4]
+    assert all(math.isnan(v) for v in grid[2])  # never updated
+    assert all(math.isnan(line[2]) for line in grid)  # missing round
+    assert math.isnan(grid[3][0]) and grid[3][1] == 0.9  # module only in round 2
+    assert report_module._energy_grid([]) == ([], [], [])
+    assert report_module._energy_grid([{"round": 1, "modules": {}}]) == ([], [], [])
+
+
+def test_common_prefix() -> None:
+    assert report_module._common_prefix(list(MODULES)) == "vit.layers."
+    assert report_module._common_prefix(["a.b", "a.b.c"]) == "a."
+    assert report_module._common_prefix(["a.b", "c.d"]) == ""
+    assert report_module._common_prefix(["a.b.c"]) == ""  # one module keeps its full name
+
+
+@pytest.mark.parametrize("count", [3, 200])
+def test_write_energy_heatmap(tmp_path: Path, count: int) -> None:
+    names = [f"model.layers.{i}.proj" for i in range(count)]
+    rows = [
+        {
+            "round": rnd,
+            "modules": {
+                name: {"higher_rank_energy": (i % 7) / 7 / rnd if i % 11 else None}
+                for i, name in enumerate(names)
+            },
+        }
+        for rnd in range(1, 6)
+    ]
+    path = write_energy_heatmap(tmp_path / "run", rows, title="hetlora · digits")
+    assert path == tmp_path / "run" / "energy_heatmap.png"
+    assert _is_png(path)
+    assert write_energy_heatmap(tmp_path / "none", []) is None
+    assert not (tmp_path / "none" / "energy_heatmap.png").exists()
+
+
+def test_write_run_plots_draws_energy_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for rnd in range(1, 4):
+        append_energy(tmp_path / ENERGY_FILE, _energy_row(rnd))
+    losses = [{"round": rnd, "train_loss": 1.0 / rnd} for rnd in range(1, 4)]
+    paths = write_run_plots(tmp_path, losses)
+    assert [p.name for p in paths] == ["loss.png", "energy_heatmap.png"]
+    assert _is_png(paths[-1])
+    # a damaged file costs the heat map only, with a warning
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / ENERGY_FILE).write_text('{"round": 1, oops\n{"round": 2, "modules": {}}\n')
+    assert [p.name for p in write_run_plots(broken, losses)] == ["loss.png"]
+    assert "no energy heat map" in caplog.text

@@ -12,6 +12,14 @@ A run records one metrics row per round (a line of ``metrics.jsonl``)::
 ``accuracy`` and ``eval_loss`` appear only on evaluated rounds and ``train_loss`` may be ``null``
 (no client accepted). ``energy_per_level`` holds the cumulative energy ratio ``ρ_r`` of the global
 update at each rank level (:mod:`raflora.diagnostics`); ``higher_rank_energy`` is ``1 − ρ_{r_1}``.
+Both are means over the adapted modules; ``energy.jsonl`` holds them per module, one line per
+round (:func:`raflora.diagnostics.module_energy_row`)::
+
+    {"round": 3, "modules": {"vit.layers.0.attention.q_proj": {"higher_rank_energy": 0.41,
+     "energy_per_level": {"8": 0.59, "16": 0.78, "64": 1.0}}, "vit.layers.0.mlp.fc1":
+     {"higher_rank_energy": null, "energy_per_level": null}}}
+
+(``null``: the module's update is zero). :func:`write_energy_heatmap` draws it.
 
 Everything here works on plain dicts and lists. Plots use :class:`matplotlib.figure.Figure`
 directly (rendered by the Agg canvas on ``savefig``), never pyplot's global state, so no display
@@ -24,23 +32,34 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from raflora.diagnostics import natural_key
+
 __all__ = [
+    "ENERGY_FILE",
+    "EnergyRow",
+    "append_energy",
     "append_metrics",
     "energy_shares",
     "format_bytes",
     "partition_labels",
     "progress_postfix",
+    "read_energy",
     "read_metrics",
     "summarize",
+    "truncate_jsonl",
     "write_comparison",
+    "write_energy_heatmap",
     "write_run_plots",
 ]
 
@@ -48,6 +67,12 @@ logger = logging.getLogger(__name__)
 
 MetricsRow = Mapping[str, Any]
 """One round's metrics (see the module docstring for the keys)."""
+
+EnergyRow = Mapping[str, Any]
+"""One round's per-module diagnostics (a line of ``energy.jsonl``, see the module docstring)."""
+
+ENERGY_FILE = "energy.jsonl"
+"""The per-module diagnostics file of a run directory (read by :func:`write_run_plots`)."""
 
 _TIME_PHASES = ("train_seconds", "aggregate_seconds", "eval_seconds")
 _DPI = 120
@@ -100,6 +125,18 @@ def _drop_partial_tail(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _append_jsonl(path: str | os.PathLike[str], row: Mapping[str, Any], *, allow_nan: bool) -> None:
+    """Append ``row`` as one line of a JSONL file, durably (see :func:`append_metrics`)."""
+    p = Path(path)
+    line = json.dumps(dict(row), default=_json_default, allow_nan=allow_nan) + "\n"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    _drop_partial_tail(p)
+    with p.open("a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def append_metrics(path: str | os.PathLike[str], row: MetricsRow) -> None:
     """Append one metrics row to a JSONL file, durably.
 
@@ -116,14 +153,34 @@ def append_metrics(path: str | os.PathLike[str], row: MetricsRow) -> None:
     The row is written as one line, then flushed and ``fsync``-ed. A partial last line left by
     an interrupted write is removed first, so the file stays readable after a resume.
     """
-    p = Path(path)
-    line = json.dumps(dict(row), default=_json_default) + "\n"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    _drop_partial_tail(p)
-    with p.open("a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    _append_jsonl(path, row, allow_nan=True)
+
+
+def append_energy(path: str | os.PathLike[str], row: EnergyRow) -> None:
+    """Append one round's per-module diagnostics to ``energy.jsonl``, durably.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``energy.jsonl`` file; it and its parent directories are created when missing.
+    row : Mapping[str, Any]
+        A :func:`raflora.diagnostics.module_energy_row`.
+
+    Raises
+    ------
+    ValueError
+        If the row holds a non-finite float (the file is strict JSON: a module without energy
+        is ``null``). Nothing is written then.
+
+    Notes
+    -----
+    Written like :func:`append_metrics` (one fsync-ed line; a partial last line left by an
+    interrupted write is removed first).
+    """
+    try:
+        _append_jsonl(path, row, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: energy row of round {row.get('round')!r}: {err}") from None
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -132,7 +189,8 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     Parameters
     ----------
     path : str or os.PathLike
-        The ``metrics.jsonl`` file.
+        The ``metrics.jsonl`` file (``energy.jsonl`` reads the same way, see
+        :func:`read_energy`).
 
     Returns
     -------
@@ -166,6 +224,77 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             break
         raise ValueError(f"{p}:{lineno}: {error}")
     return rows
+
+
+def read_energy(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read ``energy.jsonl``: one :func:`~raflora.diagnostics.module_energy_row` per round.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``energy.jsonl`` file.
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        The rows in file order (a truncated last line is skipped, as by :func:`read_metrics`).
+
+    Raises
+    ------
+    ValueError
+        If a middle line is not a JSON object, or a row has no ``modules`` object (the message
+        names the file and the row's position).
+    """
+    rows = read_metrics(path)
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("modules"), Mapping):
+            raise ValueError(f"{path}: row {i + 1} (round {row.get('round')!r}) has no modules")
+    return rows
+
+
+def truncate_jsonl(path: str | os.PathLike[str], rounds: int) -> int:
+    """Keep the rows of rounds ``1 … rounds`` of a per-round JSONL file (``energy.jsonl``).
+
+    A resumed run calls this with its checkpoint's round count, so rows written after the
+    checkpoint by the killed run (and a partial last line) are dropped before the run appends
+    again; a new run calls it with ``0`` (an empty file).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; created (empty) when missing.
+    rounds : int
+        The last round to keep (≥ 0). A row's round is its ``round`` key (its 1-based position
+        when the key is missing).
+
+    Returns
+    -------
+    int
+        The number of rows kept.
+
+    Notes
+    -----
+    The file is replaced atomically (a uniquely named temporary file in the same directory,
+    fsync-ed, then renamed over it), so an interruption leaves the old or the new file whole.
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be ≥ 0, got {rounds}")
+    p = Path(path)
+    rows = read_metrics(p) if p.exists() else []
+    kept = [row for i, row in enumerate(rows) if _round_of(row, i) <= rounds]
+    text = "".join(json.dumps(row, default=_json_default) + "\n" for row in kept)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(kept)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -531,6 +660,118 @@ def _plot_energy_breakdown(path: Path, metrics: Sequence[MetricsRow], title: str
     return _save(fig, path, title, axis_title="energy per rank partition")
 
 
+_HEATMAP_MAX_LABELS = 50
+"""At most this many module names on the heat map's y axis (every k-th beyond it)."""
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The longest common prefix of dotted ``names`` ending at a dot (``""`` for one name)."""
+    if len(names) < 2:
+        return ""
+    parts = [name.split(".")[:-1] for name in names]  # the last part always stays
+    common: list[str] = []
+    for column in zip(*parts, strict=False):
+        if any(part != column[0] for part in column):
+            break
+        common.append(column[0])
+    return "".join(f"{part}." for part in common)
+
+
+def _energy_grid(rows: Sequence[EnergyRow]) -> tuple[list[str], list[int], list[list[float]]]:
+    """``(modules, rounds, grid)``: higher-rank energy per module (row) and round (column).
+
+    Modules in natural name order, rounds from the first to the last row's (every round, so the
+    x axis is linear); a round without a row, a module absent from a row and a ``null`` value
+    are ``nan``.
+    """
+    by_round: dict[int, Mapping[str, Any]] = {}
+    names: set[str] = set()
+    for i, row in enumerate(rows):
+        modules = row.get("modules")
+        if isinstance(modules, Mapping):
+            by_round[_round_of(row, i)] = modules
+            names.update(modules)
+    if not names:
+        return [], [], []
+    modules = sorted(names, key=natural_key)
+    rounds = list(range(min(by_round), max(by_round) + 1))
+    grid = []
+    for name in modules:
+        line = []
+        for rnd in rounds:
+            entry = by_round.get(rnd, {}).get(name)
+            value = _num(entry, "higher_rank_energy") if isinstance(entry, Mapping) else None
+            line.append(value if value is not None and math.isfinite(value) else math.nan)
+        grid.append(line)
+    return modules, rounds, grid
+
+
+def write_energy_heatmap(
+    run_dir: str | os.PathLike[str], rows: Sequence[EnergyRow], *, title: str = ""
+) -> Path | None:
+    """Write ``energy_heatmap.png``: higher-rank energy per module (y) and round (x).
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        Output directory (created when missing).
+    rows : Sequence[Mapping[str, Any]]
+        ``energy.jsonl`` rows (:func:`raflora.diagnostics.module_energy_row`).
+    title : str, optional
+        Prefix of the figure title.
+
+    Returns
+    -------
+    Path or None
+        The PNG, or ``None`` (nothing written) when no row has a module. Colour is
+        ``1 − ρ_{r_1}`` on a fixed ``[0, 1]`` scale (dark: collapsed), grey where a module has
+        no energy (``null``) or a round has no row. Modules are in natural name order; a prefix
+        common to all names is moved into the axis label, and beyond 50 modules every k-th name
+        is shown.
+    """
+    modules, rounds, grid = _energy_grid(rows)
+    if not modules:
+        return None
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(modules)
+    step = math.ceil(n / _HEATMAP_MAX_LABELS)
+    shown = math.ceil(n / step)
+    fig = Figure(figsize=(8.0, 1.8 + 0.17 * max(shown, 8)), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(
+        np.ma.masked_invalid(np.asarray(grid, dtype=float)),
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(rounds[0] - 0.5, rounds[-1] + 0.5, n - 0.5, -0.5),
+    )
+    prefix = _common_prefix(modules)
+    ax.set_yticks(range(0, n, step), [m[len(prefix) :] for m in modules[::step]], fontsize=7)
+    ylabel = f"module: {prefix}*" if prefix else "module"
+    ax.set_ylabel(ylabel + (f" ({n} modules, 1 in {step} named)" if step > 1 else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round" + (" (grey: no energy data)" if np.isnan(grid).any() else ""))
+    fig.colorbar(image, ax=ax, label="higher-rank energy 1 − ρ$_{r_1}$")
+    return _save(fig, out / "energy_heatmap.png", title, axis_title="higher-rank energy per module")
+
+
+def _plot_energy_file(run_dir: Path, title: str) -> Path | None:
+    """The heat map of ``run_dir``'s ``energy.jsonl`` (``None`` without the file or its data)."""
+    path = run_dir / ENERGY_FILE
+    if not path.exists():
+        return None
+    try:
+        rows = read_energy(path)
+    except (OSError, ValueError) as err:  # a damaged diagnostics file must not fail the run
+        logger.warning("no energy heat map: %s", err)
+        return None
+    return write_energy_heatmap(run_dir, rows, title=title)
+
+
 def write_run_plots(
     run_dir: str | os.PathLike[str], metrics: Sequence[MetricsRow], *, title: str = ""
 ) -> list[Path]:
@@ -552,7 +793,9 @@ def write_run_plots(
         per round, eval loss on evaluated rounds), ``higher_rank_energy.png`` (``1 − ρ_{r_1}``)
         and ``energy_breakdown.png`` (paper Figure 2: stacked share of the update's energy in
         each rank partition, see :func:`energy_shares`). A plot whose data never appears is
-        skipped (an existing file of that name is left alone).
+        skipped (an existing file of that name is left alone). When ``run_dir`` holds an
+        ``energy.jsonl``, also ``energy_heatmap.png`` (:func:`write_energy_heatmap`; a file that
+        cannot be read is skipped with a logged warning).
     """
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -566,6 +809,9 @@ def write_run_plots(
         path = plot(out / name, metrics, title)
         if path is not None:
             written.append(path)
+    heatmap = _plot_energy_file(out, title)
+    if heatmap is not None:
+        written.append(heatmap)
     return written
 
 
