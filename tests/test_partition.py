@@ -1,4 +1,6 @@
+import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +33,19 @@ def assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
 
 def classes_per_client(parts: list[np.ndarray], labels: np.ndarray) -> list[int]:
     return [len(np.unique(labels[p])) for p in parts]
+
+
+def digest(parts: list[np.ndarray]) -> str:
+    """A short hash of a split: every client's size and indices, in client order."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(np.int64(len(p)).tobytes())
+        h.update(np.ascontiguousarray(p, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def same_split(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 SPECS = ["iid", "dir-a0.5", "dir-a1", "patho-c3a1", "patho-c10a0.5"]
@@ -173,7 +188,7 @@ def test_dir_min_samples_respected() -> None:
         parts = partition("dir-a0.2", labels, 30, seed=seed, min_samples=10)
         assert min(len(p) for p in parts) >= 10
         assert_disjoint_cover(parts, len(labels))
-    assert unconstrained_violations > 0  # the constraint actually forced resampling
+    assert unconstrained_violations > 0  # the minimum was actually enforced
 
 
 def test_smaller_alpha_more_skew() -> None:
@@ -185,10 +200,44 @@ def test_smaller_alpha_more_skew() -> None:
     assert np.mean(skewed) < np.mean(flat)
 
 
-def test_dir_gives_up_with_clear_message() -> None:
-    labels = balanced_labels(2, 10)
-    with pytest.raises(ValueError, match=r"increase alpha.*max_attempts"):
-        partition("dir-a0.01", labels, 10, seed=0, min_samples=2, max_attempts=3)
+def test_dir_meets_the_minimum_by_construction_when_the_draw_does_not() -> None:
+    # N=2000, K=500, alpha=0.1: the first draw leaves clients empty, and resampling did not
+    # reach the minimum in 1000 draws (ValueError before the construction existed).
+    labels = balanced_labels(10, 200)
+    assert min(len(p) for p in partition("dir-a0.1", labels, 500, seed=0, min_samples=0)) < 2
+    parts = partition("dir-a0.1", labels, 500, seed=0, min_samples=2)
+    assert min(len(p) for p in parts) >= 2
+    assert_disjoint_cover(parts, len(labels))
+    assert same_split(parts, partition("dir-a0.1", labels, 500, seed=0, min_samples=2))
+    assert not same_split(parts, partition("dir-a0.1", labels, 500, seed=1, min_samples=2))
+
+
+def test_dir_construction_keeps_the_draws_label_skew() -> None:
+    # Beyond the dealt minimum, each class is cut by the draw's shares: with alpha=0.1 most of
+    # a client's samples come from one class, unlike an iid split of the same sizes.
+    labels = balanced_labels(10, 600)
+    parts = partition("dir-a0.1", labels, 1000, seed=3, min_samples=4)
+    assert min(len(p) for p in parts) >= 4
+    top_share = np.mean([np.bincount(labels[p]).max() / len(p) for p in parts])
+    iid = partition("iid", labels, 1000, seed=3)
+    iid_share = np.mean([np.bincount(labels[p]).max() / len(p) for p in iid])
+    assert top_share > iid_share + 0.2
+
+
+def test_dir_minimum_fills_the_data_exactly() -> None:
+    # min_samples * K == N: every client gets exactly min_samples (old code gave up).
+    parts = partition("dir-a0.01", balanced_labels(2, 10), 10, seed=0, min_samples=2)
+    assert [len(p) for p in parts] == [2] * 10
+    assert_disjoint_cover(parts, 20)
+
+
+def test_dir_ten_thousand_clients_with_six_samples_each() -> None:
+    # The scale of benchmarks/partition.py: 60,000 samples, 10,000 clients, min 2. The
+    # first draw misses the minimum; resampling gave up after 1000 draws (~100 s).
+    labels = balanced_labels(10, 6000)
+    parts = partition("dir-a0.5", labels, 10_000, seed=0, min_samples=2)
+    assert min(len(p) for p in parts) >= 2
+    assert_disjoint_cover(parts, len(labels))
 
 
 def test_dir_impossible_min_samples() -> None:
@@ -247,6 +296,129 @@ def test_patho_unheld_classes_left_unassigned() -> None:
     assert len(np.unique(allidx)) == len(allidx)
     assert len(np.unique(labels[allidx])) == 6
     assert len(allidx) == 6 * 20
+
+
+def test_patho_meets_min_samples_by_construction() -> None:
+    # c=1, alpha=0.1: each class's 40 samples go to its 8 holders, 1 each first and the rest by
+    # skewed shares, so the draw leaves clients with 1 sample. Feasible: 40 >= 8 holders * 4.
+    labels = balanced_labels(5, 40)
+    part = PathologicalPartitioner(labels, 40, 1, alpha=0.1, seed=0, min_samples=0)
+    assert min(len(p) for p in part.split()) < 4
+    parts = partition("patho-c1a0.1", labels, 40, seed=0, min_samples=4)
+    assert min(len(p) for p in parts) >= 4
+    held = part.deal_classes(np.random.default_rng(0))
+    assert [np.unique(labels[p]).tolist() for p in parts] == held  # own class only
+    assert_disjoint_cover(parts, len(labels))
+    assert same_split(parts, partition("patho-c1a0.1", labels, 40, seed=0, min_samples=4))
+
+
+def test_patho_construction_keeps_min_per_holder_and_c_classes() -> None:
+    labels = balanced_labels(20, 10)
+    kwargs = {"alpha": 0.05, "seed": 1, "min_per_holder": 1}
+    free = PathologicalPartitioner(labels, 60, 2, min_samples=0, **kwargs)  # type: ignore[arg-type]
+    assert min(len(p) for p in free.split()) < 3
+    part = PathologicalPartitioner(labels, 60, 2, min_samples=3, **kwargs)  # type: ignore[arg-type]
+    parts = part.split()
+    assert min(len(p) for p in parts) >= 3
+    assert classes_per_client(parts, labels) == [2] * 60
+    for p, classes in zip(parts, part.deal_classes(np.random.default_rng(1)), strict=True):
+        assert np.bincount(labels[p], minlength=20)[classes].min() >= 1
+    assert_disjoint_cover(parts, len(labels))
+
+
+def test_patho_infeasible_minimum_names_the_clients_and_numbers() -> None:
+    # Class 0 has 3 samples for its 2 holders (c=1): they cannot both get 2.
+    labels = np.array([0] * 3 + [1] * 100)
+    message = (
+        r"patho-c1a1: cannot give every client min_samples=2: clients 0, 2 hold only classes "
+        r"\[0\], which leave them 3 samples; they need 4; lower min_samples"
+    )
+    with pytest.raises(ValueError, match=message):
+        partition("patho-c1a1", labels, 4, seed=0, min_samples=2)
+
+
+def test_patho_impossible_min_samples() -> None:
+    with pytest.raises(ValueError, match="min_samples=3 is impossible for 5 clients and 10"):
+        partition("patho-c1a1", balanced_labels(2, 5), 5, seed=0, min_samples=3)
+
+
+def _certificate(message: str) -> tuple[list[int], list[int], int]:
+    """Clients, classes and total need named by an infeasibility message."""
+    clients = re.search(r"clients? ([\d, ]+) holds? only", message)
+    classes = re.search(r"classes \[([\d, ]+)\]", message)
+    need = re.search(r"they need (\d+)", message)
+    assert clients and classes and need, message
+    as_ints = [[int(x) for x in m.group(1).split(", ")] for m in (clients, classes)]
+    return as_ints[0], as_ints[1], int(need.group(1))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_patho_splits_whenever_feasible(seed: int) -> None:
+    # Small skewed problems: either every client gets min_samples (and every holder its
+    # min_per_holder), or the error names clients whose classes provably cannot serve them.
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 25, 5)
+    labels = np.repeat(np.arange(5), sizes)
+    K, c, mph = int(rng.integers(4, 12)), int(rng.integers(1, 3)), 1
+    m = min(int(rng.integers(2, 6)), len(labels) // K)
+    part = PathologicalPartitioner(labels, K, c, 0.3, seed, min_samples=m, min_per_holder=mph)
+    held = part.deal_classes(np.random.default_rng(seed))
+    try:
+        parts = part.split()
+    except ValueError as err:
+        group, classes, need = _certificate(str(err))
+        assert need == m * len(group)
+        assert all(set(held[k]) <= set(classes) for k in group)
+        holders = np.bincount(np.concatenate(held), minlength=5)
+        inside = np.bincount(np.concatenate([held[k] for k in group]), minlength=5)
+        # Every other holder keeps min(mph, n // holders) of each class: what is left for the
+        # group is less than it needs, so no split can meet the minimum.
+        room = sum(
+            sizes[ci] - min(mph, sizes[ci] // holders[ci]) * (holders[ci] - inside[ci])
+            for ci in classes
+        )
+        assert room < need
+        return
+    assert min(len(p) for p in parts) >= m
+    for p, own in zip(parts, held, strict=True):
+        assert np.bincount(labels[p], minlength=5)[own].min() >= min(
+            mph, *(sizes[ci] // np.bincount(np.concatenate(held))[ci] for ci in own)
+        )
+
+
+# Splits of today's code (before the construction) whose first draw met min_samples=2: they
+# must stay bit-identical. (num_classes, per_class, K, spec, seed) -> digest.
+PINNED = [
+    ((10, 100, 20, "dir-a0.5", 1), "76b19c2de4122bd8"),
+    ((10, 60, 12, "dir-a1", 7), "15c3635d8a2eb7df"),
+    ((5, 200, 10, "dir-a0.1", 3), "1e6088a5df731afc"),
+    ((10, 500, 50, "dir-a0.3", 11), "536b5399b9ba1951"),
+    ((10, 100, 20, "patho-c2a1", 0), "cf59515e493668ba"),
+    ((20, 50, 50, "patho-c3a0.5", 5), "9ef8aec01528a1d5"),
+    ((5, 40, 10, "patho-c1a1", 2), "e8c19fdb919bfb3a"),
+    ((10, 60, 12, "patho-c10a0.5", 3), "b9421039ac0cd209"),
+    ((10, 60, 12, "iid", 4), "05b8793988d79c7c"),
+]
+
+
+@pytest.mark.parametrize(("setting", "expected"), PINNED)
+def test_splits_that_met_the_minimum_are_unchanged(
+    setting: tuple[int, int, int, str, int], expected: str
+) -> None:
+    num_classes, per_class, k, spec, seed = setting
+    parts = partition(spec, balanced_labels(num_classes, per_class), k, seed, min_samples=2)
+    assert digest(parts) == expected
+
+
+def test_quickstart_split_unchanged() -> None:
+    # configs/quickstart.yaml: digits, 50 clients, dir-a0.5, min_samples 2, seed 0.
+    from raflora.engine import seeds
+    from raflora.tasks.digits import digits_splits
+
+    labels = digits_splits()["train"][1].numpy()
+    parts = partition("dir-a0.5", labels, 50, seeds.partition_seed(0), min_samples=2)
+    assert min(len(p) for p in parts) == 2  # the first draw just meets the minimum
+    assert digest(parts) == "aad5e65decc0ca93"
 
 
 def test_patho_c_too_large() -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "scaling_for",
     "set_dense",
     "set_factors",
+    "set_merged_base",
     "trainable_parameters",
     "wrap_model",
 ]
@@ -372,8 +373,36 @@ def trainable_parameters(peft_model: nn.Module) -> list[nn.Parameter]:
     return [p for p in peft_model.parameters() if p.requires_grad]
 
 
+def _merge_targets(
+    peft_model: nn.Module, names: Sequence[str]
+) -> dict[str, tuple[Tensor, bool, int, int]]:
+    """``name → (base weight, fan_in_fan_out, d, n)`` of the modules a merge writes into."""
+    root: nn.Module = (
+        peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+    )
+    out: dict[str, tuple[Tensor, bool, int, int]] = {}
+    for name in names:
+        try:
+            module = root.get_submodule(name)
+        except AttributeError as err:
+            raise KeyError(f"merge_into_base: no module named {name!r}") from err
+        fan_in_fan_out = False
+        if isinstance(module, LoraLayer):
+            fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
+            module = module.get_base_layer()
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise ValueError(f"merge_into_base: module {name!r} has no weight")
+        d, n = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+        out[name] = (weight, fan_in_fan_out, int(d), int(n))
+    return out
+
+
 def merge_into_base(peft_model: nn.Module, delta: Mapping[str, tuple[Tensor, Tensor]]) -> None:
     """Add ``B @ A`` to each adapted module's base weight (``W ← W + B A``, FLoRA).
+
+    The sum is formed in float32 and rounded once to the weight's dtype. For weights narrower
+    than float32 (bfloat16) use :func:`set_merged_base`, which never compounds that rounding.
 
     Parameters
     ----------
@@ -390,25 +419,11 @@ def merge_into_base(peft_model: nn.Module, delta: Mapping[str, tuple[Tensor, Ten
     ValueError
         If ``B @ A`` does not match the weight's shape.
     """
-    root: nn.Module = (
-        peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
-    )
     # Validate every module first (nothing is merged when one is wrong), then merge one module
     # at a time so only one (d, n) product exists at once.
-    targets: list[tuple[Tensor, bool, Tensor, Tensor]] = []
+    targets = _merge_targets(peft_model, list(delta))
     for name, (B, A) in delta.items():
-        try:
-            module = root.get_submodule(name)
-        except AttributeError as err:
-            raise KeyError(f"merge_into_base: no module named {name!r}") from err
-        fan_in_fan_out = False
-        if isinstance(module, LoraLayer):
-            fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
-            module = module.get_base_layer()
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor):
-            raise ValueError(f"merge_into_base: module {name!r} has no weight")
-        d, n = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+        _, _, d, n = targets[name]
         if (
             B.ndim != 2
             or A.ndim != 2
@@ -419,15 +434,55 @@ def merge_into_base(peft_model: nn.Module, delta: Mapping[str, tuple[Tensor, Ten
                 f"merge_into_base: module {name!r} has weight (d, n) = ({d}, {n}), "
                 f"got B {tuple(B.shape)} and A {tuple(A.shape)}"
             )
-        targets.append((weight, fan_in_fan_out, B, A))
     with torch.no_grad():
-        for weight, fan_in_fan_out, B, A in targets:
+        for name, (B, A) in delta.items():
+            weight, fan_in_fan_out, _, _ = targets[name]
             dw = B.to(device=weight.device, dtype=torch.float32) @ A.to(
                 device=weight.device, dtype=torch.float32
             )
             weight.copy_(
                 (weight.to(torch.float32) + (dw.T if fan_in_fan_out else dw)).to(weight.dtype)
             )
+
+
+def set_merged_base(
+    peft_model: nn.Module, pristine: Mapping[str, Tensor], cumulative: Mapping[str, Tensor]
+) -> None:
+    """Set each adapted base weight to ``dtype(W_0 + Δ_cum)``: one rounding, however many rounds.
+
+    Parameters
+    ----------
+    peft_model : nn.Module
+        A PEFT-wrapped model.
+    pristine : Mapping[str, Tensor]
+        The base weights ``W_0`` before any merge (:func:`base_weights` layout).
+    cumulative : Mapping[str, Tensor]
+        ``Δ_cum (d, n)`` per module in float32: everything merged so far (FLoRA's
+        ``base_delta``).
+
+    Raises
+    ------
+    KeyError
+        A module is missing from ``pristine`` or unknown to the model.
+    ValueError
+        A delta's shape does not match the weight.
+    """
+    targets = _merge_targets(peft_model, list(cumulative))
+    for name, delta in cumulative.items():
+        _, _, d, n = targets[name]
+        if name not in pristine:
+            raise KeyError(f"set_merged_base: no pristine weight for module {name!r}")
+        if tuple(delta.shape) != (d, n):
+            raise ValueError(
+                f"set_merged_base: module {name!r} has weight (d, n) = ({d}, {n}), "
+                f"got a delta of shape {tuple(delta.shape)}"
+            )
+    with torch.no_grad():
+        for name, delta in cumulative.items():
+            weight, fan_in_fan_out, _, _ = targets[name]
+            dw = delta.to(device=weight.device, dtype=torch.float32)
+            w0 = pristine[name].to(device=weight.device, dtype=torch.float32)
+            weight.copy_((w0 + (dw.T if fan_in_fan_out else dw)).to(weight.dtype))
 
 
 def _alpha_for(alpha: Alpha, rank: int) -> Any:
@@ -473,6 +528,7 @@ class AdapterBank:
     ) -> None:
         self._model = model
         self._trainable: dict[str, list[nn.Parameter]] = {}
+        self._pristine: dict[str, Tensor] | None = None  # W_0 of narrow-dtype merges
         self.target_modules = (
             target_modules if isinstance(target_modules, str) else list(target_modules)
         )
@@ -568,9 +624,45 @@ class AdapterBank:
             self._trainable[name] = trainable_parameters(self.model)
         return list(self._trainable[name])
 
-    def merge_into_base(self, delta: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-        """:func:`merge_into_base` on the shared base model."""
-        merge_into_base(self.model, delta)
+    def merge_into_base(
+        self,
+        delta: Mapping[str, tuple[Tensor, Tensor]],
+        cumulative: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Merge a round's factored ``delta`` into the shared base model.
+
+        float32 weights: ``W ← W + B A`` (:func:`merge_into_base`). Narrower weights (bfloat16)
+        with ``cumulative`` (every delta merged so far, this one included, in float32): the
+        weights are recomputed as ``dtype(W_0 + Δ_cum)`` from a pristine copy of ``W_0`` taken
+        before the first merge (:func:`set_merged_base`), so rounding to bfloat16 happens once
+        instead of compounding every round (deltas of 1e-4 would otherwise lose a third of
+        their size to rounding). The pristine copy costs one copy of the adapted weights.
+        """
+        if not self._narrow_base() or cumulative is None:
+            merge_into_base(self.model, delta)
+            return
+        if self._pristine is None:
+            self._pristine = base_weights(self.model, adapter_name(self.max_rank))
+        set_merged_base(self.model, self._pristine, cumulative)
+
+    def _narrow_base(self) -> bool:
+        """Whether an adapted base weight is stored in a dtype narrower than float32."""
+        layers = _layer_map(self.model, adapter_name(self.max_rank))
+        return any(
+            layer.get_base_layer().weight.dtype not in (torch.float32, torch.float64)
+            for layer in layers.values()
+        )
+
+    def load_base_weights(self, weights: Mapping[str, Tensor]) -> None:
+        """:func:`load_base_weights` (a resumed run's merged weights), keeping ``W_0`` first.
+
+        The weights in the model before the first load or merge are the pristine ``W_0`` that
+        :meth:`merge_into_base` needs for narrow dtypes.
+        """
+        name = adapter_name(self.max_rank)
+        if self._pristine is None and self._narrow_base():
+            self._pristine = base_weights(self.model, name)
+        load_base_weights(self.model, name, weights)
 
 
 def wrap_model(

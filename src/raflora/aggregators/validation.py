@@ -1,7 +1,8 @@
 """Validation of client updates before aggregation (named errors that say which client and what).
 
 A client update is rejected when a factor's shape does not match its module and the client's
-declared rank, a value is not finite, a module is missing or unknown, or its sample count is not a
+declared rank, a tensor has a dtype the server does not accept or lives on another device than the
+server state, a value is not finite, a module is missing or unknown, or its sample count is not a
 positive integer. Aggregators call :func:`validate_update` on every reply and aggregate the rest.
 """
 
@@ -17,6 +18,8 @@ from torch import Tensor
 __all__ = [
     "BadSampleCountError",
     "ClientUpdate",
+    "DTypeError",
+    "DeviceMismatchError",
     "InvalidUpdateError",
     "ModuleSetError",
     "NonFiniteUpdateError",
@@ -82,6 +85,14 @@ class RankError(InvalidUpdateError):
     """The declared rank is not one this aggregator accepts."""
 
 
+class DTypeError(InvalidUpdateError):
+    """A tensor's dtype is not one the server accepts (float32 or the run's model dtype)."""
+
+
+class DeviceMismatchError(InvalidUpdateError):
+    """A tensor lives on another device than the server's state."""
+
+
 def is_positive_int(value: object) -> bool:
     """A positive integer (Python or numpy; ``bool`` excluded)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
@@ -105,12 +116,34 @@ def _check_module_set(
         raise ModuleSetError(client_id, "; ".join(parts))
 
 
-def _check_finite(client_id: int, what: str, tensor: Tensor) -> None:
+def _check_tensor(
+    client_id: int,
+    what: str,
+    tensor: Tensor,
+    dtypes: Collection[torch.dtype] | None,
+    device: torch.device | None,
+) -> None:
+    """A tensor of an accepted dtype, on the server's device, with finite values only."""
     if not torch.is_tensor(tensor):
         raise InvalidUpdateError(client_id, f"{what} is {type(tensor).__name__}, not a tensor")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        accepted = ", ".join(sorted(_dtype_name(d) for d in set(dtypes)))
+        raise DTypeError(
+            client_id, f"{what} has dtype {_dtype_name(tensor.dtype)}; accepted: {accepted}"
+        )
+    if device is not None and tensor.device != device:
+        raise DeviceMismatchError(
+            client_id, f"{what} is on device {tensor.device}, the server state on {device}"
+        )
+    if device is not None and device.type == "meta":
+        return  # no values to check (tests of device placement)
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteUpdateError(client_id, f"{what} has {bad} non-finite value(s)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def validate_update(
@@ -120,6 +153,8 @@ def validate_update(
     dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
     allowed_ranks: Collection[int] | None = None,
     max_rank: int | None = None,
+    dtypes: Collection[torch.dtype] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Raise an :class:`InvalidUpdateError` subclass if ``update`` cannot be aggregated.
 
@@ -135,6 +170,12 @@ def validate_update(
         Ranks the aggregator accepts (raFLoRA: the configured rank levels).
     max_rank : int, optional
         Largest acceptable rank (the server's ``r_max``).
+    dtypes : Collection[torch.dtype], optional
+        Accepted tensor dtypes (the server state's and the run's model dtype); any other one
+        (an integer tensor, float16 in a bfloat16 run …) is a :class:`DTypeError`.
+    device : torch.device, optional
+        Where every tensor must be (the server state's device): else a
+        :class:`DeviceMismatchError`.
     """
     cid = update.client_id
     n_k = update.num_samples
@@ -153,8 +194,8 @@ def validate_update(
         if not isinstance(pair, tuple | list) or len(pair) != 2:
             raise InvalidUpdateError(cid, f"{name}: expected a (B, A) pair")
         B, A = pair
-        _check_finite(cid, f"{name}.B", B)
-        _check_finite(cid, f"{name}.A", A)
+        _check_tensor(cid, f"{name}.B", B, dtypes, device)
+        _check_tensor(cid, f"{name}.A", A, dtypes, device)
         if tuple(B.shape) != (d, r) or tuple(A.shape) != (r, n):
             raise ShapeMismatchError(
                 cid,
@@ -165,7 +206,7 @@ def validate_update(
     _check_module_set(cid, "dense tensor", update.dense.keys(), expected_dense.keys())
     for name, shape in expected_dense.items():
         tensor = update.dense[name]
-        _check_finite(cid, name, tensor)
+        _check_tensor(cid, name, tensor, dtypes, device)
         if tuple(tensor.shape) != tuple(shape):
             raise ShapeMismatchError(
                 cid, f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}"

@@ -7,13 +7,13 @@ metrics so far. Every random stream is derived from ``(seed, round, client)``
 (:mod:`raflora.engine.seeds`), so no generator state needs saving: the next round draws exactly
 what it would have drawn without the interruption.
 
-The file is written to a temporary name, flushed to disk and renamed over the previous one, so a
-kill at any moment leaves either the old or the new checkpoint, never a torn one.
+The file is written to a unique temporary name, flushed to disk and renamed over the previous
+one, so a kill (or a full disk) at any moment leaves either the old or the new checkpoint, never a
+torn one.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from raflora.aggregators import GlobalState
+from raflora.engine.rundir import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -62,10 +63,13 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` atomically under ``run_dir``; return the file's path."""
+    """Write ``checkpoint`` atomically under ``run_dir``; return the file's path.
+
+    Tensors are saved from wherever they live and come back on the device
+    :func:`load_checkpoint` is asked for.
+    """
     path = run_dir / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     payload = {
         "version": _VERSION,
         "round": checkpoint.round,
@@ -75,21 +79,25 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "base_weights": {k: v.detach().cpu() for k, v in checkpoint.base_weights.items()},
         "meta": checkpoint.meta,
     }
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
     return path
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint:
-    """Read the checkpoint of ``run_dir`` (tensors on the CPU).
+def load_checkpoint(run_dir: Path, *, device: torch.device | str = "cpu") -> Checkpoint:
+    """Read the checkpoint of ``run_dir``, its global state on ``device``.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+    device : torch.device or str
+        Where the global state goes (the run's device on resume); base weights stay on the CPU
+        until they are copied into the model.
 
     Raises
     ------
     CheckpointError
-        If there is none or it cannot be read.
+        If there is none, it cannot be read, was written by another version, or lacks a key.
     """
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
@@ -98,13 +106,25 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file gets the same message
         raise CheckpointError(f"{path}: cannot read the checkpoint ({err})") from None
-    if not isinstance(data, dict) or data.get("version") != _VERSION:
-        raise CheckpointError(f"{path}: not a raflora checkpoint of version {_VERSION}")
-    return Checkpoint(
-        round=int(data["round"]),
-        state=GlobalState.from_state_dict(data["state"]),
-        metrics=list(data["metrics"]),
-        wall_seconds=float(data["wall_seconds"]),
-        base_weights=dict(data["base_weights"]),
-        meta=dict(data["meta"]),
-    )
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a raflora checkpoint")
+    if data.get("version") != _VERSION:
+        raise CheckpointError(
+            f"{path}: written by checkpoint format version {data.get('version')!r}; this "
+            f"raflora reads version {_VERSION}"
+        )
+    try:
+        return Checkpoint(
+            round=int(data["round"]),
+            state=GlobalState.from_state_dict(data["state"]).to(device),
+            metrics=list(data["metrics"]),
+            wall_seconds=float(data["wall_seconds"]),
+            base_weights=dict(data["base_weights"]),
+            meta=dict(data["meta"]),
+        )
+    except KeyError as err:
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint, the key {err.args[0]!r} is missing"
+        ) from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: malformed checkpoint ({err})") from None

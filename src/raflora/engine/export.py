@@ -20,6 +20,7 @@ from torch import Tensor
 from raflora.adapters import export_peft_adapter
 from raflora.aggregators import Aggregator, GlobalState
 from raflora.aggregators.base import Factors
+from raflora.engine.rundir import replace_dir
 from raflora.linalg import frobenius_norm
 
 __all__ = ["AdapterExport", "adapter_factors", "write_adapter"]
@@ -129,18 +130,24 @@ def write_adapter(
     """Write the global (or rank-``rank``) adapter in PEFT format to ``out_dir``.
 
     ``meta`` carries ``model_id``, ``target_modules``, ``modules_to_save`` and ``task_type``
-    (saved in the run's checkpoint), so no model has to be loaded.
+    (saved in the run's checkpoint), so no model has to be loaded. The adapter is written to a
+    temporary directory and swapped in (:func:`~raflora.engine.rundir.replace_dir`): an
+    interruption leaves the previous adapter or the new one, never half of one.
     """
     factors, out_rank, kept = adapter_factors(aggregator, state, rank)
-    export_peft_adapter(
-        None,
-        factors,
-        state.dense,
-        out_dir,
-        rank=out_rank,
-        target_modules=meta.get("target_modules"),
-        modules_to_save=meta.get("modules_to_save"),
-        task_type=meta.get("task_type"),
-        base_model_name_or_path=meta.get("model_id"),
-    )
+
+    def build(tmp: Path) -> None:
+        export_peft_adapter(
+            None,
+            factors,
+            state.dense,
+            tmp,
+            rank=out_rank,
+            target_modules=meta.get("target_modules"),
+            modules_to_save=meta.get("modules_to_save"),
+            task_type=meta.get("task_type"),
+            base_model_name_or_path=meta.get("model_id"),
+        )
+
+    replace_dir(Path(out_dir), build)
     return AdapterExport(Path(out_dir), out_rank, kept)

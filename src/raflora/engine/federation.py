@@ -24,7 +24,7 @@ from torch import Tensor
 
 from raflora.adapters import AdapterBank, live_factors, wrap_model
 from raflora.aggregators import Aggregator, ClientUpdate, GlobalState, get_aggregator
-from raflora.aggregators.base import Factors
+from raflora.aggregators.base import Factors, options_for
 from raflora.config import RunConfig
 from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
@@ -35,6 +35,7 @@ __all__ = [
     "EngineError",
     "Federation",
     "build_federation",
+    "device_clock",
     "evaluate_global",
     "learning_rate",
     "resolve_device",
@@ -67,6 +68,17 @@ def learning_rate(config: RunConfig, round_index: int) -> float:
     if config.train.lr_schedule == "constant":
         return float(config.train.lr)
     return float(config.train.lr) * (1.0 - (round_index - 1) / config.fl.rounds)
+
+
+def device_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done.
+
+    CUDA kernels run asynchronously: without synchronising, a time split taken on the host
+    books the kernels' time to whatever happens to wait for them next.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def tensor_bytes(tensors: Mapping[str, Any]) -> int:
@@ -124,11 +136,27 @@ class Federation:
         return len(self.client_indices[client_id])
 
     def initial_state(self) -> GlobalState:
-        """The round-0 global state (``B_g = 0``, seeded ``A_g``; the task's initial heads)."""
-        dense = {k: v.float() for k, v in self.bank.get_dense(self.aggregator.r_max).items()}
+        """The round-0 global state (``B_g = 0``, seeded ``A_g``; the task's initial heads).
+
+        In float32 whatever the model's dtype, on the run's device (the random draws are made on
+        the CPU, so every device starts from the same numbers).
+        """
+        dense = {
+            k: v.to(device=self.device, dtype=torch.float32)
+            for k, v in self.bank.get_dense(self.aggregator.r_max).items()
+        }
         return self.aggregator.init_state(
-            self.bank.module_shapes(), generator=seeds.init_generator(self.seed), dense=dense
+            self.bank.module_shapes(),
+            generator=seeds.init_generator(self.seed),
+            dense=dense,
+            dtype=torch.float32,
+            device=self.device,
         )
+
+    @property
+    def wire_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes a client update may arrive in besides float32: the model's."""
+        return (self.dtype,)
 
     def start_factors(self, state: GlobalState, client_id: int, round_index: int) -> Factors:
         """What the server sends client ``client_id`` in round ``round_index``."""
@@ -200,7 +228,9 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
         config.seed, config.fl.num_clients, config.fl.rank_levels, config.fl.rank_probs
     )
     summary["client_ranks"] = ranks
-    aggregator = get_aggregator(config.method, config.fl.rank_levels, **config.method_options)
+    aggregator = get_aggregator(
+        config.method, config.fl.rank_levels, **options_for(config.method, config.method_options)
+    )
     lo = config.lora
     target = task.target_modules if lo.target_modules == "all-linear" else lo.target_modules
     model = task.model.to(device=device, dtype=dtype)
@@ -305,9 +335,9 @@ def train_client(
     lr : float
         This round's learning rate.
     """
-    t0 = time.perf_counter()
+    t0 = device_clock(fed.device)
     cfg = fed.config
-    bank, task = fed.bank, fed.task
+    bank = fed.bank
     adapter = bank.activate(rank)
     bank.set_factors(rank, start)
     if dense:
@@ -318,7 +348,42 @@ def train_client(
     params = bank.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
-    torch.manual_seed(seeds.training_torch_seed(fed.seed, round_index, client_id))
+    # Dropout draws from torch's global generator: seed it for this client inside a fork, so
+    # the caller's random state is left exactly as it was (nothing here reseeds global RNGs).
+    with torch.random.fork_rng(devices=_rng_devices(fed.device), device_type=fed.device.type):
+        torch.manual_seed(seeds.training_torch_seed(fed.seed, round_index, client_id))
+        losses, compute = _local_steps(fed, client_id, rank, adapter, optimizer, shuffle)
+    factors = bank.get_factors(rank)
+    head = {k: v.float() for k, v in bank.get_dense(rank).items()} if dense else {}
+    update = ClientUpdate(
+        client_id=client_id,
+        rank=rank,
+        num_samples=len(fed.client_indices[client_id]),
+        factors=factors,
+        dense=head,
+    )
+    mean_loss = sum(losses) / len(losses) if losses else math.nan
+    return ClientResult(update, mean_loss, len(losses), compute, device_clock(fed.device) - t0)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The accelerator indices whose random state a client's training forks (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _local_steps(
+    fed: Federation,
+    client_id: int,
+    rank: int,
+    adapter: str,
+    optimizer: torch.optim.Optimizer,
+    shuffle: np.random.Generator,
+) -> tuple[list[float], float]:
+    """The client's local epochs; returns the per-step losses and the compute seconds."""
+    cfg, task, model = fed.config, fed.task, fed.bank.model
+    params = fed.bank.trainable_parameters()
     indices = fed.client_indices[client_id]
     batch_size = cfg.train.batch_size
     penalize = fed.aggregator.uses_local_penalty
@@ -330,7 +395,7 @@ def train_client(
             batch = move_batch(
                 task.train_batch(order[lo : lo + batch_size].tolist()), fed.device, fed.dtype
             )
-            c0 = time.perf_counter()
+            c0 = device_clock(fed.device)
             loss = task.loss(model, batch)
             total = loss
             if penalize:
@@ -341,19 +406,9 @@ def train_client(
             if cfg.train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
-            compute += time.perf_counter() - c0
+            compute += device_clock(fed.device) - c0
             losses.append(float(loss.detach()))
-    factors = bank.get_factors(rank)
-    head = {k: v.float() for k, v in bank.get_dense(rank).items()} if dense else {}
-    update = ClientUpdate(
-        client_id=client_id,
-        rank=rank,
-        num_samples=len(indices),
-        factors=factors,
-        dense=head,
-    )
-    mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return ClientResult(update, mean_loss, len(losses), compute, time.perf_counter() - t0)
+    return losses, compute
 
 
 def load_global_model(fed: Federation, state: GlobalState) -> None:

@@ -20,14 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raflora.adapters import adapter_name, base_weights, load_base_weights
+from raflora.adapters import adapter_name, base_weights
 from raflora.aggregators import GlobalState
-from raflora.config import RunConfig, config_to_dict, load_config, save_config
+from raflora.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+    validate,
+)
 from raflora.diagnostics import energy_report
 from raflora.engine import seeds
 from raflora.engine.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
+    CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
@@ -37,11 +45,13 @@ from raflora.engine.federation import (
     EngineError,
     Federation,
     build_federation,
+    device_clock,
     evaluate_global,
     learning_rate,
     tensor_bytes,
     train_client,
 )
+from raflora.engine.rundir import RunLock, writing
 from raflora.report import append_metrics, progress_postfix, summarize, write_run_plots
 
 __all__ = [
@@ -49,10 +59,12 @@ __all__ = [
     "RunResult",
     "RunStart",
     "adapter_meta",
+    "check_config",
     "check_resume_config",
     "complete_round",
     "energy_metrics",
     "finish_run",
+    "lock_run_dir",
     "make_checkpoint",
     "open_run",
     "plan_round",
@@ -60,6 +72,7 @@ __all__ = [
     "record_round",
     "run_local",
     "run_round",
+    "saved_rounds",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -159,16 +172,18 @@ def complete_round(
         Clients that sent nothing usable (raised, timed out) → reason; counted as rejected.
     """
     cfg = fed.config
-    t1 = time.perf_counter()
+    t1 = device_clock(fed.device)
     # Client order never changes the result: aggregate in client-id order whatever order the
     # clients trained or replied in (the local engine groups them by rank, Flower by arrival).
     results = sorted(results, key=lambda r: r.update.client_id)
-    outcome = fed.aggregator.aggregate(state, [r.update for r in results])
-    if outcome.base_update is not None:
-        fed.bank.merge_into_base(outcome.base_update)
+    outcome = fed.aggregator.aggregate(
+        state, [r.update for r in results], wire_dtypes=fed.wire_dtypes
+    )
     new_state = outcome.state
+    if outcome.base_update is not None:
+        fed.bank.merge_into_base(outcome.base_update, new_state.base_delta)
     energy = energy_metrics(new_state, list(cfg.fl.rank_levels))
-    t2 = time.perf_counter()
+    t2 = device_clock(fed.device)
     row: dict[str, Any] = {
         "round": plan.round_index,
         "lr": plan.lr,
@@ -176,7 +191,7 @@ def complete_round(
     }
     if plan.round_index % cfg.eval.every == 0 or plan.round_index == cfg.fl.rounds:
         row.update(evaluate_global(fed, new_state))
-    t3 = time.perf_counter()
+    t3 = device_clock(fed.device)
     rejected = {**outcome.rejected, **(failures or {})}
     row.update(energy)
     row.update(
@@ -206,7 +221,7 @@ def run_round(
     fed: Federation, state: GlobalState, round_index: int
 ) -> tuple[GlobalState, dict[str, Any]]:
     """Run round ``round_index`` (1-based) from ``state``; return the new state and its metrics."""
-    t0 = time.perf_counter()
+    t0 = device_clock(fed.device)
     plan = plan_round(fed, state, round_index)
     # Trained grouped by rank so the shared model switches adapters as rarely as possible.
     order = sorted(zip(plan.ranks, plan.clients, strict=True))
@@ -222,7 +237,7 @@ def run_round(
         )
         for rank, client_id in order
     ]
-    return complete_round(fed, state, plan, results, train_seconds=time.perf_counter() - t0)
+    return complete_round(fed, state, plan, results, train_seconds=device_clock(fed.device) - t0)
 
 
 def adapter_meta(fed: Federation) -> dict[str, Any]:
@@ -307,6 +322,9 @@ def clear_run_dir(run_dir: Path) -> None:
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> None:
     """Create ``run_dir``; refuse to start a new run over an old one unless ``overwrite``.
 
+    Call it while holding the directory's :class:`~raflora.engine.rundir.RunLock`: with
+    ``overwrite`` it removes the previous run's files.
+
     Raises
     ------
     EngineError
@@ -328,6 +346,41 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> 
         raise EngineError(f"cannot create the run directory {run_dir}: {err}") from None
 
 
+def check_config(config: RunConfig) -> None:
+    """Validate ``config`` as the CLI does (API users reach the engines without it).
+
+    Raises
+    ------
+    ConfigError
+        With every problem found.
+    """
+    problems = validate(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def lock_run_dir(run_dir: Path, *, break_lock: bool = False) -> RunLock:
+    """Take ``run_dir``'s lock (a run directory has one writer), refusing a file path first.
+
+    Raises
+    ------
+    EngineError
+        ``run_dir`` is a file, or another process holds the lock
+        (:class:`~raflora.engine.rundir.RunLockedError`).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EngineError(f"run directory {run_dir} is a file")
+    return RunLock(run_dir, break_lock=break_lock).acquire()
+
+
+def saved_rounds(run_dir: Path) -> int:
+    """Rounds in ``run_dir``'s last good checkpoint (0 when there is none)."""
+    try:
+        return load_checkpoint(run_dir).round
+    except CheckpointError:
+        return 0
+
+
 def open_run(
     config: RunConfig,
     run_dir: Path,
@@ -338,9 +391,10 @@ def open_run(
 ) -> RunStart:
     """Prepare ``run_dir`` for a run, shared by the local and Flower engines.
 
-    A new run refuses a directory that already holds a run unless ``overwrite`` (then that run's
-    files are removed) and writes ``config.yaml`` and ``partition.json``; a resumed one checks
-    the config and loads the checkpoint (and FLoRA's merged base weights). Either way
+    The caller holds the directory's lock (:func:`lock_run_dir`). A new run refuses a directory
+    that already holds a run unless ``overwrite`` (then that run's files are removed) and writes
+    ``config.yaml`` and ``partition.json``; a resumed one checks the config and loads the
+    checkpoint onto the run's device (and FLoRA's merged base weights). Either way
     ``metrics.jsonl`` is rewritten to mirror the checkpoint (a kill may have left a partial
     line).
     """
@@ -350,20 +404,20 @@ def open_run(
         checkpoint = load_checkpoint(run_dir)
     fed = fed if fed is not None else build_federation(config)
     if resume:
-        state = checkpoint.state
+        state = checkpoint.state.to(fed.device)
         if checkpoint.base_weights:
-            load_base_weights(
-                fed.bank.model, adapter_name(fed.aggregator.r_max), checkpoint.base_weights
-            )
+            fed.bank.load_base_weights(checkpoint.base_weights)
         metrics = checkpoint.metrics
         wall_before = checkpoint.wall_seconds
     else:
         state = fed.initial_state()
         metrics = []
         wall_before = 0.0
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    with writing(run_dir, lambda: len(metrics)):
+        if not resume:
+            save_config(config, run_dir / "config.yaml")
+            (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in metrics))
     return RunStart(fed, state, metrics, wall_before)
 
 
@@ -381,8 +435,9 @@ def record_round(
     :func:`open_run` rewrites from the checkpoint on resume.
     """
     metrics.append(row)
-    save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
-    append_metrics(run_dir / METRICS_FILE, row)
+    with writing(run_dir, lambda: saved_rounds(run_dir)):
+        save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
+        append_metrics(run_dir / METRICS_FILE, row)
 
 
 def run_local(
@@ -395,6 +450,7 @@ def run_local(
     fed: Federation | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
+    break_lock: bool = False,
 ) -> RunResult:
     """Run (or resume) a federated fine-tuning run on the local engine.
 
@@ -416,12 +472,39 @@ def run_local(
         Called with each round's metrics row after it is saved.
     overwrite : bool
         Replace a previous run in ``run_dir`` (otherwise that is an error).
+    break_lock : bool
+        Take over a lock on ``run_dir`` held from another host.
 
     Returns
     -------
     RunResult
         The summary and metrics; the files are in ``run_dir``.
+
+    Raises
+    ------
+    ConfigError
+        The configuration is invalid (nothing is written).
+    EngineError
+        The run cannot start (another process holds ``run_dir``, a bad partition …) or a
+        file cannot be written (:class:`~raflora.engine.rundir.RunWriteError`; the last good
+        checkpoint is kept).
     """
+    check_config(config)
+    with lock_run_dir(run_dir, break_lock=break_lock):
+        return _run_locked(config, run_dir, resume, progress, label, fed, on_round, overwrite)
+
+
+def _run_locked(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool | None,
+    label: str,
+    fed: Federation | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    overwrite: bool,
+) -> RunResult:
+    """:func:`run_local`'s body, inside the run directory's lock."""
     from tqdm import tqdm
 
     start = open_run(config, run_dir, resume=resume, fed=fed, overwrite=overwrite)
@@ -458,6 +541,13 @@ def finish_run(
     fed: Federation, state: GlobalState, metrics: list[dict[str, Any]], run_dir: Path, wall: float
 ) -> dict[str, Any]:
     """Write the summary, plots and the final PEFT adapter; return the summary."""
+    with writing(run_dir, lambda: len(metrics)):
+        return _finish_run(fed, state, metrics, run_dir, wall)
+
+
+def _finish_run(
+    fed: Federation, state: GlobalState, metrics: list[dict[str, Any]], run_dir: Path, wall: float
+) -> dict[str, Any]:
     config = fed.config
     exported = write_adapter(run_dir / "adapter", fed.aggregator, state, adapter_meta(fed))
     extra = {

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecordValues
 
 from raflora.config import RunConfig
 from raflora.engine.federation import EngineError, build_federation
-from raflora.engine.local import RunResult, prepare_run_dir
+from raflora.engine.local import RunResult, check_config, lock_run_dir, prepare_run_dir
 from raflora.report import progress_postfix
 
 __all__ = ["num_supernodes", "run_flower"]
@@ -51,6 +51,7 @@ def run_flower(
     round_timeout: float = 3600.0,
     faults: Mapping[int, str] | None = None,
     overwrite: bool = False,
+    break_lock: bool = False,
 ) -> RunResult:
     """Run (or resume) ``config`` on Flower's simulation engine; same results as ``run_local``.
 
@@ -70,20 +71,37 @@ def run_flower(
         **Fault injection for tests only** (see :func:`raflora.flower.app.make_client_app`).
     overwrite : bool
         Replace a previous run in ``run_dir`` (otherwise that is an error).
+    break_lock : bool
+        Take over a lock on ``run_dir`` held from another host.
 
     Returns
     -------
     RunResult
         The summary and metrics; the files are in ``run_dir``.
     """
+    check_config(config)
+    nodes = num_supernodes(config)
+    with lock_run_dir(run_dir, break_lock=break_lock):
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before Ray starts
+        return _simulate(config, run_dir, nodes, resume, progress, round_timeout, faults)
+
+
+def _simulate(
+    config: RunConfig,
+    run_dir: Path,
+    nodes: int,
+    resume: bool,
+    progress: bool | None,
+    round_timeout: float,
+    faults: Mapping[int, str] | None,
+) -> RunResult:
+    """:func:`run_flower`'s body, inside the run directory's lock."""
     from flwr.simulation import run_simulation
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
     from raflora.flower.app import make_client_app, make_server_app
 
-    nodes = num_supernodes(config)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before Ray starts
     # Built here, in the main thread, before Ray starts its worker processes: NumPy's OpenBLAS
     # can deadlock when a thread is inside a BLAS call while another thread forks.
     fed = build_federation(config)
