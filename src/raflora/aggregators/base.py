@@ -92,6 +92,29 @@ class GlobalState:
             "client_ranks": dict(self.client_ranks),
         }
 
+    @property
+    def device(self) -> torch.device:
+        """Where the state's tensors live (the run's device; the CPU for an empty state)."""
+        for B, _ in self.factors.values():
+            return B.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The state's floating-point dtype (float32 in every run, whatever the model's)."""
+        for B, _ in self.factors.values():
+            return B.dtype
+        return torch.float32
+
+    def to(self, device: torch.device | str) -> GlobalState:
+        """The same state with every tensor on ``device`` (no copy for tensors already there)."""
+        return replace(
+            self,
+            factors={k: (B.to(device), A.to(device)) for k, (B, A) in self.factors.items()},
+            dense={k: v.to(device) for k, v in self.dense.items()},
+            base_delta={k: v.to(device) for k, v in self.base_delta.items()},
+        )
+
     @classmethod
     def from_state_dict(cls, data: Mapping[str, Any]) -> GlobalState:
         """Inverse of :meth:`state_dict`."""
@@ -118,6 +141,15 @@ class AggregationResult:
     accepted: tuple[int, ...]
     rejected: dict[int, str]
     base_update: Factors | None = None
+
+
+def _as_dtype(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
+    """``update`` with every tensor in ``dtype`` (no copy for tensors already in it)."""
+    return replace(
+        update,
+        factors={k: (B.to(dtype), A.to(dtype)) for k, (B, A) in update.factors.items()},
+        dense={k: v.to(dtype) for k, v in update.dense.items()},
+    )
 
 
 def lora_a_init(rows: int, cols: int, generator: torch.Generator) -> Tensor:
@@ -257,21 +289,41 @@ class Aggregator(ABC):
             The new global factors (see each method).
         """
 
-    def validate(self, state: GlobalState, update: ClientUpdate) -> None:
-        """Raise an :class:`InvalidUpdateError` if ``update`` cannot be aggregated."""
+    def validate(
+        self,
+        state: GlobalState,
+        update: ClientUpdate,
+        *,
+        wire_dtypes: Sequence[torch.dtype] = (),
+    ) -> None:
+        """Raise an :class:`InvalidUpdateError` if ``update`` cannot be aggregated.
+
+        Accepted dtypes are float32, the state's (float32 in a run) and ``wire_dtypes`` (the
+        run's model dtype); every tensor must be on the state's device.
+        """
         validate_update(
             update,
             state.module_shapes,
             dense_shapes={k: tuple(v.shape) for k, v in state.dense.items()},
             allowed_ranks=self.rank_levels if self.ranks_must_be_levels else None,
             max_rank=self.r_max,
+            dtypes={torch.float32, state.dtype, *wire_dtypes},
+            device=state.device,
         )
 
-    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> AggregationResult:
+    def aggregate(
+        self,
+        state: GlobalState,
+        updates: Sequence[ClientUpdate],
+        *,
+        wire_dtypes: Sequence[torch.dtype] = (),
+    ) -> AggregationResult:
         """Validate every update and aggregate the accepted ones into the next global state.
 
         Rejected updates are reported in the result, not raised. With none accepted the state
-        is returned unchanged.
+        is returned unchanged. Accepted updates are upcast to the state's dtype (float32) before
+        anything is averaged, so a bfloat16 update never demotes the state (see
+        :meth:`validate` for the dtypes accepted).
         """
         accepted: list[ClientUpdate] = []
         rejected: dict[int, str] = {}
@@ -284,11 +336,11 @@ class Aggregator(ABC):
                         update.client_id,
                         f"duplicate: {counts[update.client_id]} updates under one id this round",
                     )
-                self.validate(state, update)
+                self.validate(state, update, wire_dtypes=wire_dtypes)
             except InvalidUpdateError as err:
                 rejected[update.client_id] = err.reason
                 continue
-            accepted.append(update)
+            accepted.append(_as_dtype(update, state.dtype))
         if not accepted:
             return AggregationResult(state, (), rejected)
         new_factors = self._aggregate_factors(state, accepted)
