@@ -43,6 +43,21 @@ def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task identity a ``ServerApp`` process has (``Message`` reads it to address messages).
+
+    Flower sets it when it starts a ``ServerApp``; tests that build messages by hand, outside
+    one, need it too (they would otherwise pass only after a simulation ran in the process).
+    """
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
 def tiny(method: str, *extra: str) -> RunConfig:
     return load_config(None, [*TINY, f"method={method}", "flower.cpus_per_client=1", *extra])
 
@@ -91,18 +106,23 @@ def test_one_thread_everywhere_gives_bit_identical_engines(tmp_path: Path) -> No
         assert torch.equal(b.factors[name][0], B) and torch.equal(b.factors[name][1], A)
 
 
-def test_failing_and_nan_clients_are_left_out(tmp_path: Path) -> None:
+def test_failing_nan_and_inflating_clients_are_left_out(tmp_path: Path) -> None:
     config = tiny("raflora")
-    result = run_flower(config, tmp_path / "run", progress=False, faults={0: "raise", 3: "nan"})
+    faults = {0: "raise", 2: "inflate", 3: "nan"}
+    result = run_flower(config, tmp_path / "run", progress=False, faults=faults)
     assert len(result.metrics) == config.fl.rounds
+    sampled = {c for row in result.metrics for c in row["clients"]}
+    assert set(faults) <= sampled  # every fault is exercised (clients 0, 2, 3 are sampled)
     for row in result.metrics:
-        bad = {c for c in row["clients"] if c in (0, 3)}
+        bad = {c for c in row["clients"] if c in faults}
         assert row["rejected"] == len(bad)
         assert row["accepted"] == len(row["clients"]) - len(bad)
         reasons = row["rejected_reasons"]
         assert set(reasons) == {str(c) for c in bad}
         if 0 in bad:
             assert "fault injection: client 0 raises" in reasons["0"]
+        if 2 in bad:  # a client's word on its sample count is not taken
+            assert reasons["2"].startswith("sample count mismatch: reply reports")
         if 3 in bad:
             assert "non-finite" in reasons["3"]
     state = load_checkpoint(result.run_dir).state
@@ -112,6 +132,7 @@ def test_failing_and_nan_clients_are_left_out(tmp_path: Path) -> None:
     assert math.isfinite(result.summary["final_accuracy"])
 
 
+@pytest.mark.usefixtures("server_identity")
 def test_aggregate_train_rejects_bad_replies_without_crashing() -> None:
     """Hand-built replies: an error, a malformed one, a missing one; no usable reply → unchanged."""
     from flwr.app import Error
@@ -130,7 +151,7 @@ def test_aggregate_train_rejects_bad_replies_without_crashing() -> None:
     from raflora.flower.records import decode_arrays
 
     msg0 = by_node[100]
-    received = decode_arrays(msg0.content[ARRAYS])
+    received = decode_arrays(msg0.content[ARRAYS], device="cpu")
     cfg = msg0.content["config"]
     good = train_client(
         fed, 0, int(cfg["rank"]), received.factors, received.dense, 1, float(cfg["lr"])

@@ -7,7 +7,7 @@
 - ``train``: builds (once per process, cached by the configuration's hash) a
   :class:`~raflora.engine.federation.Federation` from the run configuration the server sends in the
   message, checks that the message is for its own partition, loads the received factors (and, for
-  FLoRA, the server's merged base weights) and calls
+  FLoRA, the server's merged base weights), decoded onto its own federation's device, and calls
   :func:`~raflora.engine.federation.train_client` — the one training loop of the package.
 
 Clients therefore need no configuration file: only the package, and the model and data the task
@@ -52,9 +52,10 @@ __all__ = [
     "server_app",
 ]
 
-FAULTS = ("raise", "nan")
+FAULTS = ("raise", "nan", "inflate")
 """Fault-injection kinds of :func:`make_client_app` (tests only): the client raises in its train
-handler, or trains and then replaces its factors with NaN."""
+handler, trains and then replaces its factors with NaN, or trains and reports ten times its
+sample count (to inflate its weight in the average)."""
 
 # ---------------------------------------------------------------------------------- client side
 
@@ -127,7 +128,7 @@ def _train(message: Message, context: Context, faults: Mapping[int, str]) -> Mes
     if fault == "raise":
         raise RuntimeError(f"fault injection: client {client_id} raises in round {round_index}")
     fed = federation_for(run_config)
-    received = decode_arrays(message.content.get(ARRAYS))
+    received = decode_arrays(message.content.get(ARRAYS), device=fed.device)
     if received.base:
         load_base_weights(fed.bank.model, adapter_name(fed.aggregator.r_max), received.base)
     result = train_client(fed, client_id, rank, received.factors, received.dense, round_index, lr)
@@ -137,6 +138,9 @@ def _train(message: Message, context: Context, faults: Mapping[int, str]) -> Mes
             for name, (B, A) in result.update.factors.items()
         }
         result = replace(result, update=replace(result.update, factors=poisoned))
+    elif fault == "inflate":
+        inflated = replace(result.update, num_samples=10 * result.update.num_samples)
+        result = replace(result, update=inflated)
     arrays, metrics = encode_result(result)
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=message)
 
@@ -147,8 +151,9 @@ def make_client_app(*, faults: Mapping[int, str] | None = None) -> ClientApp:
     Parameters
     ----------
     faults : Mapping[int, str], optional
-        **Fault injection for tests only**: client id → ``"raise"`` (the train handler raises) or
-        ``"nan"`` (the client replies NaN factors). The deployed ``client_app`` has none.
+        **Fault injection for tests only**: client id → ``"raise"`` (the train handler raises),
+        ``"nan"`` (the client replies NaN factors) or ``"inflate"`` (the client reports ten times
+        its sample count). The deployed ``client_app`` has none.
     """
     bad = {k: v for k, v in (faults or {}).items() if v not in FAULTS}
     if bad:

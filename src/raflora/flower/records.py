@@ -13,7 +13,12 @@ The server sends a client (issue 4, "sends each node the factors for its own ran
 The client replies with its effective factors and heads in ``"arrays"`` and a
 :class:`~flwr.app.MetricRecord` ``"metrics"`` (sample count, loss, steps, timings). Decoding never
 trusts the reply: anything that cannot be turned into a :class:`ClientUpdate` raises
-:class:`MalformedReplyError` with a reason the server records.
+:class:`MalformedReplyError` with a reason the server records. The server weights a client by the
+sample count of the partition it assigned to it, never by the count the client reports: a reply
+reporting another count raises :class:`SampleCountMismatchError` (issue 9, §5).
+
+Decoded tensors are put on the device the caller names: the server's (``fed.device``) on the
+server, the client federation's on a client (issue 9, §1).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "METRICS",
     "DecodedArrays",
     "MalformedReplyError",
+    "SampleCountMismatchError",
     "decode_arrays",
     "decode_result",
     "encode_arrays",
@@ -51,7 +57,25 @@ _KINDS = ("B", "A", "dense", "base")
 
 
 class MalformedReplyError(ValueError):
-    """A reply whose content cannot be read as a client update (the message says why)."""
+    """A reply whose content cannot be read as a client update (the message says why).
+
+    Attributes
+    ----------
+    label : str
+        Short name of the kind of rejection, the prefix of the reason the server records.
+    """
+
+    label = "malformed reply"
+
+
+class SampleCountMismatchError(MalformedReplyError):
+    """A reply reporting a sample count other than that of the partition the server assigned.
+
+    The server weights clients by the counts it assigned; a client that reports another one
+    (for instance to inflate its weight in the average) is left out of the round.
+    """
+
+    label = "sample count mismatch"
 
 
 @dataclass
@@ -97,8 +121,15 @@ def encode_arrays(
     return record
 
 
-def decode_arrays(record: object) -> DecodedArrays:
-    """Inverse of :func:`encode_arrays`.
+def decode_arrays(record: object, *, device: torch.device | str) -> DecodedArrays:
+    """Inverse of :func:`encode_arrays`, with every tensor on ``device``.
+
+    Parameters
+    ----------
+    record : object
+        The ``"arrays"`` record (anything: replies are untrusted).
+    device : torch.device or str
+        Where the decoded tensors go (the server's or the client's device).
 
     Raises
     ------
@@ -118,7 +149,7 @@ def decode_arrays(record: object) -> DecodedArrays:
             values = np.array(array.numpy(), copy=True)
         except Exception as err:  # any decoding failure of untrusted bytes
             raise MalformedReplyError(f"array {key!r} cannot be read: {err}") from None
-        parts[kind][name] = torch.from_numpy(values)
+        parts[kind][name] = torch.from_numpy(values).to(device)
     lone = sorted(set(parts["B"]) ^ set(parts["A"]))
     if lone:
         raise MalformedReplyError(f"module {lone[0]!r} has only one of its two factors")
@@ -157,7 +188,15 @@ def _number(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
-def decode_result(arrays: object, metrics: object, *, client_id: int, rank: int) -> ClientResult:
+def decode_result(
+    arrays: object,
+    metrics: object,
+    *,
+    client_id: int,
+    rank: int,
+    num_samples: int,
+    device: torch.device | str,
+) -> ClientResult:
     """Turn a reply's records into a :class:`ClientResult` for the client the server asked.
 
     Parameters
@@ -168,16 +207,23 @@ def decode_result(arrays: object, metrics: object, *, client_id: int, rank: int)
         The client the message went to.
     rank : int
         The rank the server sent it (the aggregator validates the factors against it).
+    num_samples : int
+        The sample count of the partition the server assigned to the client: the update's
+        weight, whatever the client reports.
+    device : torch.device or str
+        Where the update's tensors go (the server's device).
 
     Raises
     ------
     MalformedReplyError
         A record is missing or of the wrong kind, a metric is missing or not a number, or the
         reply names another client or rank.
+    SampleCountMismatchError
+        The reply reports a sample count other than ``num_samples``.
     """
     if not isinstance(metrics, MetricRecord):
         raise MalformedReplyError(f"{METRICS!r} is missing or not a MetricRecord")
-    decoded = decode_arrays(arrays)
+    decoded = decode_arrays(arrays, device=device)
     if decoded.base:
         raise MalformedReplyError("a client reply must not carry base weights")
     replied_id = _integer(metrics, "client-id")
@@ -186,11 +232,16 @@ def decode_result(arrays: object, metrics: object, *, client_id: int, rank: int)
     replied_rank = _integer(metrics, "rank")
     if replied_rank != rank:
         raise MalformedReplyError(f"reply trained rank {replied_rank}, expected {rank}")
+    reported = _integer(metrics, "num-samples")
+    if reported != num_samples:
+        raise SampleCountMismatchError(
+            f"reply reports {reported} samples, client {client_id}'s partition has {num_samples}"
+        )
     loss = _number(metrics, "train-loss")
     update = ClientUpdate(
         client_id=client_id,
         rank=rank,
-        num_samples=_integer(metrics, "num-samples"),
+        num_samples=num_samples,  # the server's count, not the client's word
         factors=decoded.factors,
         dense=decoded.dense,
     )

@@ -9,7 +9,9 @@ different shapes, so this strategy drives the local engine's round bookkeeping i
   SuperNode whose ``partition-id`` equals it, and sends that node
   :meth:`~raflora.engine.federation.Federation.start_factors` for its rank plus the global heads.
 - :meth:`RankStrategy.aggregate_train` decodes the replies into
-  :class:`~raflora.engine.federation.ClientResult` s and calls
+  :class:`~raflora.engine.federation.ClientResult` s on the server's device, weighted by the sample
+  count of the partition the server assigned to each client (a reply reporting another count is
+  rejected as a ``sample count mismatch``), and calls
   :func:`~raflora.engine.local.complete_round`, which validates (NaN, shapes, module set),
   aggregates, merges into the base (FLoRA), evaluates and builds the same metrics row as the local
   engine. Replies carrying an error (the ``ClientApp`` raised), missing replies (timed out, node
@@ -271,7 +273,13 @@ class RankStrategy(Strategy):
         return messages
 
     def collect(self, replies: Iterable[Message]) -> tuple[list[ClientResult], dict[int, str]]:
-        """Decode this round's replies; every sampled client without a usable one gets a reason."""
+        """Decode this round's replies; every sampled client without a usable one gets a reason.
+
+        Replies are decoded onto the server's device and weighted by the sample count of the
+        partition the server assigned to the client (:meth:`Federation.num_samples`); a reply
+        that reports another count is left out
+        (:class:`~raflora.flower.records.SampleCountMismatchError`).
+        """
         assert self._plan is not None
         rank_of = dict(zip(self._plan.clients, self._plan.ranks, strict=True))
         failures = dict(self._unreachable)
@@ -295,10 +303,12 @@ class RankStrategy(Strategy):
                         content.get(METRICS),
                         client_id=client_id,
                         rank=rank_of[client_id],
+                        num_samples=self.fed.num_samples(client_id),
+                        device=self.fed.device,
                     )
                 )
-            except MalformedReplyError as err:
-                failures[client_id] = f"malformed reply: {err}"
+            except MalformedReplyError as err:  # SampleCountMismatchError included
+                failures[client_id] = f"{err.label}: {err}"
         for client_id in self._sent.values():
             if client_id not in answered:
                 failures[client_id] = "no reply (timed out or node lost)"
