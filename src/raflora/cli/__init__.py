@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -30,22 +32,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Silence library chatter that says nothing to a user of this tool."""
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    try:
-        from transformers.utils import logging as hf_logging
+def _quiet_libraries(quiet: bool) -> None:
+    """Silence library chatter that says nothing to a user of this tool.
 
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    Always: transformers' info logs and a deprecation warning PEFT triggers. With ``--quiet``
+    also the progress bars of transformers, datasets and the Hugging Face hub, and Flower's
+    INFO logs (Ray's are silenced where the simulation starts it); warnings and errors still
+    show.
+    """
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    if not quiet:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    with contextlib.suppress(ImportError):  # the flower extra may be absent
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(level=logging.WARNING)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with options and ``key=value`` overrides in any order.
+
+    argparse stops filling the ``overrides`` positional at the first option, so
+    ``raflora run CONFIG --quiet fl.rounds=3`` would leave ``fl.rounds=3`` unrecognized: such
+    trailing arguments are appended to the overrides, in order. An unknown option is still an
+    error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``raflora`` console script; returns the exit code."""
-    _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    _quiet_libraries(bool(getattr(args, "quiet", False)))
     try:
         code: int = args.handler(args)
     except CLIError as err:

@@ -45,7 +45,17 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a previous run in the run directory"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary lines")
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over the run directory's lock held from another host (only if that run is "
+        "known to be gone)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar, summary lines, library progress bars or Flower/Ray INFO logs",
+    )
     p.set_defaults(handler=run)
 
 
@@ -78,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
                     resume=args.resume is not None,
                     progress=False if args.quiet else None,
                     overwrite=args.overwrite,
+                    break_lock=args.break_lock,
                 )
         except KeyboardInterrupt:
             _interrupted(run_dir)
@@ -119,4 +130,6 @@ def _run_flower(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> R
         resume=args.resume is not None,
         progress=False if args.quiet else None,
         overwrite=args.overwrite,
+        break_lock=args.break_lock,
+        quiet=args.quiet,
     )

@@ -336,25 +336,13 @@ def train_client(
         This round's learning rate.
     """
     t0 = device_clock(fed.device)
-    cfg = fed.config
-    bank = fed.bank
-    adapter = bank.activate(rank)
-    bank.set_factors(rank, start)
-    if dense:
-        bank.set_dense(rank, dense)
-    model = bank.model
-    if not model.training:  # train() walks every module; evaluation is what switches it off
-        model.train()
-    params = bank.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
-    shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
-    # Dropout draws from torch's global generator: seed it for this client inside a fork, so
-    # the caller's random state is left exactly as it was (nothing here reseeds global RNGs).
+    # Creating a rank's adapter (PEFT's init) and dropout draw from torch's global generator:
+    # all of it runs inside a fork, seeded for this client, so the caller's random state is
+    # left exactly as it was (nothing here reseeds or consumes the global RNG).
     with torch.random.fork_rng(devices=_rng_devices(fed.device), device_type=fed.device.type):
-        torch.manual_seed(seeds.training_torch_seed(fed.seed, round_index, client_id))
-        losses, compute = _local_steps(fed, client_id, rank, adapter, optimizer, shuffle)
-    factors = bank.get_factors(rank)
-    head = {k: v.float() for k, v in bank.get_dense(rank).items()} if dense else {}
+        losses, compute = _local_round(fed, client_id, rank, start, dense, round_index, lr)
+    factors = fed.bank.get_factors(rank)
+    head = {k: v.float() for k, v in fed.bank.get_dense(rank).items()} if dense else {}
     update = ClientUpdate(
         client_id=client_id,
         rank=rank,
@@ -364,6 +352,32 @@ def train_client(
     )
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return ClientResult(update, mean_loss, len(losses), compute, device_clock(fed.device) - t0)
+
+
+def _local_round(
+    fed: Federation,
+    client_id: int,
+    rank: int,
+    start: Mapping[str, tuple[Tensor, Tensor]],
+    dense: Mapping[str, Tensor],
+    round_index: int,
+    lr: float,
+) -> tuple[list[float], float]:
+    """Load the client's start, build its optimizer and run its local epochs."""
+    bank = fed.bank
+    adapter = bank.activate(rank)
+    # seeded after the adapter exists, so creating one never shifts this client's dropout
+    torch.manual_seed(seeds.training_torch_seed(fed.seed, round_index, client_id))
+    bank.set_factors(rank, start)
+    if dense:
+        bank.set_dense(rank, dense)
+    model = bank.model
+    if not model.training:  # train() walks every module; evaluation is what switches it off
+        model.train()
+    params = bank.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=fed.config.train.weight_decay)
+    shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
+    return _local_steps(fed, client_id, rank, adapter, optimizer, shuffle)
 
 
 def _rng_devices(device: torch.device) -> list[int]:

@@ -9,6 +9,7 @@ local engine's.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ def run_flower(
     faults: Mapping[int, str] | None = None,
     overwrite: bool = False,
     break_lock: bool = False,
+    quiet: bool = False,
 ) -> RunResult:
     """Run (or resume) ``config`` on Flower's simulation engine; same results as ``run_local``.
 
@@ -73,6 +75,8 @@ def run_flower(
         Replace a previous run in ``run_dir`` (otherwise that is an error).
     break_lock : bool
         Take over a lock on ``run_dir`` held from another host.
+    quiet : bool
+        No Ray or Flower INFO logs (warnings and errors still show).
 
     Returns
     -------
@@ -83,7 +87,7 @@ def run_flower(
     nodes = num_supernodes(config)
     with lock_run_dir(run_dir, break_lock=break_lock):
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before Ray starts
-        return _simulate(config, run_dir, nodes, resume, progress, round_timeout, faults)
+        return _simulate(config, run_dir, nodes, resume, progress, round_timeout, faults, quiet)
 
 
 def _simulate(
@@ -94,6 +98,7 @@ def _simulate(
     progress: bool | None,
     round_timeout: float,
     faults: Mapping[int, str] | None,
+    quiet: bool,
 ) -> RunResult:
     """:func:`run_flower`'s body, inside the run directory's lock."""
     from flwr.simulation import run_simulation
@@ -128,6 +133,9 @@ def _simulate(
         "num_cpus": config.flower.cpus_per_client,
         "num_gpus": config.flower.gpus_per_client,
     }
+    backend: dict[str, Any] = {"client_resources": resources}
+    if quiet:  # Ray's own INFO lines, and the workers' logs relayed to this terminal
+        backend["init_args"] = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         # Single-threaded BLAS in the server thread for the same reason (Ray may fork workers
         # while the server aggregates); PyTorch's own thread pool is unaffected.
@@ -136,7 +144,7 @@ def _simulate(
                 server_app=server,
                 client_app=client,
                 num_supernodes=nodes,
-                backend_config={"client_resources": resources},
+                backend_config=backend,
             )
     finally:
         bar.close()
