@@ -16,6 +16,7 @@ from conftest import assert_best_rank, randn
 from raflora.aggregators import (
     ClientUpdate,
     GlobalState,
+    HetLoRA,
     available_methods,
     get_aggregator,
     partition_weights,
@@ -554,6 +555,27 @@ def test_unknown_option_is_named(method: str) -> None:
 def test_bad_option_values_are_refused(method: str, options: dict[str, str]) -> None:
     with pytest.raises(ValueError, match=next(iter(options.values()))):
         get_aggregator(method, [2, 4], **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"self_pruning": "no"}, "hetlora.self_pruning: expected bool, got str 'no'"),
+        ({"self_pruning": 1}, "hetlora.self_pruning: expected bool, got int 1"),
+        ({"pruning_lambda": True}, "hetlora.pruning_lambda: expected float, got bool True"),
+    ],
+)
+def test_keyword_options_are_type_checked(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        get_aggregator("hetlora", [2, 4], **options)
+    assert str(info.value) == message
+
+
+def test_keyword_options_are_coerced_and_typos_get_a_suggestion() -> None:
+    agg = get_aggregator("hetlora", [2, 4], pruning_lambda=0)
+    assert isinstance(agg, HetLoRA) and isinstance(agg.pruning_lambda, float)
+    with pytest.raises(ValueError, match=r"\(did you mean 'empty_partition'\?\)"):
+        get_aggregator("raflora", [2, 4], empty_partiton="drop")
 
 
 @pytest.mark.parametrize("levels", [[], [0, 2], [4, 2], [2, 2]])

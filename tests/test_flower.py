@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -218,34 +219,44 @@ def _arr(t: torch.Tensor):  # type: ignore[no-untyped-def]
     return Array.from_torch_tensor(t.contiguous())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass
+class Deployment:
+    """One TLS + SuperNode-authentication rehearsal (``scripts/flower_local.sh``) and its traces."""
+
+    returncode: int
+    output: str
+    run_dir: Path
+    workdir: Path
+    pids: list[int]
+    left_running: list[int]
 
 
-@pytest.mark.slow
-def test_deployment_engine_on_loopback(tmp_path: Path) -> None:
-    """2 rounds: SuperLink + 2 SuperNodes (scripts/flower_local.sh); processes cleaned up."""
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    """2 rounds over TLS with authenticated SuperNodes, after an unregistered SuperNode tried."""
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "flower-superlink").exists() or shutil.which("bash") is None:
         pytest.skip("flower-superlink is not installed")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    tmp_path = tmp_path_factory.mktemp("deployment")
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "method: raflora\ntask:\n  name: synthetic\n  options: {num_train: 200, num_eval: 100}\n"
         "fl: {num_clients: 2, clients_per_round: 2, rounds: 2, rank_levels: [4, 8]}\n"
         "output: {plots: false}\n"
     )
-    run_dir = tmp_path / "run"
-    pid_file = tmp_path / "pids"
+    run_dir, workdir, pid_file = tmp_path / "run", tmp_path / "flower", tmp_path / "pids"
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "RAFLORA_FLOWER_PIDS": str(pid_file),
-        "RAFLORA_FLOWER_WORKDIR": str(tmp_path / "flower"),
+        "RAFLORA_FLOWER_WORKDIR": str(workdir),
+        "FLWR_HOME": str(workdir / "flwr-home"),
     }
+    script = ROOT / "scripts" / "flower_local.sh"
     proc = subprocess.Popen(
-        ["bash", str(ROOT / "scripts" / "flower_local.sh"), str(config), "2", str(run_dir)],
+        ["bash", str(script), "--check-unregistered", str(config), "2", str(run_dir)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -254,24 +265,61 @@ def test_deployment_engine_on_loopback(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        out, _ = proc.communicate(timeout=420)
+        out, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"the deployment run timed out:\n{out[-4000:]}")
+        out += "\n[the deployment run timed out]"
     finally:
         pids = [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
-        time.sleep(1)
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert proc.returncode == 0, out[-4000:]
-    assert pids and not alive, f"processes left running: {alive}"
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        deadline = time.monotonic() + 10
+        while (alive := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    return Deployment(proc.returncode, out, run_dir, workdir, pids, alive)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (killed, waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc here: it exists, that is all we know
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_deployment_over_tls_with_authenticated_supernodes(deployment: Deployment) -> None:
+    """2 rounds: SuperLink (TLS, --enable-supernode-auth) + 2 registered SuperNodes; cleaned up."""
+    assert deployment.returncode == 0, deployment.output[-4000:]
+    assert "(TLS, SuperNode authentication)" in deployment.output
+    assert deployment.pids and not deployment.left_running, deployment.left_running
+    link_log = (deployment.workdir / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in link_log  # TLS, not plain HTTP
+    for i in range(2):  # the registered SuperNodes got the work
+        assert "Receiving: train message" in (deployment.workdir / f"supernode-{i}.log").read_text()
+    rows = (deployment.run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
-    assert (run_dir / "summary.json").is_file() and (run_dir / "adapter").is_dir()
+    assert all(json.loads(row)["accepted"] == 2 for row in rows)
+    assert (deployment.run_dir / "summary.json").is_file()
+    assert (deployment.run_dir / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_supernode_with_an_unregistered_key_is_refused(deployment: Deployment) -> None:
+    """The SuperLink refuses to activate it: it exits at once, before any message reaches it."""
+    assert "SuperNode with an unregistered key refused" in deployment.output, deployment.output[
+        -4000:
+    ]
+    node_log = (deployment.workdir / "unregistered.log").read_text()
+    assert "Failed to activate SuperNode" in node_log
+    assert "Receiving:" not in node_log  # no message (query or train) ever reached it
+    link_log = (deployment.workdir / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in link_log

@@ -14,7 +14,6 @@ one batched call.
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
@@ -25,6 +24,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from raflora.aggregators.options import (
+    MethodOptions,
+    option_specs,
+    parse_options,
+    resolve_options,
+)
 from raflora.aggregators.validation import ClientUpdate, InvalidUpdateError, validate_update
 
 __all__ = [
@@ -35,7 +40,10 @@ __all__ = [
     "available_methods",
     "get_aggregator",
     "lora_a_init",
+    "method_options_classes",
+    "options_for",
     "register",
+    "resolve_method_options",
     "sample_weights",
     "weighted_average",
 ]
@@ -182,13 +190,24 @@ class Aggregator(ABC):
     ----------
     rank_levels : Sequence[int]
         The configured rank levels ``R = {r_1 < … < r_max}``; the server keeps rank ``r_max``.
+    options : MethodOptions, optional
+        The method's options, an instance of its :attr:`Options` (default: every default).
     """
 
     name: ClassVar[str]
     #: Whether client ranks must be one of the rank levels (raFLoRA's partitions need it).
     ranks_must_be_levels: ClassVar[bool] = False
+    #: The method's typed options (a frozen :class:`MethodOptions` dataclass); none by default.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
 
-    def __init__(self, rank_levels: Sequence[int]) -> None:
+    def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
+        if options is None:
+            options = self.Options()
+        if not isinstance(options, self.Options):
+            raise TypeError(
+                f"{self.name} takes {self.Options.__name__} options, got {type(options).__name__}"
+            )
+        self.options = options
         levels = [int(r) for r in rank_levels]
         if not levels:
             raise ValueError("rank_levels must not be empty")
@@ -200,7 +219,7 @@ class Aggregator(ABC):
         self.r_max = levels[-1]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(rank_levels={list(self.rank_levels)})"
+        return f"{type(self).__name__}(rank_levels={list(self.rank_levels)}, {self.options!r})"
 
     # ----------------------------------------------------------------------------- state
     def init_state(
@@ -402,9 +421,24 @@ _REGISTRY: dict[str, type[Aggregator]] = {}
 
 
 def register(cls: _A) -> _A:
-    """Class decorator adding an aggregator to the name registry under ``cls.name``."""
+    """Class decorator adding an aggregator to the name registry under ``cls.name``.
+
+    ``cls.Options`` must be a frozen :class:`MethodOptions` dataclass, and no option may share a
+    name with a method (in ``method_options`` a method's name holds that method's options).
+    """
     if cls.name in _REGISTRY:
         raise ValueError(f"aggregator {cls.name!r} is already registered")
+    opts = cls.Options
+    params = vars(opts).get("__dataclass_params__")
+    if not issubclass(opts, MethodOptions) or params is None or not params.frozen:
+        raise TypeError(f"{cls.name}.Options must be a frozen dataclass deriving MethodOptions")
+    names = {s.name for s in option_specs(opts)}
+    clash = sorted(names & (set(_REGISTRY) | {cls.name}))
+    clash += [
+        m for m, c in _REGISTRY.items() if cls.name in (s.name for s in option_specs(c.Options))
+    ]
+    if clash:
+        raise ValueError(f"{cls.name}: option and method names must differ, both use {clash}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -414,22 +448,81 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_aggregator(method: str, rank_levels: Sequence[int], **options: Any) -> Aggregator:
-    """Build the aggregator registered as ``method``; unknown names list the known ones."""
+def _lookup(method: str) -> type[Aggregator]:
     try:
-        cls = _REGISTRY[method]
+        return _REGISTRY[method]
     except KeyError:
         raise ValueError(
             f"unknown method {method!r}; available: {', '.join(available_methods())}"
         ) from None
-    accepted = [
-        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rank_levels")
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"method {method!r} has no option(s) {', '.join(unknown)}; "
-            f"it accepts: {', '.join(accepted) or 'none'}"
-        )
+
+
+def method_options_classes() -> dict[str, type[MethodOptions]]:
+    """Every registered method → its options class, in name order."""
+    return {name: _REGISTRY[name].Options for name in available_methods()}
+
+
+def resolve_method_options(
+    method_options: Mapping[str, Any], methods_in_run: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """The options each method of a run or comparison gets from ``method_options``.
+
+    A key that is a method's name holds that method's options; any other key applies to every
+    method of the run that declares it, and is an error when none does (see
+    :func:`~raflora.aggregators.options.resolve_options`).
+
+    Raises
+    ------
+    OptionsError
+        With every problem (an unknown method, key or option, a wrong type or value).
+    """
+    for method in methods_in_run:
+        _lookup(method)
+    return resolve_options(method_options, method_options_classes(), methods_in_run)
+
+
+def options_for(
+    method: str,
+    method_options: Mapping[str, Any],
+    *,
+    methods_in_run: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The options ``method`` gets from a run's ``method_options``, as keyword arguments.
+
+    Parameters
+    ----------
+    method : str
+        The method to build.
+    method_options : Mapping[str, Any]
+        The run's ``method_options`` (plain keys and/or keys named after methods).
+    methods_in_run : Sequence[str], optional
+        Every method of the run or comparison (default: ``method`` alone); a plain key must be
+        declared by at least one of them.
+
+    Returns
+    -------
+    dict[str, Any]
+        The options set for ``method`` (checked and coerced; defaults left out), ready for
+        :func:`get_aggregator`.
+
+    Raises
+    ------
+    OptionsError
+        With every problem in ``method_options``.
+    """
+    run = [method] if methods_in_run is None else list(methods_in_run)
+    if method not in run:
+        raise ValueError(f"method {method!r} is not among the methods in the run {run}")
+    return resolve_method_options(method_options, run)[method]
+
+
+def get_aggregator(method: str, rank_levels: Sequence[int], **options: Any) -> Aggregator:
+    """Build the aggregator registered as ``method`` with its options as keyword arguments.
+
+    Unknown method names list the known ones; options are checked by the method's
+    :attr:`Aggregator.Options` (an :class:`OptionsError`, a ``ValueError``, lists every
+    problem).
+    """
+    cls = _lookup(method)
     factory: Callable[..., Aggregator] = cls
-    return factory(rank_levels, **options)
+    return factory(rank_levels, parse_options(cls.Options, options, owner=method))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from raflora.aggregators.base import Aggregator, register, sample_weights, weighted_average
+from raflora.aggregators.options import MethodOptions
 
 __all__ = ["FedIT"]
 
@@ -25,8 +26,8 @@ class FedIT(Aggregator):
     name = "fedit"
     ranks_must_be_levels = True
 
-    def __init__(self, rank_levels: Sequence[int]) -> None:
-        super().__init__(rank_levels)
+    def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
+        super().__init__(rank_levels, options)
         if len(self.rank_levels) != 1:
             raise ValueError(f"{_MIXED} (got rank levels {list(self.rank_levels)})")
 

@@ -18,6 +18,8 @@ summed over modules; the paper does not say whether it is per module or per mode
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -28,10 +30,11 @@ from raflora.aggregators.base import (
     register,
     sample_weights,
 )
+from raflora.aggregators.options import MethodOptions, option
 from raflora.aggregators.validation import ClientUpdate
 from raflora.linalg import frobenius_norm
 
-__all__ = ["HetLoRA", "tail_norm"]
+__all__ = ["HetLoRA", "HetLoRAOptions", "tail_norm"]
 
 
 def tail_norm(factors: Mapping[str, tuple[Tensor, Tensor]], start: int) -> Tensor:
@@ -52,6 +55,25 @@ def _pad(t: Tensor, rank: int, dim: int) -> Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+@dataclass(frozen=True)
+class HetLoRAOptions(MethodOptions):
+    """HetLoRA's options (``method_options`` of a hetlora run)."""
+
+    weighting: Literal["sparsity", "samples"] = option(
+        "sparsity",
+        "Aggregation weights: 'sparsity' (w_k ∝ ‖B_k A_k‖_F, HetLoRA's) or 'samples' (w_k = p_k).",
+    )
+    self_pruning: bool = option(
+        False,
+        "Rank self-pruning (HetLoRA §3.3): clients add λ‖B[:, ⌊γr⌋:]‖_F‖A[⌊γr⌋:, :]‖_F to their "
+        "loss, and one whose tail shrank over a round trains at rank ⌊γ r_k⌋ from then on.",
+    )
+    pruning_gamma: float = option(
+        0.99, "Kept fraction γ of the rank when a client prunes (rank ⌊γ r_k⌋).", gt=0, lt=1
+    )
+    pruning_lambda: float = option(1e-3, "Weight λ of the pruning loss term.", ge=0)
+
+
 @register
 class HetLoRA(Aggregator):
     """Zero-padding aggregation; sparsity-weighted by default.
@@ -60,39 +82,33 @@ class HetLoRA(Aggregator):
     ----------
     rank_levels : Sequence[int]
         Configured rank levels; the server keeps ``r_max``.
-    weighting : {"sparsity", "samples"}
-        ``w_k ∝ ‖B_k A_k‖_F`` (HetLoRA's default) or ``w_k = p_k``.
-    self_pruning : bool
-        Enable rank self-pruning.
-    pruning_gamma : float
-        Kept fraction ``γ`` of the rank when pruning (``0 < γ < 1``).
-    pruning_lambda : float
-        Weight ``λ`` of the pruning loss term.
+    options : HetLoRAOptions, optional
+        ``weighting``, ``self_pruning``, ``pruning_gamma``, ``pruning_lambda``.
     """
 
     name = "hetlora"
+    Options = HetLoRAOptions
+    options: HetLoRAOptions
 
-    def __init__(
-        self,
-        rank_levels: Sequence[int],
-        weighting: str = "sparsity",
-        self_pruning: bool = False,
-        pruning_gamma: float = 0.99,
-        pruning_lambda: float = 1e-3,
-    ) -> None:
-        super().__init__(rank_levels)
-        if weighting not in ("sparsity", "samples"):
-            raise ValueError(
-                f"hetlora weighting must be 'sparsity' or 'samples', got {weighting!r}"
-            )
-        if not 0.0 < pruning_gamma < 1.0:
-            raise ValueError(f"hetlora pruning_gamma must be in (0, 1), got {pruning_gamma}")
-        if pruning_lambda < 0:
-            raise ValueError(f"hetlora pruning_lambda must be ≥ 0, got {pruning_lambda}")
-        self.weighting = weighting
-        self.self_pruning = self_pruning
-        self.pruning_gamma = pruning_gamma
-        self.pruning_lambda = pruning_lambda
+    @property
+    def weighting(self) -> str:
+        """``"sparsity"`` or ``"samples"``."""
+        return self.options.weighting
+
+    @property
+    def self_pruning(self) -> bool:
+        """Whether rank self-pruning is on."""
+        return self.options.self_pruning
+
+    @property
+    def pruning_gamma(self) -> float:
+        """Kept fraction ``γ`` of the rank when pruning."""
+        return self.options.pruning_gamma
+
+    @property
+    def pruning_lambda(self) -> float:
+        """Weight ``λ`` of the pruning loss term."""
+        return self.options.pruning_lambda
 
     def pruned_rank(self, rank: int) -> int:
         """``⌊γ r⌋`` (at least 1)."""

@@ -21,14 +21,17 @@ luck of the draw; ``"drop"`` leaves the partition out (ΔW_h = 0), the literal r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from raflora.aggregators.base import Aggregator, register
+from raflora.aggregators.options import MethodOptions, option
 from raflora.linalg import svd_to_factors
 
-__all__ = ["RaFLoRA", "partition_bounds", "partition_weights"]
+__all__ = ["RaFLoRA", "RaFLoRAOptions", "partition_bounds", "partition_weights"]
 
 
 def partition_bounds(rank_levels: Sequence[int]) -> list[tuple[int, int]]:
@@ -56,6 +59,17 @@ def partition_weights(
     return member * n[:, None] / torch.where(N_h > 0, N_h, torch.ones_like(N_h))
 
 
+@dataclass(frozen=True)
+class RaFLoRAOptions(MethodOptions):
+    """raFLoRA's options (``method_options`` of a raflora run)."""
+
+    empty_partition: Literal["carry", "drop"] = option(
+        "carry",
+        "A partition no sampled client reaches: 'carry' the previous global slice, or 'drop' it "
+        "(Eq. 8 read literally).",
+    )
+
+
 @register
 class RaFLoRA(Aggregator):
     """Rank-partitioned aggregation (Algorithm 1).
@@ -64,20 +78,19 @@ class RaFLoRA(Aggregator):
     ----------
     rank_levels : Sequence[int]
         The partition boundaries ``R``; every client rank must be one of them.
-    empty_partition : {"carry", "drop"}
-        What an empty partition contributes: the previous global slice, or nothing.
+    options : RaFLoRAOptions, optional
+        ``empty_partition``: what an empty partition contributes.
     """
 
     name = "raflora"
     ranks_must_be_levels = True
+    Options = RaFLoRAOptions
+    options: RaFLoRAOptions
 
-    def __init__(self, rank_levels: Sequence[int], empty_partition: str = "carry") -> None:
-        super().__init__(rank_levels)
-        if empty_partition not in ("carry", "drop"):
-            raise ValueError(
-                f"raflora empty_partition must be 'carry' or 'drop', got {empty_partition!r}"
-            )
-        self.empty_partition = empty_partition
+    @property
+    def empty_partition(self) -> str:
+        """``"carry"`` or ``"drop"``."""
+        return self.options.empty_partition
 
     def aggregate_module(
         self,
