@@ -6,20 +6,27 @@ its pieces on the CPU so the check cannot rot on machines without a GPU.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from raflora.aggregators import GlobalState, available_methods
+from raflora.config import config_from_dict
+from raflora.engine import build_federation
 from raflora.gpu_check import (
     DTYPES,
     MODELS,
     Assets,
+    _max_rel_diff,
     build_assets,
+    check_export,
     check_resume,
     check_run,
     main,
+    run_config,
     state_problems,
 )
 
@@ -66,7 +73,17 @@ def test_one_run_and_export_check_on_the_cpu(assets: Assets, tmp_path: Path) -> 
     assert ran.ok, ran
     assert str(ran).startswith("PASS run vit/flexlora/float32 (3 rounds")
     assert exported.ok, exported
-    assert (tmp_path / "vit-flexlora-float32" / "adapter" / "adapter_model.safetensors").is_file()
+    # An adapter that lost its update (B = 0) no longer reproduces the engine's evaluation.
+    run_dir = tmp_path / "vit-flexlora-float32"
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in tensors.items()}, str(weights))
+    fed = build_federation(
+        config_from_dict(run_config(assets, "vit", "flexlora", "float32", "cpu"))
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lost = check_export(fed, run_dir, summary, "vit/flexlora/float32")
+    assert not lost.ok and "PEFT misses over 10% of the adapter's effect" in str(lost)
 
 
 def test_a_broken_run_is_a_fail_line(assets: Assets, tmp_path: Path) -> None:
@@ -88,6 +105,16 @@ def test_unknown_selection_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         main(["--device", "cpu", "--methods", "raflora,fedavg"])
     assert exit_info.value.code == 2
     assert "--methods: unknown 'fedavg'" in capsys.readouterr().err
+
+
+def test_resume_comparison_of_metrics_rows() -> None:
+    rows = [{"round": 1, "eval_loss": 2.0, "energy_per_level": {"2": 0.5}, "clients": [0, 3]}]
+    assert _max_rel_diff(rows, [dict(rows[0])]) == 0.0
+    other = [{**rows[0], "energy_per_level": {"2": 0.25}}]
+    assert _max_rel_diff(rows, other) == pytest.approx(0.5)
+    assert _max_rel_diff(rows, [{**rows[0], "clients": [0, 2]}]) == pytest.approx(1 / 3)
+    assert _max_rel_diff(rows, rows + rows) == float("inf")  # a missing row
+    assert _max_rel_diff(rows, [{"round": 1}]) == float("inf")  # a missing key
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ prints one ``PASS name (details)`` or ``FAIL name (reason)`` line per check:
 ``export MODEL/METHOD/DTYPE``
     The run's ``adapter/`` loaded with ``PeftModel.from_pretrained`` onto a fresh base model on
     the device gives the engine's final ``eval_loss`` with the task's own evaluation, within
-    :data:`EXPORT_RTOL` (relative).
+    :data:`EXPORT_RTOL` (relative) and within :data:`EFFECT_RTOL` of the adapter's effect on
+    the loss.
 ``resume MODEL/METHOD/DTYPE``
     ``raflora run`` in a subprocess (``torch.use_deterministic_algorithms`` and
     ``CUBLAS_WORKSPACE_CONFIG`` set) is killed with SIGKILL once round 1 is checkpointed, then
@@ -29,6 +30,7 @@ call (``tests/test_gpu.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,10 +50,12 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from raflora.aggregators import Aggregator, GlobalState
+    from raflora.config import RunConfig
     from raflora.engine.federation import Federation
 
 __all__ = [
     "DTYPES",
+    "EFFECT_RTOL",
     "EXPORT_RTOL",
     "MODELS",
     "RESUME_RTOL",
@@ -77,6 +81,9 @@ bfloat16: PEFT keeps the loaded LoRA factors in float32 and adds ``B A x`` to a 
 output, while FLoRA's engine model holds ``bf16(W_0 + ΔW)``; a bf16 rounding (2⁻⁸ relative) of
 the adapted weights moves a tiny model's loss by well under 1 %.
 """
+EFFECT_RTOL = 0.1
+"""The PEFT model's ``eval_loss`` must also be within this fraction of the adapter's effect
+``|eval_loss(base) − eval_loss(engine)|`` from the engine's (so a lost adapter cannot pass)."""
 RESUME_RTOL = 1e-4
 """Largest relative difference accepted between a resumed and an uninterrupted run on CUDA
 when they are not bit-identical (a kernel without a deterministic implementation); on the CPU
@@ -150,6 +157,7 @@ def make_llama(model_dir: Path, data_dir: Path, *, seed: int = 0) -> None:
         trainers.BpeTrainer(
             vocab_size=300,
             special_tokens=["<s>", "</s>"],
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
@@ -258,7 +266,7 @@ def run_config(
             "rank_levels": [4] if method == "fedit" else [2, 4, 8],
         },
         "data": {"partition": "iid", "min_samples": 1},
-        "train": {"lr": 1e-3, "batch_size": 4},
+        "train": {"lr": 1e-2, "batch_size": 4},
         "eval": {"every": 1, "batch_size": 8},
         "output": {"plots": False},
     }
@@ -326,10 +334,39 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
+class _InterruptionError(Exception):
+    """Ends the first part of a run after round :data:`RESUME_AFTER` (an interruption)."""
+
+
+RESUME_AFTER = ROUNDS - 1
+"""The run check stops after this round and resumes in a fresh federation (state from the
+checkpoint, which must come back onto the device)."""
+
+
+def _stop_after(round_index: int) -> Callable[[dict[str, Any]], None]:
+    def on_round(row: dict[str, Any]) -> None:
+        if row["round"] == round_index:
+            raise _InterruptionError
+
+    return on_round
+
+
+def _federation(config: RunConfig, problems: list[str]) -> Federation:
+    """The run's federation with every global state its aggregator sees checked."""
+    from raflora.engine import build_federation
+
+    fed = build_federation(config)
+    _probe_states(fed.aggregator, fed.device, problems)
+    return fed
+
+
 def check_run(
     assets: Assets, model: str, method: str, dtype: str, device: str, work: Path
 ) -> tuple[CheckResult, CheckResult]:
     """Check 1 (``run``) and check 3 (``export``) for one model, method and dtype.
+
+    The run stops after round :data:`RESUME_AFTER` and is resumed in a fresh federation for
+    the last round, so the state loaded from the checkpoint is checked too.
 
     Parameters
     ----------
@@ -338,35 +375,45 @@ def check_run(
     model, method, dtype, device : str
         ``llama``/``vit``, a registered method, ``float32``/``bfloat16``, ``cuda``/``cpu``.
     work : Path
-        The run directory is ``work / MODEL-METHOD-DTYPE``.
+        The run directory is ``work / MODEL-METHOD-DTYPE`` (a previous one is replaced).
     """
     from raflora.config import config_from_dict
-    from raflora.engine import build_federation, load_checkpoint, run_local
+    from raflora.engine import load_checkpoint, run_local
 
     label = f"{model}/{method}/{dtype}"
     t0 = time.perf_counter()
     run_dir = work / label.replace("/", "-")
+    problems: list[str] = []
     try:
         config = config_from_dict(run_config(assets, model, method, dtype, device))
-        fed = build_federation(config)
-        problems: list[str] = []
-        _probe_states(fed.aggregator, fed.device, problems)
-        result = run_local(config, run_dir, progress=False, fed=fed)
+        fed = _federation(config, problems)
+        with contextlib.suppress(_InterruptionError):
+            run_local(
+                config,
+                run_dir,
+                progress=False,
+                fed=fed,
+                overwrite=True,
+                on_round=_stop_after(RESUME_AFTER),
+            )
+        fed = _federation(config, problems)
+        result = run_local(config, run_dir, resume=True, progress=False, fed=fed)
         problems += _metric_problems(result.metrics)
         problems += state_problems(load_checkpoint(run_dir).state, None, "checkpoint: ")
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (run_dir / "adapter" / name).is_file():
                 problems.append(f"no adapter/{name}")
     except Exception as err:
-        failed = CheckResult(f"run {label}", False, _error(err))
+        failed = CheckResult(f"run {label}", False, "; ".join([*problems[:2], _error(err)]))
         return failed, CheckResult(f"export {label}", False, "no finished run")
     seconds = time.perf_counter() - t0
     row = result.metrics[-1]
     detail = (
         "; ".join(problems[:3])
         if problems
-        else f"{ROUNDS} rounds in {seconds:.1f} s, state on {fed.device.type} in float32, "
-        f"eval_loss {row['eval_loss']:.4f}, higher-rank energy {row['higher_rank_energy']:.3f}"
+        else f"{ROUNDS} rounds (resumed after {RESUME_AFTER}) in {seconds:.1f} s, state on "
+        f"{fed.device.type} in float32, eval_loss {row['eval_loss']:.4f}, higher-rank energy "
+        f"{row['higher_rank_energy']:.3f}"
     )
     ran = CheckResult(f"run {label}", not problems, detail)
     return ran, check_export(fed, run_dir, result.summary, label)
@@ -384,18 +431,31 @@ def check_export(
     from peft import PeftModel
 
     name = f"export {label}"
+    batch_size = fed.config.eval.batch_size
     try:
-        base = fed.task.load_base_model().to(device=fed.device, dtype=fed.dtype)
+        base = fed.task.load_base_model().to(device=fed.device, dtype=fed.dtype).eval()
+        with torch.no_grad():
+            untrained = float(fed.task.evaluate(base, batch_size, fed.device)["eval_loss"])
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
         model.eval()
         with torch.no_grad():
-            metrics = fed.task.evaluate(model, fed.config.eval.batch_size, fed.device)
+            peft = float(fed.task.evaluate(model, batch_size, fed.device)["eval_loss"])
     except Exception as err:
         return CheckResult(name, False, _error(err))
-    engine, peft = float(summary["final_eval_loss"]), float(metrics["eval_loss"])
+    engine = float(summary["final_eval_loss"])
     rel = abs(peft - engine) / max(abs(engine), 1e-12)
     tol = EXPORT_RTOL[fed.config.dtype]
-    detail = f"eval_loss engine {engine:.6f}, PEFT {peft:.6f}, rel. diff {rel:.1e} (tol {tol:g})"
+    detail = (
+        f"eval_loss engine {engine:.6f}, PEFT {peft:.6f}, rel. diff {rel:.1e} (tol {tol:g}); "
+        f"base model {untrained:.6f}"
+    )
+    # A tiny model's loss may move little in a few rounds: an adapter lost on the way would
+    # then still be within tol, so PEFT must also reproduce the adapter's effect on the loss.
+    effect = abs(untrained - engine)
+    if abs(peft - engine) > EFFECT_RTOL * effect:
+        return CheckResult(
+            name, False, f"{detail}: PEFT misses over {EFFECT_RTOL:.0%} of the adapter's effect"
+        )
     return CheckResult(name, rel <= tol, detail)
 
 
@@ -501,17 +561,28 @@ def check_resume(
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "HF_HUB_OFFLINE": "1"}
     env["HF_DATASETS_OFFLINE"] = "1"
     full, killed = root / "uninterrupted", root / "killed"
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        started.append(_cli(args, env))
+        return started[-1]
+
     try:
-        reference = _cli(["run", str(config), "--out", str(full), "--quiet"], env)
-        victim = _cli(["run", str(config), "--out", str(killed), "--quiet"], env)
+        reference = start("run", str(config), "--out", str(full), "--quiet", "--overwrite")
+        victim = start("run", str(config), "--out", str(killed), "--quiet", "--overwrite")
         _kill_after_round_one(victim, killed, timeout)
         saved = len(_rows(killed))
-        _finish(_cli(["run", "--resume", str(killed), "--quiet"], env), "--resume", timeout)
+        _finish(start("run", "--resume", str(killed), "--quiet"), "--resume", timeout)
         _finish(reference, "the uninterrupted run", timeout)
         metrics_diff = _max_rel_diff(_rows(full), _rows(killed))
         adapter_diff = _adapter_diff(full, killed)
     except Exception as err:
         return CheckResult(name, False, _error(err))
+    finally:
+        for proc in started:  # only after a failure is one still running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     where = f"killed after {saved} saved round(s), resumed to {ROUNDS}"
     seconds = f"{time.perf_counter() - t0:.1f} s"
     if metrics_diff == 0.0 and adapter_diff == 0.0:
