@@ -81,6 +81,10 @@ def test_every_field_has_help_and_is_described() -> None:
         else:
             assert f"  {f.name} (" in text
     assert "data.partition (str, default iid)" in text
+    # then every method's options, after the config keys
+    for method in available_methods():
+        assert f"\n{method}:" in text[text.index("Method options") :]
+    assert "  empty_partition ('carry' | 'drop', default carry)" in text
     assert "fl.rank_levels (list[int], default [8, 16, 32, 48, 64])" in text
 
 
@@ -303,6 +307,15 @@ def test_many_problems_reported_at_once() -> None:
         (["output.plots=1"], "output.plots: expected bool, got int"),
         (["method_options.empty_partition=sometimes"], "empty_partition"),
         (["method_options.nosuch=1"], "nosuch"),
+        (
+            ["method=hetlora", "method_options.self_pruning='no'"],
+            "method_options.self_pruning (hetlora): expected bool, got str 'no'",
+        ),
+        (["method_options.empty_partiton=drop"], "(did you mean 'empty_partition'?)"),
+        (
+            ["method=hetlora", "method_options.empty_partition=drop"],
+            "method_options.empty_partition: an option of raflora, not of the method(s) run",
+        ),
     ],
 )
 def test_single_problems(overrides: list[str], fragment: str) -> None:

@@ -15,17 +15,17 @@ Unknown keys are always errors; the message lists the valid keys of the section.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
+
+from raflora.aggregators.options import check_type, coerce, did_you_mean, type_name, value_type
 
 __all__ = [
     "ConfigError",
@@ -223,7 +223,11 @@ class RunConfig:
     )
     method_options: dict[str, Any] = field(
         default_factory=dict,
-        metadata=_help("Options passed to the aggregator, e.g. {empty_partition: drop}."),
+        metadata=_help(
+            "Method options (see 'Method options' below): {option: value} sets it for every "
+            "method run that declares it, {method: {option: value}} for that method only, e.g. "
+            "{raflora: {empty_partition: drop}, hetlora: {weighting: samples}}."
+        ),
     )
     device: Device = field(default="cpu", metadata=_help("'cpu', 'cuda' or 'auto'."))
     dtype: DType = field(
@@ -293,95 +297,9 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _union_args(tp: Any) -> tuple[Any, ...] | None:
-    origin = typing.get_origin(tp)
-    if origin is Union or origin is types.UnionType:
-        return typing.get_args(tp)
-    return None
-
-
-def _type_name(tp: Any) -> str:
-    args = _union_args(tp)
-    if args is not None:
-        return " | ".join(_type_name(a) for a in args)
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    if origin is dict:
-        return "mapping"
-    if tp is Any:
-        return "any"
-    return str(getattr(tp, "__name__", tp))
-
-
-def _value_type(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _check_type(value: object, tp: Any) -> bool:
-    """Whether ``value`` is an instance of the annotation ``tp`` (strict: no bool-as-int)."""
-    args = _union_args(tp)
-    if args is not None:
-        return any(_check_type(value, a) for a in args)
-    if tp is Any:
-        return True
-    if tp is type(None):
-        return value is None
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return isinstance(value, str) and value in typing.get_args(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, float)
-    if tp is str:
-        return isinstance(value, str)
-    if _is_section(tp):
-        return isinstance(value, tp)
-    return isinstance(value, tp)
-
-
-def _accepts_float(tp: Any) -> bool:
-    args = _union_args(tp)
-    return tp is float or (args is not None and float in args)
-
-
-def _coerce(value: object, tp: Any) -> object:
-    """Lenient conversions YAML needs: ints and float-like strings into float fields."""
-    if _accepts_float(tp) and not isinstance(value, bool):
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value
-    args = _union_args(tp)
-    list_types = [a for a in (args or (tp,)) if typing.get_origin(a) is list]
-    if list_types and isinstance(value, (list, tuple)):
-        (item,) = typing.get_args(list_types[0])
-        return [_coerce(v, item) for v in value]
-    return value
-
-
 def _unknown_key(section: str, key: object, valid: Sequence[str]) -> str:
     where = f"{section}: unknown key" if section else "unknown top-level key"
-    msg = f"{where} {key!r}"
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    if close:
-        msg += f" (did you mean {close[0]!r}?)"
-    return f"{msg}; valid keys: {', '.join(valid)}"
+    return f"{where} {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,11 +321,11 @@ def _build(cls: type[Any], data: Mapping[Any, Any], prefix: str, problems: list[
             if value is None:
                 continue  # an empty section in YAML: keep the defaults
             if not isinstance(value, Mapping):
-                problems.append(f"{path}: must be a mapping, got {_value_type(value)}")
+                problems.append(f"{path}: must be a mapping, got {value_type(value)}")
                 continue
             kwargs[key] = _build(tp, value, path, problems)
         else:
-            kwargs[key] = _coerce(value, tp)
+            kwargs[key] = coerce(value, tp)
     return cls(**kwargs)
 
 
@@ -443,7 +361,7 @@ def _from_dict(data: object, problems: list[str]) -> RunConfig:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        problems.append(f"config must be a mapping of sections, got {_value_type(data)}")
+        problems.append(f"config must be a mapping of sections, got {value_type(data)}")
         return RunConfig()
     cfg: RunConfig = _build(RunConfig, data, "", problems)
     return cfg
@@ -574,7 +492,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{p}: config must be a mapping of sections, got {_value_type(data)}"])
+        raise ConfigError([f"{p}: config must be a mapping of sections, got {value_type(data)}"])
     return data
 
 
@@ -590,7 +508,10 @@ def _deep_merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any
 
 
 def load_config(
-    path: str | Path | Sequence[str | Path] | None, overrides: Sequence[str] = ()
+    path: str | Path | Sequence[str | Path] | None,
+    overrides: Sequence[str] = (),
+    *,
+    methods: Sequence[str] | None = None,
 ) -> RunConfig:
     """Load YAML config file(s), apply ``section.key=value`` overrides, and validate.
 
@@ -606,6 +527,9 @@ def load_config(
         YAML file(s); ``None`` (or an empty sequence) starts from the defaults.
     overrides : sequence of str
         Dotted overrides, applied in order after the files.
+    methods : sequence of str, optional
+        The methods the config will run (``raflora compare``); ``method_options`` is checked
+        against them (default: ``method`` alone). See :func:`validate`.
 
     Returns
     -------
@@ -625,7 +549,7 @@ def load_config(
     for override in overrides:
         _apply_override(data, override, problems)
     cfg = _from_dict(data, problems)
-    problems.extend(validate(cfg))
+    problems.extend(validate(cfg, methods=methods))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -644,35 +568,41 @@ def _type_problems(obj: Any, prefix: str, problems: list[str], bad: set[str]) ->
         path = f"{prefix}.{f.name}" if prefix else f.name
         if _is_section(tp) and isinstance(value, tp):
             _type_problems(value, path, problems, bad)
-        elif not _check_type(value, tp):
+        elif not check_type(value, tp):
             bad.add(path)
             if typing.get_origin(tp) is Literal:
                 choices = ", ".join(repr(c) for c in typing.get_args(tp))
                 problems.append(f"{path}: must be one of {choices}, got {value!r}")
             else:
                 problems.append(
-                    f"{path}: expected {_type_name(tp)}, got {_value_type(value)} {value!r}"
+                    f"{path}: expected {type_name(tp)}, got {value_type(value)} {value!r}"
                 )
 
 
-def validate(config: RunConfig) -> list[str]:
+def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list[str]:
     """Every problem with a configuration (empty when it is valid).
 
     Checks types (bools are not ints, strings are not lists), ranges, cross-field consistency
     (``clients_per_round ≤ num_clients``, ``rank_probs`` against ``rank_levels``), the method,
     its options and the partition spec.
 
+    ``method_options`` is resolved for the methods run (``resolve_method_options`` in
+    :mod:`raflora.aggregators.base`): a key named after a method holds that method's options,
+    any other key must be an option of at least one method run; every option is type-checked.
+
     Parameters
     ----------
     config : RunConfig
         The configuration to check; it may hold values of the wrong type.
+    methods : sequence of str, optional
+        The methods the config will run (``raflora compare``); default: ``config.method``.
 
     Returns
     -------
     list of str
         Problem messages, each naming the offending key.
     """
-    from raflora.aggregators import available_methods, get_aggregator
+    from raflora.aggregators import available_methods
     from raflora.data import parse_partition
 
     problems: list[str] = []
@@ -697,9 +627,9 @@ def validate(config: RunConfig) -> list[str]:
             problems.append(f"{path}: must be a finite number ≥ 0, got {value}")
 
     # Top level.
-    methods = available_methods()
-    if ok("method") and config.method not in methods:
-        problems.append(f"method: unknown method {config.method!r}; valid: {', '.join(methods)}")
+    known = available_methods()
+    if ok("method") and config.method not in known:
+        problems.append(f"method: unknown method {config.method!r}; valid: {', '.join(known)}")
     at_least("seed", config.seed, 0)
     at_least("threads", config.threads, 1)
 
@@ -798,18 +728,48 @@ def validate(config: RunConfig) -> list[str]:
     non_negative("flower.gpus_per_client", fw.gpus_per_client)
 
     # Method against rank levels and method options.
-    if ok("method") and config.method == "fedit" and levels_ok and len(fl.rank_levels) > 1:
+    method_ok = ok("method") and config.method in known and levels_ok
+    if method_ok and config.method == "fedit" and len(fl.rank_levels) > 1:
+        method_ok = False
         problems.append(
             f"method: 'fedit' needs a single rank level (homogeneous ranks), got "
             f"fl.rank_levels {fl.rank_levels}; use 'hetlora' (or 'raflora', 'flexlora', "
             f"'flora') for heterogeneous ranks, or set fl.rank_levels to one rank"
         )
-    elif ok("method", "method_options") and config.method in methods and levels_ok:
-        try:
-            get_aggregator(config.method, fl.rank_levels, **config.method_options)
-        except (ValueError, TypeError) as exc:
-            problems.append(f"method_options: {exc}")
+    if ok("method_options"):
+        problems.extend(_method_problems(config, methods, method_ok=method_ok))
 
+    return problems
+
+
+def _method_problems(
+    config: RunConfig, methods: Sequence[str] | None, *, method_ok: bool
+) -> list[str]:
+    """``method_options`` resolved for the methods run; the method built with its options.
+
+    ``methods`` are the methods run (``None``: ``config.method``); the aggregator is built
+    (its own checks against the rank levels) only when ``method_ok`` and it is among them.
+    """
+    from raflora.aggregators import available_methods, get_aggregator
+    from raflora.aggregators.base import resolve_method_options
+    from raflora.aggregators.options import OptionsError
+
+    known = available_methods()
+    problems = [
+        f"methods: unknown method {m!r}; valid: {', '.join(known)}"
+        for m in methods or ()
+        if m not in known
+    ]
+    run = [m for m in (methods if methods is not None else [config.method]) if m in known]
+    try:
+        resolved = resolve_method_options(config.method_options, run)
+    except OptionsError as err:
+        return problems + err.problems
+    if method_ok and config.method in resolved:
+        try:
+            get_aggregator(config.method, config.fl.rank_levels, **resolved[config.method])
+        except (ValueError, TypeError) as exc:
+            problems.append(f"method: {exc}")
     return problems
 
 
@@ -832,18 +792,30 @@ def _describe(cls: type[Any], prefix: str, lines: list[str]) -> None:
             continue
         default = yaml.safe_dump(getattr(default_obj, f.name), default_flow_style=True)
         default = default.strip().removesuffix("...").strip()
-        lines.append(f"  {path} ({_type_name(tp)}, default {default})")
+        lines.append(f"  {path} ({type_name(tp)}, default {default})")
         lines.append(f"      {text}")
 
 
 def describe_config() -> str:
-    """Help text for every configuration key, grouped by section.
+    """Help text for every configuration key, grouped by section, then every method's options.
 
     Returns
     -------
     str
-        One entry per key: dotted name, type, default and help text.
+        One entry per key: dotted name, type, default and help text; then one section per
+        method with each option's name, type or allowed values, default and help text.
     """
+    from raflora.aggregators.base import method_options_classes
+    from raflora.aggregators.options import describe_options
+
     lines: list[str] = ["Configuration keys (set in YAML or override as section.key=value):"]
     _describe(RunConfig, "", lines)
+    lines += [
+        "",
+        "Method options (method_options: {option: value} sets an option for every method run",
+        "that declares it; {method: {option: value}} sets it for that method only):",
+    ]
+    for method, options in method_options_classes().items():
+        lines.append("")
+        lines.extend(describe_options(method, options))
     return "\n".join(lines)

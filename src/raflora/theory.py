@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from raflora.aggregators import get_aggregator
+from raflora.aggregators.base import options_for
 from raflora.diagnostics import energy_spectrum
 
 __all__ = [
@@ -259,8 +260,9 @@ def simulate(
     """
     if num_simulations < 1:
         raise ValueError(f"the number of simulations must be ≥ 1, got {num_simulations}")
-    options = {"empty_partition": setup.empty_partition} if method == "raflora" else {}
-    aggregator = get_aggregator(method, setup.rank_levels, **options)
+    # only the methods that declare empty_partition (raflora) get it
+    per_method = {"raflora": {"empty_partition": setup.empty_partition}}
+    aggregator = get_aggregator(method, setup.rank_levels, **options_for(method, per_method))
     gen = torch.Generator().manual_seed(seed)
     r_max, K, M = setup.r_max, setup.num_clients, setup.per_round
     d = n = r_max

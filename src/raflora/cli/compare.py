@@ -11,13 +11,12 @@ from raflora.cli.common import CLIError
 from raflora.cli.runs import (
     default_run_dir,
     describe_result,
-    load_run_config,
     split_config_args,
     user_errors,
 )
-from raflora.config import validate
+from raflora.config import RunConfig, load_config, validate
 
-__all__ = ["DEFAULT_METHODS", "register", "run"]
+__all__ = ["DEFAULT_METHODS", "method_config", "register", "run"]
 
 DEFAULT_METHODS = ("hetlora", "flora", "flexlora", "raflora")
 
@@ -48,22 +47,38 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def method_config(base: RunConfig, method: str, methods: list[str]) -> RunConfig:
+    """``base`` for one method of the comparison, with only that method's own options.
+
+    ``method_options`` becomes the options ``method`` takes from ``base`` (a plain key only
+    where ``method`` declares it, a key named after a method only for that method), so each
+    run's saved ``config.yaml`` holds what the run used and ``--resume`` / ``raflora export`` of
+    its directory reproduce it. ``base`` must have been validated with ``methods``.
+    """
+    from raflora.aggregators.base import options_for
+
+    cfg = copy.deepcopy(base)
+    cfg.method = method
+    cfg.method_options = options_for(method, base.method_options, methods_in_run=methods)
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora compare``."""
     from raflora.engine import run_local
     from raflora.report import write_comparison
 
     config_path, overrides = split_config_args(args.config, args.overrides)
-    base = load_run_config(config_path, overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise CLIError(f"--methods must name distinct methods, got {args.methods!r}")
+    with user_errors():  # method_options checked against the methods compared
+        base = load_config(config_path, overrides, methods=methods)
     out = args.out if args.out is not None else default_run_dir(base, "compare")
     configs = {}
     problems: list[str] = []
     for method in methods:
-        cfg = copy.deepcopy(base)
-        cfg.method = method
+        cfg = method_config(base, method, methods)
         cfg.output.dir = str(out / method)
         problems += [f"[{method}] {p}" for p in validate(cfg)]
         configs[method] = cfg

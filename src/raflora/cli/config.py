@@ -17,10 +17,11 @@ def register(sub: Any) -> None:
     """Add the ``config`` sub-command."""
     p: argparse.ArgumentParser = sub.add_parser(
         "config",
-        help="list every config key, or print a resolved (validated) config",
+        help="list every config key and method option, or print a resolved (validated) config",
         description=(
-            "Without arguments: every configuration key with its default and help. With CONFIG "
-            "and/or key=value overrides: the resolved configuration as YAML (after validation)."
+            "Without arguments: every configuration key with its default and help, then every "
+            "method's options. With CONFIG and/or key=value overrides: the resolved "
+            "configuration as YAML (after validation)."
         ),
     )
     p.add_argument("config", nargs="?", help="YAML config")

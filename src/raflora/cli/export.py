@@ -32,6 +32,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora export``."""
     from raflora.aggregators import get_aggregator
+    from raflora.aggregators.base import options_for
     from raflora.engine import load_checkpoint, write_adapter
 
     saved = args.run_dir / "config.yaml"
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(str(saved), [])
     with user_errors():
         checkpoint = load_checkpoint(args.run_dir)
-    aggregator = get_aggregator(config.method, config.fl.rank_levels, **config.method_options)
+    options = options_for(config.method, config.method_options)
+    aggregator = get_aggregator(config.method, config.fl.rank_levels, **options)
     try:
         result = write_adapter(
             args.out, aggregator, checkpoint.state, checkpoint.meta, rank=args.rank
