@@ -239,9 +239,10 @@ def run_config(
 ) -> dict[str, Any]:
     """The check's run configuration (a plain dict, as in a YAML file).
 
-    Four clients, two per round, rank levels {2, 4, 8} ({4} for FedIT, which needs equal ranks):
-    with seed 0 the top partition is empty in some rounds, the case that mixes the carried
-    state with new updates.
+    Four clients, two per round, rank levels {2, 4, 8} ({4} for FedIT, which needs equal ranks).
+    With seed 0 the client ranks are [4, 8, 8, 4] and round 2 samples clients 0 and 3 (both
+    rank 4), so raFLoRA's top partition (4, 8] is empty and carried over from the state: the
+    case that mixes the carried state with new updates.
     """
     if model == "llama":
         task: dict[str, Any] = {
