@@ -223,7 +223,7 @@ class RunLock:
                 self.path.unlink()
 
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        return self if self._held else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
