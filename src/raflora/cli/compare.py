@@ -11,10 +11,11 @@ from raflora.cli.common import CLIError
 from raflora.cli.runs import (
     default_run_dir,
     describe_result,
+    load_run_config,
     split_config_args,
     user_errors,
 )
-from raflora.config import RunConfig, load_config, validate
+from raflora.config import RunConfig, validate
 
 __all__ = ["DEFAULT_METHODS", "method_config", "register", "run"]
 
@@ -72,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise CLIError(f"--methods must name distinct methods, got {args.methods!r}")
-    with user_errors():  # method_options checked against the methods compared
-        base = load_config(config_path, overrides, methods=methods)
+    base = load_run_config(config_path, overrides, methods=methods)
     out = args.out if args.out is not None else default_run_dir(base, "compare")
     configs = {}
     problems: list[str] = []

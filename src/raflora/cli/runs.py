@@ -35,14 +35,23 @@ def split_config_args(
     return files or None, []
 
 
-def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str]) -> RunConfig:
-    """:func:`~raflora.config.load_config`, with every problem as one :class:`CLIError`."""
+def load_run_config(
+    paths: str | Sequence[str] | None,
+    overrides: Sequence[str],
+    *,
+    methods: Sequence[str] | None = None,
+) -> RunConfig:
+    """:func:`~raflora.config.load_config`, with every problem as one :class:`CLIError`.
+
+    ``methods``: the methods the config is used with (``raflora compare``), against which
+    ``method_options`` are checked (default: the config's own ``method``).
+    """
     files = [paths] if isinstance(paths, str) else list(paths or [])
     for path in files:
         if not Path(path).is_file():
             raise CLIError(f"config file {path!r} does not exist")
     try:
-        return load_config(files, overrides)
+        return load_config(files, overrides, methods=methods)
     except ConfigError as err:
         raise CLIError(str(err)) from None
 
