@@ -195,3 +195,6 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(
     assert (cut / "adapter" / "adapter_model.safetensors").read_bytes() == (
         full / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
+    # the per-module diagnostics too: rows beyond the checkpoint were dropped, none is missing
+    assert (cut / "energy.jsonl").read_text() == (full / "energy.jsonl").read_text()
+    assert not (cut / "run.lock").exists()  # the killed run's lock was taken over and released

@@ -238,3 +238,25 @@ def test_the_engines_validate_their_config(tmp_path: Path) -> None:
         run_local(cfg, tmp_path / "run", progress=False)
     assert len(err.value.problems) >= 2
     assert not (tmp_path / "run").exists()
+
+
+# -------------------------------------------------------------------- per-module diagnostics
+
+
+def test_energy_jsonl_has_one_row_per_round_for_every_module(tmp_path: Path) -> None:
+    from raflora.report import read_energy, read_metrics
+
+    cfg = tiny_config(**{"fl.rounds": 3, "output.plots": True})
+    run_local(cfg, tmp_path, progress=False)
+    rows = read_energy(tmp_path / "energy.jsonl")
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    from raflora.engine import load_checkpoint
+
+    modules = set(load_checkpoint(tmp_path).state.factors)
+    for row, metric in zip(rows, metrics, strict=True):
+        assert set(row["modules"]) == modules
+        values = [m["higher_rank_energy"] for m in row["modules"].values()]
+        assert all(v is not None for v in values)
+        assert sum(values) / len(values) == pytest.approx(metric["higher_rank_energy"])
+    assert (tmp_path / "energy_heatmap.png").stat().st_size > 0

@@ -17,6 +17,7 @@ from raflora.engine.federation import (
     train_client,
 )
 from raflora.engine.local import (
+    CompletedRound,
     RoundPlan,
     RunResult,
     adapter_meta,
@@ -32,6 +33,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ClientResult",
+    "CompletedRound",
     "EngineError",
     "Federation",
     "RoundPlan",

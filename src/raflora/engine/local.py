@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from raflora.adapters import adapter_name, base_weights
 from raflora.aggregators import GlobalState
@@ -30,7 +30,7 @@ from raflora.config import (
     save_config,
     validate,
 )
-from raflora.diagnostics import energy_report
+from raflora.diagnostics import energy_report, module_energy_row
 from raflora.engine import seeds
 from raflora.engine.checkpoint import (
     CHECKPOINT_FILE,
@@ -52,9 +52,18 @@ from raflora.engine.federation import (
     train_client,
 )
 from raflora.engine.rundir import RunLock, writing
-from raflora.report import append_metrics, progress_postfix, summarize, write_run_plots
+from raflora.report import (
+    ENERGY_FILE,
+    append_energy,
+    append_metrics,
+    progress_postfix,
+    summarize,
+    truncate_jsonl,
+    write_run_plots,
+)
 
 __all__ = [
+    "CompletedRound",
     "RoundPlan",
     "RunResult",
     "RunStart",
@@ -88,15 +97,31 @@ class RunResult:
     metrics: list[dict[str, Any]]
 
 
-def energy_metrics(state: GlobalState, levels: list[int]) -> dict[str, Any]:
-    """``higher_rank_energy`` (1 − ρ_{r_1}, mean over modules) and ρ at every rank level."""
-    if not state.factors or all(B.shape[-1] == 0 for B, _ in state.factors.values()):
-        return {"higher_rank_energy": None, "energy_per_level": None}
+def energy_metrics(
+    state: GlobalState, levels: list[int], round_index: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The round's rank-collapse diagnostics (SPEC §4), from one SVD per module.
+
+    Returns the metrics row's ``higher_rank_energy`` (1 − ρ_{r_1}, mean over modules) and
+    ``energy_per_level`` (ρ at every rank level), and the per-module row of ``energy.jsonl``.
+    """
     report = energy_report(state.factors, levels)
-    return {
+    modules = module_energy_row(round_index, report)
+    if not state.factors or all(B.shape[-1] == 0 for B, _ in state.factors.values()):
+        return {"higher_rank_energy": None, "energy_per_level": None}, modules
+    means = {
         "higher_rank_energy": report.higher_rank_energy,
         "energy_per_level": {str(r): v for r, v in report.cumulative.items()},
     }
+    return means, modules
+
+
+class CompletedRound(NamedTuple):
+    """A finished round: the new global state, its metrics row and its per-module energy row."""
+
+    state: GlobalState
+    row: dict[str, Any]
+    modules: dict[str, Any]
 
 
 def _weighted_loss(results: Sequence[ClientResult], accepted: tuple[int, ...]) -> float | None:
@@ -153,7 +178,7 @@ def complete_round(
     *,
     train_seconds: float,
     failures: Mapping[int, str] | None = None,
-) -> tuple[GlobalState, dict[str, Any]]:
+) -> CompletedRound:
     """Validate and aggregate the round's client results, evaluate, and build its metrics row.
 
     Parameters
@@ -182,7 +207,7 @@ def complete_round(
     new_state = outcome.state
     if outcome.base_update is not None:
         fed.bank.merge_into_base(outcome.base_update, new_state.base_delta)
-    energy = energy_metrics(new_state, list(cfg.fl.rank_levels))
+    energy, modules = energy_metrics(new_state, list(cfg.fl.rank_levels), plan.round_index)
     t2 = device_clock(fed.device)
     row: dict[str, Any] = {
         "round": plan.round_index,
@@ -214,13 +239,11 @@ def complete_round(
             },
         }
     )
-    return new_state, row
+    return CompletedRound(new_state, row, modules)
 
 
-def run_round(
-    fed: Federation, state: GlobalState, round_index: int
-) -> tuple[GlobalState, dict[str, Any]]:
-    """Run round ``round_index`` (1-based) from ``state``; return the new state and its metrics."""
+def run_round(fed: Federation, state: GlobalState, round_index: int) -> CompletedRound:
+    """Run round ``round_index`` (1-based) from ``state``: the new state and its metrics."""
     t0 = device_clock(fed.device)
     plan = plan_round(fed, state, round_index)
     # Trained grouped by rank so the shared model switches adapters as rarely as possible.
@@ -303,7 +326,15 @@ class RunStart:
     wall_before: float
 
 
-RUN_FILES = ("config.yaml", "partition.json", METRICS_FILE, SUMMARY_FILE, "adapter", "checkpoint")
+RUN_FILES = (
+    "config.yaml",
+    "partition.json",
+    METRICS_FILE,
+    ENERGY_FILE,
+    SUMMARY_FILE,
+    "adapter",
+    "checkpoint",
+)
 """What a run writes into its directory (besides ``*.png`` plots)."""
 
 
@@ -418,6 +449,7 @@ def open_run(
             save_config(config, run_dir / "config.yaml")
             (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in metrics))
+        truncate_jsonl(run_dir / ENERGY_FILE, len(metrics))
     return RunStart(fed, state, metrics, wall_before)
 
 
@@ -428,14 +460,18 @@ def record_round(
     row: dict[str, Any],
     run_dir: Path,
     wall: float,
+    modules: Mapping[str, Any] | None = None,
 ) -> None:
-    """Keep a finished round: append its row, replace the checkpoint, then extend the JSONL.
+    """Keep a finished round: its per-module energy row, the checkpoint, then its metrics row.
 
-    The checkpoint is written first, so a kill in between leaves a metrics file that
-    :func:`open_run` rewrites from the checkpoint on resume.
+    The energy row comes first and the checkpoint before ``metrics.jsonl``: a kill in between
+    leaves rows beyond the checkpoint, which :func:`open_run` drops on resume (the other order
+    would leave a gap).
     """
     metrics.append(row)
     with writing(run_dir, lambda: saved_rounds(run_dir)):
+        if modules is not None:
+            append_energy(run_dir / ENERGY_FILE, modules)
         save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
         append_metrics(run_dir / METRICS_FILE, row)
 
@@ -523,10 +559,9 @@ def _run_locked(
     started = time.perf_counter()
     try:
         for round_index in range(len(metrics) + 1, total + 1):
-            state, row = run_round(fed, state, round_index)
-            record_round(
-                fed, state, metrics, row, run_dir, wall_before + time.perf_counter() - started
-            )
+            state, row, modules = run_round(fed, state, round_index)
+            wall = wall_before + time.perf_counter() - started
+            record_round(fed, state, metrics, row, run_dir, wall, modules)
             bar.set_postfix(progress_postfix(row), refresh=False)
             bar.update(1)
             if on_round is not None:
