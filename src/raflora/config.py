@@ -133,7 +133,13 @@ class DataConfig:
         default="iid",
         metadata=_help("Client partition: 'iid', 'dir-a<alpha>' or 'patho-c<c>a<alpha>'."),
     )
-    min_samples: int = field(default=2, metadata=_help("Minimum training samples per client."))
+    min_samples: int = field(
+        default=2,
+        metadata=_help(
+            "Minimum training samples per client under 'dir' and 'patho' (reached by "
+            "construction when the first draw misses it)."
+        ),
+    )
 
 
 @dataclass
