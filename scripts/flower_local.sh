@@ -16,13 +16,14 @@
 # --check-unregistered  first start a SuperNode with a key that is not registered; it must be
 #                       refused (exit non-zero), or the rehearsal fails
 #
-# Environment: RAFLORA_FLOWER_WORKDIR (logs, certificates, keys, state database, FLWR_HOME;
-# default: a temp dir), RAFLORA_FLOWER_PIDS (a file that receives the started PIDs),
-# RAFLORA_FLOWER_OVERRIDES (key=value raflora overrides, space-separated). Needs flwr
-# (pip install 'raflora[flower]') and, without --insecure, openssl.
+# Environment: RAFLORA_FLOWER_WORKDIR (logs, certificates, keys, FLWR_HOME; default: a temp dir),
+# RAFLORA_FLOWER_PIDS (a file that receives the started PIDs), RAFLORA_FLOWER_OVERRIDES
+# (key=value raflora overrides, space-separated), RAFLORA_FLOWER_DATABASE (the SuperLink's SQLite
+# state file; default: state in memory, which large messages need, see large_message_check.py).
+# Needs flwr (pip install 'raflora[flower]') and, without --insecure, openssl.
 set -euo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 INSECURE=0
 CHECK_UNREGISTERED=0
 ARGS=()
@@ -137,8 +138,10 @@ if ((!INSECURE)); then
     NODE_SECURITY=(--root-certificates "$PKI/ca.crt")
     CONNECTION_SECURITY="root-certificates = \"$PKI/ca.crt\""
 fi
+DATABASE=()
+if [[ -n "${RAFLORA_FLOWER_DATABASE:-}" ]]; then DATABASE=(--database "$RAFLORA_FLOWER_DATABASE"); fi
 start "$WORK/superlink.log" flower-superlink "${LINK_SECURITY[@]}" --host 127.0.0.1 \
-    --port "$PORT" --database "$WORK/state.db" --disable-runtime-dependency-installation
+    --port "$PORT" "${DATABASE[@]}" --disable-runtime-dependency-installation
 wait_port "$PORT"
 
 cat >"$FLWR_HOME/config.toml" <<TOML
