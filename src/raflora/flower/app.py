@@ -39,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from raflora.adapters import adapter_name, load_base_weights
 from raflora.config import RunConfig, config_from_dict, load_config
 from raflora.engine.federation import EngineError, Federation, build_federation, train_client
-from raflora.engine.local import RunResult, finish_run, open_run
+from raflora.engine.local import RunResult, check_config, finish_run, lock_run_dir, open_run
 from raflora.flower.records import ARRAYS, CONFIG, METRICS, decode_arrays, encode_result
 from raflora.flower.strategy import QUERY_PARTITION, RankStrategy
 
@@ -213,6 +213,24 @@ def run_server(
     fed : Federation, optional
         The server federation, already built from ``config``.
     """
+    check_config(config)
+    # The deployment's ServerApp is the run's one writer (in the simulation this nests inside
+    # run_flower's lock, taken in the same process).
+    with lock_run_dir(run_dir):
+        return _serve(grid, config, run_dir, resume, round_timeout, node_wait, on_round, fed)
+
+
+def _serve(
+    grid: Grid,
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    round_timeout: float,
+    node_wait: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    fed: Federation | None,
+) -> RunResult:
+    """:func:`run_server`'s body, inside the run directory's lock."""
     start = open_run(config, run_dir, resume=resume, fed=fed)
     fed, state, metrics, wall_before = start.fed, start.state, start.metrics, start.wall_before
     strategy = RankStrategy(
