@@ -6,7 +6,9 @@ slow, obviously correct versions of the factored code in :mod:`raflora.linalg`.
 
 from __future__ import annotations
 
+import copy
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -95,3 +97,32 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def config_with(data: dict[str, Any], **over: Any) -> Any:
+    """A validated ``RunConfig`` from ``data`` with dotted overrides (``fl.rounds=3``)."""
+    from raflora.config import config_from_dict
+
+    data = copy.deepcopy(data)
+    for key, value in over.items():
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task identity a Flower ``ServerApp`` process has (``Message`` reads it).
+
+    Flower sets it when it starts a ``ServerApp``; tests that build messages by hand, outside
+    one, need it too (they would otherwise pass only after a simulation ran in the process).
+    """
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)

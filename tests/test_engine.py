@@ -10,32 +10,28 @@ import pytest
 import torch
 from peft import PeftModel
 
+from conftest import config_with
 from raflora.aggregators import available_methods
-from raflora.config import RunConfig, config_from_dict
+from raflora.config import RunConfig
 from raflora.engine import build_federation, load_checkpoint, run_local, seeds
 from raflora.engine.federation import train_client
 from raflora.report import read_metrics
 from raflora.tasks import build_task
 
+SYNTHETIC: dict[str, Any] = {
+    "method": "raflora",
+    "seed": 3,
+    "task": {"name": "synthetic", "options": {"num_train": 400, "num_eval": 200}},
+    "fl": {"num_clients": 6, "clients_per_round": 3, "rounds": 2, "rank_levels": [2, 4, 8]},
+    "data": {"partition": "dir-a1.0"},
+    "train": {"lr": 5e-3, "batch_size": 32},
+    "eval": {"every": 1},
+    "output": {"plots": False},
+}
+
 
 def synthetic_config(**over: Any) -> RunConfig:
-    data: dict[str, Any] = {
-        "method": "raflora",
-        "seed": 3,
-        "task": {"name": "synthetic", "options": {"num_train": 400, "num_eval": 200}},
-        "fl": {"num_clients": 6, "clients_per_round": 3, "rounds": 2, "rank_levels": [2, 4, 8]},
-        "data": {"partition": "dir-a1.0"},
-        "train": {"lr": 5e-3, "batch_size": 32},
-        "eval": {"every": 1},
-        "output": {"plots": False},
-    }
-    for key, value in over.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config_from_dict(data)
+    return config_with(SYNTHETIC, **over)
 
 
 def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -44,21 +44,6 @@ def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
-@pytest.fixture
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The task identity a ``ServerApp`` process has (``Message`` reads it to address messages).
-
-    Flower sets it when it starts a ``ServerApp``; tests that build messages by hand, outside
-    one, need it too (they would otherwise pass only after a simulation ran in the process).
-    """
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-
-
 def tiny(method: str, *extra: str) -> RunConfig:
     return load_config(None, [*TINY, f"method={method}", "flower.cpus_per_client=1", *extra])
 

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import config_with
 from raflora.adapters import adapter_name, base_weights
 from raflora.aggregators import ClientUpdate, get_aggregator
 from raflora.aggregators.validation import DeviceMismatchError, DTypeError
-from raflora.config import ConfigError, RunConfig, config_from_dict
+from raflora.config import ConfigError, RunConfig
 from raflora.engine import build_federation, run_local
 from raflora.engine import federation as federation_module
 from raflora.engine.federation import device_clock, train_client
@@ -21,22 +22,18 @@ from raflora.engine.local import open_run
 SHAPES = {"a": (5, 4), "b": (3, 6)}
 
 
+TINY: dict[str, Any] = {
+    "method": "raflora",
+    "seed": 3,
+    "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
+    "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4]},
+    "train": {"lr": 5e-3, "batch_size": 32},
+    "output": {"plots": False},
+}
+
+
 def tiny_config(**over: Any) -> RunConfig:
-    data: dict[str, Any] = {
-        "method": "raflora",
-        "seed": 3,
-        "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
-        "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4]},
-        "train": {"lr": 5e-3, "batch_size": 32},
-        "output": {"plots": False},
-    }
-    for key, value in over.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config_from_dict(data)
+    return config_with(TINY, **over)
 
 
 def update(cid: int, rank: int, dtype: torch.dtype, device: str = "cpu") -> ClientUpdate:
