@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/aggregation.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/partition.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -304,3 +304,24 @@ def test_quiet_flower_simulation_asks_ray_for_errors_only(
     with pytest.raises(EngineError):  # the fake simulation finishes nothing
         run_flower(load_config(config_file), tmp_path / "run", progress=False, quiet=True)
     assert seen["init_args"] == {"logging_level": 40, "log_to_driver": False}
+
+
+def test_a_write_error_before_any_round_says_to_run_again(
+    config_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import raflora.engine.local as local_module
+
+    def save_config(config: Any, path: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(local_module, "save_config", save_config)
+    out = tmp_path / "out"
+    assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"cannot write {out / 'config.yaml'}: Permission denied" in err
+    assert "no round was saved" in err and "run again" in err
+    assert not (out / LOCK_FILE).exists()

@@ -277,11 +277,14 @@ def writing(run_dir: Path, done_rounds: Callable[[], int]) -> Iterator[None]:
         yield
     except OSError as err:
         name = err.filename if err.filename is not None else "a file"
-        raise RunWriteError(
-            f"cannot write {name}: {_describe_os_error(err)}. {done_rounds()} finished round(s) "
-            f"are kept in {run_dir}; fix the problem, then continue with "
-            f"`raflora run --resume {run_dir}`"
-        ) from None
+        done = done_rounds()
+        then = (
+            f"{done} finished round(s) are kept in {run_dir}; fix the problem, then continue "
+            f"with `raflora run --resume {run_dir}`"
+            if done
+            else f"no round was saved in {run_dir} yet; fix the problem and run again"
+        )
+        raise RunWriteError(f"cannot write {name}: {_describe_os_error(err)}. {then}") from None
 
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
