@@ -11,12 +11,12 @@ import warnings
 from collections.abc import Sequence
 
 from raflora import __version__
-from raflora.cli import compare, config, export, run, theory
+from raflora.cli import compare, config, export, run, sweep, theory
 from raflora.cli.common import CLIError
 
 __all__ = ["main"]
 
-_COMMANDS = (run, compare, export, theory, config)
+_COMMANDS = (run, compare, sweep, export, theory, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,21 @@ from raflora.cli.runs import (
     split_config_args,
     user_errors,
 )
-from raflora.config import RunConfig, validate
+from raflora.cli.sweep import (
+    failures,
+    finish,
+    parse_methods,
+    parse_metrics,
+    parse_seeds,
+    progress_printer,
+)
+from raflora.config import validate
+from raflora.sweep import method_config
 
-__all__ = ["DEFAULT_METHODS", "method_config", "register", "run"]
+__all__ = ["DEFAULT_BASELINE", "DEFAULT_METHODS", "method_config", "register", "run"]
 
 DEFAULT_METHODS = ("hetlora", "flora", "flexlora", "raflora")
+DEFAULT_BASELINE = "flexlora"
 
 
 def register(sub: Any) -> None:
@@ -30,7 +39,10 @@ def register(sub: Any) -> None:
         description=(
             "Run each method with the same config (same partitions, client ranks, client "
             "sampling and seeds), one sub-directory per method, then write comparison.md and "
-            "overlay plots."
+            "overlay plots. With several --seeds, every method × seed runs into "
+            "OUT/<method>/seed-<s>/ (finished runs are skipped, interrupted ones resumed) and "
+            "comparison.md gives mean ± std, 95%% confidence intervals and paired differences "
+            "against --baseline."
         ),
     )
     p.add_argument("config", help="YAML config; more files (presets) may follow, merged in order")
@@ -44,35 +56,53 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace previous runs in the output directory"
     )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds; two or more give statistics over seeds (default: the "
+        "config's seed)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help=f"with several seeds: the method the others are paired with (default: "
+        f"{DEFAULT_BASELINE})",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="with several seeds: comma-separated summary.json keys or 'traffic'; the first "
+        "decides wins/ties/losses (default: final and best accuracy, final and mean "
+        "higher-rank energy, traffic, and final per-level accuracies)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     p.set_defaults(handler=run)
 
 
-def method_config(base: RunConfig, method: str, methods: list[str]) -> RunConfig:
-    """``base`` for one method of the comparison, with only that method's own options.
-
-    ``method_options`` becomes the options ``method`` takes from ``base`` (a plain key only
-    where ``method`` declares it, a key named after a method only for that method), so each
-    run's saved ``config.yaml`` holds what the run used and ``--resume`` / ``raflora export`` of
-    its directory reproduce it. ``base`` must have been validated with ``methods``.
-    """
-    from raflora.aggregators.base import options_for
-
-    cfg = copy.deepcopy(base)
-    cfg.method = method
-    cfg.method_options = options_for(method, base.method_options, methods_in_run=methods)
-    return cfg
-
-
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora compare``."""
+    config_path, overrides = split_config_args(args.config, args.overrides)
+    methods = parse_methods(args.methods)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if seeds is not None and len(seeds) > 1:
+        return _run_seeds(args, config_path, overrides, methods, seeds)
+    if args.baseline is not None or args.metrics is not None:
+        raise CLIError("--baseline and --metrics apply to several seeds (e.g. --seeds 0,1,2)")
+    if seeds is not None:
+        overrides = [*overrides, f"seed={seeds[0]}"]
+    return _run_one_seed(args, config_path, overrides, methods)
+
+
+def _run_one_seed(
+    args: argparse.Namespace,
+    config_path: list[str] | None,
+    overrides: list[str],
+    methods: list[str],
+) -> int:
+    """One seed: a run per method in ``OUT/<method>/`` and the single-seed ``comparison.md``."""
     from raflora.engine import run_local
     from raflora.report import write_comparison
 
-    config_path, overrides = split_config_args(args.config, args.overrides)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or len(set(methods)) != len(methods):
-        raise CLIError(f"--methods must name distinct methods, got {args.methods!r}")
     base = load_run_config(config_path, overrides, methods=methods)
     out = args.out if args.out is not None else default_run_dir(base, "compare")
     configs = {}
@@ -104,3 +134,59 @@ def run(args: argparse.Namespace) -> int:
         print(table.read_text())
         print(f"comparison: {table}")
     return 0
+
+
+def _run_seeds(
+    args: argparse.Namespace,
+    config_path: list[str] | None,
+    overrides: list[str],
+    methods: list[str],
+    seeds: list[int],
+) -> int:
+    """Several seeds: every method × seed in ``OUT/<method>/seed-<s>/``, then statistics."""
+    from raflora.experiments_report import default_metrics, write_seed_comparison
+    from raflora.report import read_metrics
+    from raflora.sweep import SweepError, plan_runs, run_plan, settings_of
+
+    baseline = args.baseline if args.baseline is not None else DEFAULT_BASELINE
+    metrics, problems = parse_metrics(args.metrics)
+    if baseline not in methods:
+        problems.append(
+            f"--baseline {baseline} is not among the methods ({', '.join(methods)}); "
+            "choose one with --baseline"
+        )
+    if config_path is None:
+        problems.append("a CONFIG file is required before the key=value overrides")
+    if problems:
+        raise CLIError("invalid comparison:\n  " + "\n  ".join(problems))
+    out = (
+        args.out
+        if args.out is not None
+        else default_run_dir(load_run_config(config_path, overrides, methods=methods), "compare")
+    )
+    try:
+        specs = plan_runs(
+            config_path or [], overrides, settings_of([]), methods, seeds, out, threads=None
+        )
+    except SweepError as err:
+        raise CLIError(str(err)) from None
+    outcomes = run_plan(
+        specs, overwrite=args.overwrite, on_done=progress_printer(len(specs), quiet=args.quiet)
+    )
+    runs: dict[str, dict[int, tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
+    for o in outcomes:
+        if o.summary is not None:
+            rows = read_metrics(o.spec.run_dir / "metrics.jsonl")
+            runs.setdefault(o.spec.method, {})[o.spec.seed] = (o.summary, rows)
+    summaries = [o.summary for o in outcomes if o.summary is not None]
+    table = write_seed_comparison(
+        out,
+        {m: runs.get(m, {}) for m in methods},
+        seeds=seeds,
+        metrics=metrics if metrics is not None else default_metrics(summaries),
+        baseline=baseline,
+        failed=failures(outcomes),
+    )
+    if not args.quiet:
+        print(table.read_text())
+    return finish(outcomes, f"comparison: {table}", quiet=args.quiet)
