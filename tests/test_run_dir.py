@@ -129,17 +129,53 @@ def test_a_lock_from_another_host_needs_break_lock(
     assert "another host" in capsys.readouterr().err
 
 
-def test_the_lock_is_exclusive_and_nests_within_one_process(tmp_path: Path) -> None:
+def test_the_lock_is_exclusive_even_within_one_process(tmp_path: Path) -> None:
     with RunLock(tmp_path) as outer:
-        with RunLock(tmp_path):  # the Flower simulation's server app, in this process
-            pass
         assert outer.held and (tmp_path / LOCK_FILE).exists()
         holder = json.loads((tmp_path / LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(RunLockedError, match="in use"):
+            RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_FILE).exists()
     write_lock(tmp_path, os.getppid())  # a live process that is not us
     with pytest.raises(RunLockedError, match="in use"):
         RunLock(tmp_path).acquire()
+
+
+def test_two_takeovers_of_one_stale_lock_leave_one_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from raflora.engine import rundir
+
+    write_lock(tmp_path, dead_pid())
+    outcome: dict[str, Any] = {}
+
+    def second() -> None:
+        try:
+            outcome["b"] = RunLock(tmp_path, notify=lambda text: None).acquire()
+        except RunLockedError as err:
+            outcome["b"] = err
+
+    real_alive = rundir._pid_alive
+    started: list[threading.Thread] = []
+
+    def alive(pid: int) -> bool:
+        if not started:  # A has read the dead holder: B tries to take over right now
+            started.append(threading.Thread(target=second))
+            started[0].start()
+            time.sleep(0.3)
+        return real_alive(pid)
+
+    monkeypatch.setattr(rundir, "_pid_alive", alive)
+    a = RunLock(tmp_path, notify=lambda text: None).acquire()
+    started[0].join(timeout=10)
+    holder = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert a.held and holder["since"] == a.holder.since
+    assert isinstance(outcome["b"], RunLockedError)  # B saw A's fresh lock, did not remove it
+    a.release()
 
 
 # ---------------------------------------------------------------------------- atomic outputs
@@ -167,7 +203,10 @@ def test_replace_dir_swaps_in_a_complete_directory_or_leaves_the_old_one(tmp_pat
 
 
 def test_export_rewrites_an_adapter_atomically(
-    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
     assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 0
@@ -182,8 +221,9 @@ def test_export_rewrites_an_adapter_atomically(
         raise OSError(errno.ENOSPC, "No space left on device", str(args[3]))
 
     monkeypatch.setattr(export_module, "export_peft_adapter", broken)
-    with pytest.raises(OSError):
-        main(["export", str(out), "--out", str(dest), "--rank", "2"])
+    assert main(["export", str(out), "--out", str(dest), "--rank", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"cannot write {dest}: No space left on device")
     assert sorted(p.name for p in dest.iterdir()) == files
     json.loads((dest / "adapter_config.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -325,3 +365,58 @@ def test_a_write_error_before_any_round_says_to_run_again(
     assert f"cannot write {out / 'config.yaml'}: Permission denied" in err
     assert "no round was saved" in err and "run again" in err
     assert not (out / LOCK_FILE).exists()
+
+
+def test_export_refuses_to_replace_a_file_and_names_it(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["run", str(config_file), "fl.rounds=1", "--out", str(out), "--quiet"]) == 0
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert main(["export", str(out), "--out", str(target)]) == 2
+    assert f"cannot write {target}: exists and is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_writers_that_fail_their_own_way_become_os_errors_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raflora.engine.rundir import atomic_write_bytes
+
+    target = tmp_path / "state.pt"
+
+    def zip_writer_failure(fh: Any) -> None:  # what torch.save raises when the disk fills up
+        fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, zip_writer_failure)
+    assert err.value.filename == str(target) and "write failed" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+    def flush_failure(fh: Any) -> None:  # an OSError without a file name (write/flush/fsync)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, flush_failure)
+    assert err.value.filename == str(target)
+
+    def bug(fh: Any) -> None:  # any other RuntimeError is not disguised as a write error
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        atomic_write_bytes(target, bug)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    from raflora.engine.rundir import replace_dir
+
+    target = tmp_path / "adapter"
+    stale = tmp_path / f".adapter.{dead_pid()}-0123abcd.old"
+    stale.mkdir()
+    (stale / "x").write_text("old")
+    replace_dir(target, lambda tmp: tmp.mkdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -636,14 +636,27 @@ class AdapterBank:
         weights are recomputed as ``dtype(W_0 + Δ_cum)`` from a pristine copy of ``W_0`` taken
         before the first merge (:func:`set_merged_base`), so rounding to bfloat16 happens once
         instead of compounding every round (deltas of 1e-4 would otherwise lose a third of
-        their size to rounding). The pristine copy costs one copy of the adapted weights.
+        their size to rounding). The pristine copy costs one copy of the adapted weights, in
+        CPU memory.
         """
         if not self._narrow_base() or cumulative is None:
             merge_into_base(self.model, delta)
             return
         if self._pristine is None:
-            self._pristine = base_weights(self.model, adapter_name(self.max_rank))
+            self._pristine = self._cpu_base_weights()
         set_merged_base(self.model, self._pristine, cumulative)
+
+    def _cpu_base_weights(self) -> dict[str, Tensor]:
+        """``W_0`` of every adapted module, kept in CPU memory (not a second model on the GPU);
+        :func:`set_merged_base` moves one module at a time to the model's device.
+        """
+        layers = _layer_map(self.model, adapter_name(self.max_rank))
+        out: dict[str, Tensor] = {}
+        for name, layer in layers.items():
+            weight = layer.get_base_layer().weight
+            assert isinstance(weight, Tensor)
+            out[name] = weight.detach().to("cpu", copy=True)
+        return out
 
     def _narrow_base(self) -> bool:
         """Whether an adapted base weight is stored in a dtype narrower than float32."""
@@ -661,7 +674,7 @@ class AdapterBank:
         """
         name = adapter_name(self.max_rank)
         if self._pristine is None and self._narrow_base():
-            self._pristine = base_weights(self.model, name)
+            self._pristine = self._cpu_base_weights()
         load_base_weights(self.model, name, weights)
 
 

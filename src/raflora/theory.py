@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from raflora.aggregators import get_aggregator
-from raflora.aggregators.base import options_for
+from raflora.aggregators.base import method_options_classes
+from raflora.aggregators.options import option_specs
 from raflora.diagnostics import energy_spectrum
 
 __all__ = [
@@ -260,9 +261,11 @@ def simulate(
     """
     if num_simulations < 1:
         raise ValueError(f"the number of simulations must be ≥ 1, got {num_simulations}")
-    # only the methods that declare empty_partition (raflora) get it
-    per_method = {"raflora": {"empty_partition": setup.empty_partition}}
-    aggregator = get_aggregator(method, setup.rank_levels, **options_for(method, per_method))
+    # only a method that declares empty_partition (raFLoRA) gets it
+    cls = method_options_classes().get(method)  # an unknown method: get_aggregator says so
+    declared = {spec.name for spec in option_specs(cls)} if cls is not None else set()
+    options = {"empty_partition": setup.empty_partition} if "empty_partition" in declared else {}
+    aggregator = get_aggregator(method, setup.rank_levels, **options)
     gen = torch.Generator().manual_seed(seed)
     r_max, K, M = setup.r_max, setup.num_clients, setup.per_round
     d = n = r_max

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise CLIError(f"--rank: {err}") from None
+    except OSError as err:  # the previous adapter at --out, if any, is left as it was
+        raise CLIError(f"cannot write {err.filename or args.out}: {err.strerror or err}") from None
     print(
         f"wrote a rank-{result.rank} PEFT adapter to {result.path} "
         f"(round {checkpoint.round}); it keeps {100 * result.energy_kept:.2f}% of the global "

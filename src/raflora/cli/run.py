@@ -103,11 +103,10 @@ def _interrupted(run_dir: Path) -> None:
     """Tell the user what an interrupted run kept and how to continue it."""
     import sys
 
-    from raflora.engine import CheckpointError, load_checkpoint
+    from raflora.engine.local import saved_rounds
 
-    try:
-        done = load_checkpoint(run_dir).round
-    except CheckpointError:
+    done = saved_rounds(run_dir)
+    if not done:
         return
     print(
         f"raflora run: {done} finished round(s) are saved in {run_dir}; continue with "

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from raflora.adapters import export_peft_adapter
 from raflora.aggregators import Aggregator, GlobalState
 from raflora.aggregators.base import Factors
-from raflora.engine.rundir import replace_dir
+from raflora.engine.rundir import replace_dir, write_failure
 from raflora.linalg import frobenius_norm
 
 __all__ = ["AdapterExport", "adapter_factors", "write_adapter"]
@@ -137,17 +138,20 @@ def write_adapter(
     factors, out_rank, kept = adapter_factors(aggregator, state, rank)
 
     def build(tmp: Path) -> None:
-        export_peft_adapter(
-            None,
-            factors,
-            state.dense,
-            tmp,
-            rank=out_rank,
-            target_modules=meta.get("target_modules"),
-            modules_to_save=meta.get("modules_to_save"),
-            task_type=meta.get("task_type"),
-            base_model_name_or_path=meta.get("model_id"),
-        )
+        try:
+            export_peft_adapter(
+                None,
+                factors,
+                state.dense,
+                tmp,
+                rank=out_rank,
+                target_modules=meta.get("target_modules"),
+                modules_to_save=meta.get("modules_to_save"),
+                task_type=meta.get("task_type"),
+                base_model_name_or_path=meta.get("model_id"),
+            )
+        except SafetensorError as err:  # safetensors reports a failed write (a full disk) so
+            raise write_failure(Path(out_dir), err) from err
 
     replace_dir(Path(out_dir), build)
     return AdapterExport(Path(out_dir), out_rank, kept)

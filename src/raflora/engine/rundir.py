@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -39,8 +41,10 @@ __all__ = [
     "RunLockedError",
     "RunWriteError",
     "atomic_write_bytes",
+    "remove_leftovers",
     "replace_dir",
     "unique_temp",
+    "write_failure",
     "writing",
 ]
 
@@ -48,8 +52,16 @@ LOCK_FILE = "run.lock"
 
 _T = TypeVar("_T")
 
-_HELD_HERE: dict[Path, int] = {}
-"""Locks this process holds → nesting depth (a nested acquire in the same process succeeds)."""
+
+@contextlib.contextmanager
+def _directory_guard(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the directory itself while a stale lock is replaced."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 class RunLockedError(EngineError):
@@ -142,17 +154,16 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise EngineError(f"cannot create the run directory {self.run_dir}: {err}") from None
-        key = self.path.resolve()
-        if key in _HELD_HERE:  # nested (the Flower simulation's server app in this process)
-            _HELD_HERE[key] += 1
-            self._held = True
-            return self
-        for _ in range(3):  # a stale lock removed by a racing process: try again
+        for _ in range(3):  # a lock created by a racing process meanwhile: look again
             if self._create():
-                _HELD_HERE[key] = 1
                 self._held = True
                 return self
-            self._take_over_or_refuse()
+            with _directory_guard(self.run_dir):
+                # Re-read and remove a stale lock under the guard: two processes that both saw
+                # the same dead holder cannot then remove each other's fresh lock.
+                if self._take_over_or_refuse() and self._create():
+                    self._held = True
+                    return self
         raise RunLockedError(f"{self.run_dir}: could not take the run lock {self.path}")
 
     def _create(self) -> bool:
@@ -173,14 +184,21 @@ class RunLock:
             os.fsync(fh.fileno())
         return True
 
-    def _take_over_or_refuse(self) -> None:
-        """Remove a stale lock (dead PID here, or another host with ``break_lock``) or raise."""
+    def _take_over_or_refuse(self) -> bool:
+        """Remove a stale lock (dead PID here, or another host with ``break_lock``) or raise.
+
+        Returns ``False`` when the lock vanished meanwhile (its holder finished): try again.
+        """
+        if not self.path.exists():
+            return False
         holder = _read_holder(self.path)
         if holder is None:
             # Unreadable: a holder may be between O_EXCL and its write; give it a moment.
             time.sleep(0.2)
             holder = _read_holder(self.path)
         if holder is None:
+            if not self.path.exists():
+                return False
             raise RunLockedError(
                 f"{self.run_dir} is locked ({self.path} exists but cannot be read); if no run "
                 f"is using it, delete {self.path}"
@@ -203,21 +221,18 @@ class RunLock:
             f"raflora: taking over the lock of {self.run_dir}: its holder "
             f"({holder.describe()}) {reason}"
         )
+        return True
 
     def release(self) -> None:
         """Remove the lock file if it is still ours (idempotent)."""
         if not self._held:
             return
         self._held = False
-        key = self.path.resolve()
-        _HELD_HERE[key] = _HELD_HERE.get(key, 1) - 1
-        if _HELD_HERE[key] > 0:
-            return
-        del _HELD_HERE[key]
         holder = _read_holder(self.path)
-        if holder is not None and (holder.pid, holder.host) == (
+        if holder is not None and (holder.pid, holder.host, holder.since) == (
             self.holder.pid,
             self.holder.host,
+            self.holder.since,
         ):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -239,10 +254,19 @@ def replace_dir(target: Path, build: Callable[[Path], _T]) -> _T:
 
     The new directory is written under a unique temporary name; then the old ``target`` (if
     any) is renamed aside, the new one renamed in, and the old one removed. A failure while
-    building removes the temporary directory and leaves ``target`` untouched.
+    building removes the temporary directory and leaves ``target`` untouched; an ``OSError``
+    names ``target``. Leftovers of a writer that was killed half-way are removed first.
+
+    Raises
+    ------
+    NotADirectoryError
+        ``target`` exists and is not a directory (it is never replaced).
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
     tmp = unique_temp(target, ".new")
     old = unique_temp(target, ".old")
     try:
@@ -250,13 +274,50 @@ def replace_dir(target: Path, build: Callable[[Path], _T]) -> _T:
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
+    except OSError as err:
+        _undo(tmp, old, target)
+        raise _naming(err, target) from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)  # put the previous directory back
+        _undo(tmp, old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return result
+
+
+def _undo(tmp: Path, old: Path, target: Path) -> None:
+    """Remove a half-built directory and put the previous one back if it was moved aside."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` when it names no file (or a temporary one of ours)."""
+    name = err.filename
+    if name is None or any(_LEFTOVER.match(part) for part in Path(str(name)).parts):
+        return type(err)(err.errno, err.strerror or str(err), str(path))
+    return err
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|new|old)$")
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove temporary siblings of ``target`` (see :func:`unique_temp`) left by dead writers."""
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if match is None or match["name"] != target.name or _pid_alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
 
 
 def _describe_os_error(err: OSError) -> str:
@@ -288,7 +349,13 @@ def writing(run_dir: Path, done_rounds: Callable[[], int]) -> Iterator[None]:
 
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file through ``write(fh)`` under a unique temporary name, fsync, rename in."""
+    """Write a file through ``write(fh)`` under a unique temporary name, fsync, rename in.
+
+    Any failure removes the temporary file and leaves ``path`` as it was. A failed write is an
+    ``OSError`` naming ``path`` — also when the writer reports it otherwise (``torch.save``'s
+    zip writer raises a ``RuntimeError`` when the disk is full).
+    """
+    remove_leftovers(path)
     tmp = unique_temp(path)
     try:
         with open(tmp, "wb") as fh:
@@ -296,7 +363,40 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise _naming(err, path) from err
+    except RuntimeError as err:
+        _remove(tmp)
+        if not _is_write_failure(err):
+            raise
+        raise write_failure(path, err) from err
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """A writer library's way of saying a write failed (torch's zip writer, safetensors)."""
+    text = str(err)
+    return any(
+        key in text
+        for key in ("unexpected pos", "PytorchStreamWriter", "file write failed", "os error")
+    )
+
+
+def write_failure(path: Path, err: BaseException) -> OSError:
+    """An ``OSError`` naming ``path`` for a write a library reported failed in its own way."""
+    try:
+        full = shutil.disk_usage(path.parent if path.parent.exists() else ".").free < 2**20
+    except OSError:
+        full = False
+    if full or "No space left" in str(err):
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OSError(errno.EIO, f"the write failed ({first})", str(path))

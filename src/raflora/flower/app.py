@@ -187,6 +187,7 @@ def run_server(
     node_wait: float = 600.0,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     fed: Federation | None = None,
+    lock_held: bool = False,
 ) -> RunResult:
     """Run (or resume) the federation's rounds over a Flower grid and write the run directory.
 
@@ -212,12 +213,16 @@ def run_server(
         Called with each round's metrics row after it is saved.
     fed : Federation, optional
         The server federation, already built from ``config``.
+    lock_held : bool
+        The caller holds ``run_dir``'s lock already (the simulation's :func:`run_flower`);
+        otherwise the ServerApp takes it, as the run directory's one writer.
     """
     check_config(config)
-    # The deployment's ServerApp is the run's one writer (in the simulation this nests inside
-    # run_flower's lock, taken in the same process).
+    args = (grid, config, run_dir, resume, round_timeout, node_wait, on_round, fed)
+    if lock_held:
+        return _serve(*args)
     with lock_run_dir(run_dir):
-        return _serve(grid, config, run_dir, resume, round_timeout, node_wait, on_round, fed)
+        return _serve(*args)
 
 
 def _serve(
@@ -300,6 +305,7 @@ def make_server_app(
     results: list[RunResult] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     fed: Federation | None = None,
+    lock_held: bool = False,
 ) -> ServerApp:
     """The raflora ``ServerApp``.
 
@@ -320,6 +326,8 @@ def make_server_app(
         Called with each round's metrics row.
     fed : Federation, optional
         The server federation, already built from ``config``.
+    lock_held : bool
+        The caller holds the run directory's lock (:func:`run_server`).
     """
     if config is not None and run_dir is None:
         raise ValueError("make_server_app: run_dir is required with config")
@@ -340,6 +348,7 @@ def make_server_app(
             node_wait=wait,
             on_round=on_round,
             fed=fed if config is not None else None,
+            lock_held=lock_held,
         )
         if results is not None:
             results.append(result)

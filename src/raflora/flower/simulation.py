@@ -127,6 +127,7 @@ def _simulate(
         results=results,
         on_round=on_round,
         fed=fed,
+        lock_held=True,  # run_flower holds it, in this process
     )
     client = make_client_app(faults=faults)
     resources: dict[str, ConfigRecordValues] = {
