@@ -257,3 +257,15 @@ def test_energy_jsonl_has_one_row_per_round_for_every_module(tmp_path: Path) -> 
         assert all(v is not None for v in values)
         assert sum(values) / len(values) == pytest.approx(metric["higher_rank_energy"])
     assert (tmp_path / "energy_heatmap.png").stat().st_size > 0
+
+
+def test_a_client_seeds_only_the_generators_it_forks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.manual_seed would also reseed every CUDA device of the host (never restored)
+    fed = build_federation(tiny_config())
+    state = fed.initial_state()
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    rank = fed.rank_of(state, 0)
+    train_client(fed, 0, rank, fed.start_factors(state, 0, 1), state.dense, 1, 1e-3)
+    assert calls == []  # a CPU run leaves every GPU's generator alone

@@ -367,7 +367,7 @@ def _local_round(
     bank = fed.bank
     adapter = bank.activate(rank)
     # seeded after the adapter exists, so creating one never shifts this client's dropout
-    torch.manual_seed(seeds.training_torch_seed(fed.seed, round_index, client_id))
+    _seed_forked(fed.device, seeds.training_torch_seed(fed.seed, round_index, client_id))
     bank.set_factors(rank, start)
     if dense:
         bank.set_dense(rank, dense)
@@ -378,6 +378,16 @@ def _local_round(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=fed.config.train.weight_decay)
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
     return _local_steps(fed, client_id, rank, adapter, optimizer, shuffle)
+
+
+def _seed_forked(device: torch.device, seed: int) -> None:
+    """Seed the CPU generator and, on CUDA, the run's device — exactly the generators that
+    :func:`train_client` forks (``torch.manual_seed`` would reseed every GPU of the host).
+    """
+    torch.default_generator.manual_seed(seed)
+    for index in _rng_devices(device):
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
 
 
 def _rng_devices(device: torch.device) -> list[int]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from raflora.adapters import adapter_name, base_weights
 from raflora.aggregators import GlobalState
 from raflora.config import (
@@ -35,7 +37,6 @@ from raflora.engine import seeds
 from raflora.engine.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
-    CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
@@ -51,7 +52,7 @@ from raflora.engine.federation import (
     tensor_bytes,
     train_client,
 )
-from raflora.engine.rundir import RunLock, writing
+from raflora.engine.rundir import RunLock, remove_leftovers, writing
 from raflora.report import (
     ENERGY_FILE,
     append_energy,
@@ -348,6 +349,8 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
     for plot in run_dir.glob("*.png"):
         plot.unlink()
+    for name in RUN_FILES:  # temporary files of a writer that was killed
+        remove_leftovers(run_dir / name)
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> None:
@@ -370,7 +373,13 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> 
                 f"{run_dir} already holds a run (checkpoint/); continue it with --resume "
                 f"{run_dir}, replace it with --overwrite, or choose another output directory"
             )
-        clear_run_dir(run_dir)
+        try:
+            clear_run_dir(run_dir)
+        except OSError as err:
+            raise EngineError(
+                f"--overwrite: cannot remove the previous run's {err.filename or 'files'}: "
+                f"{err.strerror or err}"
+            ) from None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -405,10 +414,15 @@ def lock_run_dir(run_dir: Path, *, break_lock: bool = False) -> RunLock:
 
 
 def saved_rounds(run_dir: Path) -> int:
-    """Rounds in ``run_dir``'s last good checkpoint (0 when there is none)."""
+    """Rounds in ``run_dir``'s last good checkpoint (0 when there is none or it is unreadable).
+
+    The file is memory-mapped: only the round number is read, not the (possibly large) tensors.
+    """
+    path = run_dir / CHECKPOINT_FILE
     try:
-        return load_checkpoint(run_dir).round
-    except CheckpointError:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(data["round"])
+    except Exception:  # no checkpoint, or not a readable one: nothing is saved
         return 0
 
 
@@ -449,7 +463,13 @@ def open_run(
             save_config(config, run_dir / "config.yaml")
             (run_dir / "partition.json").write_text(json.dumps(fed.partition_summary, indent=1))
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in metrics))
-        truncate_jsonl(run_dir / ENERGY_FILE, len(metrics))
+        try:
+            truncate_jsonl(run_dir / ENERGY_FILE, len(metrics))
+        except ValueError as err:  # a damaged line in the middle, not a kill's partial tail
+            raise EngineError(
+                f"{run_dir / ENERGY_FILE} is damaged ({err}); delete it to resume (the "
+                f"per-module diagnostics of the finished rounds are then lost)"
+            ) from None
     return RunStart(fed, state, metrics, wall_before)
 
 
