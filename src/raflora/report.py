@@ -10,7 +10,10 @@ A run records one metrics row per round (a line of ``metrics.jsonl``)::
               "round_seconds": 1.6}}
 
 ``accuracy`` and ``eval_loss`` appear only on evaluated rounds and ``train_loss`` may be ``null``
-(no client accepted). ``energy_per_level`` holds the cumulative energy ratio ``ρ_r`` of the global
+(no client accepted). With ``eval.per_level`` an evaluated round also holds ``accuracy@r`` and
+``eval_loss@r`` for every rank level ``r``: the metrics of the model a client of rank ``r`` holds
+(the global factors truncated to ``r``; for FLoRA the merged model, so equal to the full one).
+``energy_per_level`` holds the cumulative energy ratio ``ρ_r`` of the global
 update at each rank level (:mod:`raflora.diagnostics`); ``higher_rank_energy`` is ``1 − ρ_{r_1}``.
 Both are means over the adapted modules; ``energy.jsonl`` holds them per module, one line per
 round (:func:`raflora.diagnostics.module_energy_row`)::
@@ -32,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -287,6 +291,7 @@ def truncate_jsonl(path: str | os.PathLike[str], rounds: int) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the file from others
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -447,6 +452,25 @@ def energy_shares(row: MetricsRow) -> dict[str, float]:
 # --------------------------------------------------------------------------- summary
 
 
+_LEVEL_ACCURACY = re.compile(r"^accuracy@(\d+)$")
+
+
+def _accuracy_levels(metrics: Sequence[MetricsRow]) -> list[int]:
+    """Rank levels ``r`` with an ``accuracy@r`` key in any row, ascending."""
+    found = {int(m.group(1)) for row in metrics for key in row if (m := _LEVEL_ACCURACY.match(key))}
+    return sorted(found)
+
+
+def _per_level_summary(metrics: Sequence[MetricsRow]) -> dict[str, float | None]:
+    """``final_accuracy@r`` and ``best_accuracy@r`` of every level evaluated (per-level rows)."""
+    out: dict[str, float | None] = {}
+    for rank in _accuracy_levels(metrics):
+        _, accs = _series(metrics, f"accuracy@{rank}")
+        out[f"final_accuracy@{rank}"] = accs[-1] if accs else None
+        out[f"best_accuracy@{rank}"] = max(accs) if accs else None
+    return out
+
+
 def summarize(
     metrics: Sequence[MetricsRow],
     *,
@@ -479,8 +503,10 @@ def summarize(
         ``total_download_bytes``; ``clients_accepted``, ``clients_rejected`` (totals);
         ``wall_seconds`` and ``time`` = per-phase totals ``train_seconds``,
         ``aggregate_seconds``, ``eval_seconds``, ``round_seconds`` and ``other_seconds``
-        (``wall − train − aggregate − eval``, clipped at 0). Values are ``None`` when the data
-        never appears; non-finite values (a diverged loss) are ignored.
+        (``wall − train − aggregate − eval``, clipped at 0). With per-level evaluation
+        (``accuracy@r`` in the rows) also ``final_accuracy@r`` and ``best_accuracy@r`` for
+        every rank level ``r``, in rank order. Values are ``None`` when the data never appears;
+        non-finite values (a diverged loss) are ignored.
 
     Raises
     ------
@@ -530,6 +556,7 @@ def summarize(
         "wall_seconds": wall,
         "time": phases,
     }
+    summary.update(_per_level_summary(metrics))
     for key, value in (extra or {}).items():
         if key in summary and summary[key] != value:
             raise ValueError(
@@ -551,8 +578,9 @@ def progress_postfix(row: MetricsRow) -> dict[str, str]:
     -------
     dict[str, str]
         ``loss`` (train loss, 4 decimals), ``acc`` (accuracy in %, evaluated rounds only),
-        ``hre`` (higher-rank energy, 3 decimals) and ``rej`` (rejected clients, when any); keys
-        whose value is missing are left out.
+        ``acc@r`` (the smallest rank level's accuracy in %, with per-level evaluation), ``hre``
+        (higher-rank energy, 3 decimals) and ``rej`` (rejected clients, when any); keys whose
+        value is missing are left out.
     """
     out: dict[str, str] = {}
     loss = _num(row, "train_loss")
@@ -561,6 +589,9 @@ def progress_postfix(row: MetricsRow) -> dict[str, str]:
     acc = _num(row, "accuracy")
     if acc is not None:
         out["acc"] = f"{100.0 * acc:.1f}%"
+    levels = _accuracy_levels([row])
+    if levels and (low := _num(row, f"accuracy@{levels[0]}")) is not None:
+        out[f"acc@{levels[0]}"] = f"{100.0 * low:.1f}%"
     hre = _num(row, "higher_rank_energy")
     if hre is not None:
         out["hre"] = f"{hre:.3f}"
