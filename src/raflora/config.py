@@ -190,6 +190,14 @@ class EvalConfig:
 
     every: int = field(default=1, metadata=_help("Evaluate every N rounds."))
     batch_size: int = field(default=64, metadata=_help("Evaluation batch size."))
+    per_level: bool = field(
+        default=False,
+        metadata=_help(
+            "Also evaluate the model a client of each rank level holds (the global factors "
+            "truncated to that rank; FLoRA: the merged model, so equal to the full one): "
+            "accuracy@r and eval_loss@r in metrics.jsonl on evaluated rounds."
+        ),
+    )
 
 
 @dataclass

@@ -27,11 +27,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from raflora.config import ConfigError, RunConfig, load_config, validate
+
+if TYPE_CHECKING:
+    from raflora.engine.local import RunResult
 
 __all__ = [
     "PRESET_DIR",
@@ -557,7 +560,7 @@ def execute_run(spec: RunSpec, *, overwrite: bool = False) -> RunOutcome:
         line when anything goes wrong (a config problem, a task that cannot be built, a
         directory another live process holds …). Only ``KeyboardInterrupt`` propagates.
     """
-    from raflora.engine.local import SUMMARY_FILE, check_resume_config, lock_run_dir, run_local
+    from raflora.engine.local import SUMMARY_FILE, check_resume_config, lock_run_dir
 
     started = time.perf_counter()
     try:
@@ -568,18 +571,33 @@ def execute_run(spec: RunSpec, *, overwrite: bool = False) -> RunOutcome:
                 check_resume_config(spec.run_dir, spec.config)
                 summary = json.loads((spec.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
                 return RunOutcome(spec, "skipped", summary, None, time.perf_counter() - started)
-        result = run_local(
-            spec.config,
-            spec.run_dir,
-            resume=state == "partial",
-            progress=False,
-            label=spec.label,
-            overwrite=overwrite,
-        )
+        result = _run_keeping_threads(spec, resume=state == "partial", overwrite=overwrite)
     except Exception as err:  # a failed run is reported; the sweep goes on
         return RunOutcome(spec, "failed", None, _one_line(err), time.perf_counter() - started)
     status: RunStatus = "resumed" if state == "partial" else "ran"
     return RunOutcome(spec, status, result.summary, None, time.perf_counter() - started)
+
+
+def _run_keeping_threads(spec: RunSpec, *, resume: bool, overwrite: bool) -> RunResult:
+    """:func:`~raflora.engine.run_local`, leaving this process's torch thread count as it was
+    (a run sets it from its config; the caller may run other work after it).
+    """
+    import torch
+
+    from raflora.engine.local import run_local
+
+    threads = torch.get_num_threads()
+    try:
+        return run_local(
+            spec.config,
+            spec.run_dir,
+            resume=resume,
+            progress=False,
+            label=spec.label,
+            overwrite=overwrite,
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_plan(

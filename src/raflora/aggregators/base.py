@@ -270,6 +270,25 @@ class Aggregator(ABC):
         """
         return {k: (B.clone(), A.clone()) for k, (B, A) in state.factors.items()}
 
+    def level_factors(self, state: GlobalState, rank: int) -> Factors:
+        """Factors at ``r_max`` that, on the current base weights, give the model a client of
+        rank ``rank`` holds after receiving the global state (per-level evaluation).
+
+        By default what :meth:`client_factors` sends it — the nested truncation ``B_g[:, :r]``,
+        ``A_g[:r, :]`` — zero-padded to ``r_max`` (the padded directions add nothing to
+        ``B A``). A method whose clients hold something other than what they start training
+        from overrides it (FLoRA: the merged base).
+        """
+        out: Factors = {}
+        for name, (B, A) in self.client_factors(state, rank).items():
+            d, n = state.module_shapes[name]
+            B_pad = B.new_zeros(d, self.r_max)  # (d, r_max): columns ≥ r stay 0
+            A_pad = A.new_zeros(self.r_max, n)  # (r_max, n): rows ≥ r stay 0
+            B_pad[:, :rank] = B
+            A_pad[:rank, :] = A
+            out[name] = (B_pad, A_pad)
+        return out
+
     def download_numel(self, state: GlobalState, rank: int) -> int:
         """Elements sent down to a client of rank ``rank`` for the adapted modules (SPEC §8)."""
         return sum((d + n) * rank for d, n in state.module_shapes.values())

@@ -78,6 +78,13 @@ class FLoRA(Aggregator):
             out[name] = (B_ref.new_zeros(d, self.r_max), B_ref.new_zeros(self.r_max, n))
         return out
 
+    def level_factors(self, state: GlobalState, rank: int) -> Factors:
+        """The global model whatever ``rank``: a client merges the whole stack it downloads,
+        so every rank holds the merged base (its fresh init has ``B = 0``).
+        """
+        self._check_rank(rank)
+        return self.model_factors(state)
+
     def download_numel(self, state: GlobalState, rank: int) -> int:
         """The whole stack of the last round, ``(d + n) Σ r_k`` per module."""
         return sum(B.numel() + A.numel() for B, A in state.factors.values())

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     metrics, metric_problems = parse_metrics(args.metrics)
     problems += metric_problems
     try:
-        settings = settings_of(axes) if not problems else []
+        settings = settings_of(axes)  # the axes that parsed: their problems are reported too
         specs = plan_runs(files, overrides, settings, methods, seeds, args.out)
     except SweepError as err:
         problems += err.problems

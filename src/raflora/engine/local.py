@@ -47,7 +47,7 @@ from raflora.engine.federation import (
     Federation,
     build_federation,
     device_clock,
-    evaluate_global,
+    evaluate_round,
     learning_rate,
     tensor_bytes,
     train_client,
@@ -216,7 +216,7 @@ def complete_round(
         "train_loss": _weighted_loss(results, outcome.accepted),
     }
     if plan.round_index % cfg.eval.every == 0 or plan.round_index == cfg.fl.rounds:
-        row.update(evaluate_global(fed, new_state))
+        row.update(evaluate_round(fed, new_state))
     t3 = device_clock(fed.device)
     rejected = {**outcome.rejected, **(failures or {})}
     row.update(energy)

@@ -1,0 +1,304 @@
+"""``raflora sweep``: grid parsing, the validated plan, and sweeps run, interrupted and rerun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from raflora.cli import main
+from raflora.config import load_config
+from raflora.engine import load_checkpoint, run_local
+from raflora.report import read_metrics
+from raflora.sweep import (
+    SweepError,
+    parse_grid,
+    plan_runs,
+    resolve_preset,
+    settings_of,
+    split_values,
+)
+
+CONFIG = {
+    "method": "raflora",
+    "seed": 0,
+    "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
+    "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4, 8]},
+    "train": {"lr": 5e-3, "batch_size": 32},
+    "output": {"plots": False},
+}
+GRID = ["--grid", "fl.rank_levels=[2,4],[2,8]"]
+SWEEP = [*GRID, "--methods", "flexlora,raflora", "--seeds", "0,1"]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return path
+
+
+def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.glob("*/*/seed-*/config.yaml"))
+
+
+def _assert_same_runs(a: Path, b: Path) -> None:
+    """Both sweeps hold the same runs with the same metrics (but time) and adapters."""
+    runs = _run_dirs(a)
+    assert [r.relative_to(a) for r in runs] == [r.relative_to(b) for r in _run_dirs(b)]
+    for run in runs:
+        other = b / run.relative_to(a)
+        assert _strip(read_metrics(run / "metrics.jsonl")) == _strip(
+            read_metrics(other / "metrics.jsonl")
+        ), run
+        adapter = Path("adapter") / "adapter_model.safetensors"
+        assert (run / adapter).read_bytes() == (other / adapter).read_bytes(), run
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def test_values_split_on_commas_outside_brackets_and_quotes() -> None:
+    assert split_values("[4,8],[8, 16]") == ["[4,8]", "[8, 16]"]
+    assert split_values("dir-a0.1, dir-a1.0") == ["dir-a0.1", "dir-a1.0"]
+    assert split_values("{a: 1, b: 2},'x,y',3") == ["{a: 1, b: 2}", "'x,y'", "3"]
+    with pytest.raises(ValueError, match="unclosed bracket"):
+        split_values("[4,8")
+    with pytest.raises(ValueError, match="unbalanced"):
+        split_values("4],8")
+
+
+def test_parse_grid_reports_malformed_reserved_empty_and_repeated() -> None:
+    axis = parse_grid("fl.rank_levels=[4,8],[8,16]")
+    assert (axis.key, axis.values) == ("fl.rank_levels", ("[4,8]", "[8,16]"))
+    with pytest.raises(SweepError, match="expected KEY=V1"):
+        parse_grid("fl.rounds")
+    with pytest.raises(SweepError, match="use --seeds"):
+        parse_grid("seed=1,2")
+    with pytest.raises(SweepError, match="use --methods"):
+        parse_grid("method=flexlora,raflora")
+    with pytest.raises(SweepError) as err:
+        parse_grid("fl.rounds=1,,2,1")
+    assert err.value.problems == [
+        "--grid 'fl.rounds=1,,2,1': empty value",
+        "--grid 'fl.rounds=1,,2,1': value '1' is repeated",
+    ]
+
+
+def test_settings_are_the_cross_product_with_safe_names() -> None:
+    settings = settings_of(
+        [parse_grid("fl.rank_levels=[2,4],[2, 8]"), parse_grid("data.partition=iid,dir-a0.5")]
+    )
+    assert [s.name for s in settings] == [
+        "fl.rank_levels=2-4,data.partition=iid",
+        "fl.rank_levels=2-4,data.partition=dir-a0.5",
+        "fl.rank_levels=2-8,data.partition=iid",
+        "fl.rank_levels=2-8,data.partition=dir-a0.5",
+    ]
+    assert settings[1].label == "fl.rank_levels=[2,4], data.partition=dir-a0.5"
+    assert settings[3].overrides == ("fl.rank_levels=[2, 8]", "data.partition=dir-a0.5")
+    # values whose safe names collide stay apart; a key given twice is an error
+    names = [s.name for s in settings_of([parse_grid("task.options.tag='a/b','a b'")])]
+    assert names == ["task.options.tag=a_b", "task.options.tag=a_b_2"]
+    with pytest.raises(SweepError, match="given twice"):
+        settings_of([parse_grid("fl.rounds=1,2"), parse_grid("fl.rounds=3")])
+    assert [s.name for s in settings_of([])] == [""]
+
+
+def test_presets_by_bare_name_or_path_from_any_directory(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own = tmp_path / "mine.yaml"
+    own.write_text("fl: {rank_levels: [2, 3]}\n")
+    monkeypatch.chdir(tmp_path)  # bare names are still found in the checkout's configs/
+    settings = settings_of([parse_grid(f"preset=conf-1,dist-2.yaml,{own}")])
+    assert [s.name for s in settings] == ["preset=conf-1", "preset=dist-2", "preset=mine"]
+    specs = plan_runs([config_file], ["fl.rounds=1"], settings, ["raflora"], None, tmp_path)
+    assert [s.config.fl.rank_levels for s in specs] == [
+        [1, 16, 32, 48, 64],
+        [8, 16, 32, 48, 64],
+        [2, 3],
+    ]
+    assert specs[1].config.fl.rank_probs == [0.7, 0.1, 0.1, 0.05, 0.05]
+    assert specs[0].config.fl.rounds == 1  # the user's overrides apply over a preset
+    with pytest.raises(SweepError, match="no preset file 'conf-99'"):
+        resolve_preset("conf-99")
+
+
+def test_plan_sets_seed_threads_and_directory_per_run(config_file: Path, tmp_path: Path) -> None:
+    settings = settings_of([parse_grid("fl.rank_levels=[2,4],[2,8]")])
+    specs = plan_runs([config_file], [], settings, ["flexlora", "raflora"], [3, 1], tmp_path)
+    assert [(s.setting.name, s.method, s.seed) for s in specs][:3] == [
+        ("fl.rank_levels=2-4", "flexlora", 3),
+        ("fl.rank_levels=2-4", "flexlora", 1),
+        ("fl.rank_levels=2-4", "raflora", 3),
+    ]
+    last = specs[-1]
+    assert last.run_dir == tmp_path / "fl.rank_levels=2-8" / "raflora" / "seed-1"
+    assert (last.config.method, last.config.seed, last.config.threads) == ("raflora", 1, 1)
+    assert last.config.fl.rank_levels == [2, 8]
+    assert last.config.output.dir == str(last.run_dir)
+
+
+def test_every_problem_of_every_setting_is_reported_before_anything_runs(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "sweep",
+            str(config_file),
+            "--grid",
+            "fl.clients_per_round=2,9",  # 9 > num_clients
+            "--grid",
+            "train.lr=0.01,-1",
+            "--grid",
+            "fl.bogus=1",
+            "--grid",
+            "seed=1,2",
+            "--metrics",
+            "final_accuracy,final_acc",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "seed cannot be swept (use --seeds)" in err
+    assert "unknown metric(s) 'final_acc'; available: " in err and "traffic" in err
+    assert err.count("unknown key 'bogus'") == 1  # every setting has it: reported once
+    assert "[fl.clients_per_round=9, train.lr=0.01, fl.bogus=1] fl.clients_per_round" in err
+    assert "[fl.clients_per_round=2, train.lr=-1, fl.bogus=1] train.lr" in err
+    assert "[fl.clients_per_round=9, train.lr=-1, fl.bogus=1] train.lr" in err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _interrupt_after_first_round(run_dir: Path) -> None:
+    """Put ``run_dir`` back to the state a kill after round 1 leaves (checkpoint at round 1)."""
+
+    class KilledError(Exception):
+        pass
+
+    def stop(row: dict[str, Any]) -> None:
+        raise KilledError
+
+    config = load_config(run_dir / "config.yaml")
+    for path in run_dir.iterdir():  # start it over, then stop it after its first round
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    with pytest.raises(KilledError):
+        run_local(config, run_dir, progress=False, on_round=stop)
+    assert load_checkpoint(run_dir).round == 1
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_sweep_end_to_end_then_interrupted_and_rerun(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2 rank configurations × 2 methods × 2 seeds in 2 worker processes; then the sweep as a
+    kill leaves it, rerun in this process: the same numbers (so they depend neither on
+    ``--jobs`` nor on the resume)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["sweep", str(config_file), *SWEEP, "--jobs", "2", "--out", str(full)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": ran, final accuracy") == 8
+    assert "8 runs: 8 ran; sweep: " in printed
+    assert len(_run_dirs(full)) == 8
+
+    # the report: the statistics of each cell are those of its two runs
+    stats = json.loads((full / "sweep.json").read_text())
+    cell = stats["settings"]["fl.rank_levels=[2,8]"]["raflora"]["final_accuracy"]
+    accs = [
+        json.loads(
+            (full / "fl.rank_levels=2-8" / "raflora" / f"seed-{s}" / "summary.json").read_text()
+        )["final_accuracy"]
+        for s in (0, 1)
+    ]
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(sum(accs) / 2)
+    assert cell["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    table = (full / "sweep.md").read_text()
+    assert "| Setting | flexlora | raflora |" in table
+    assert "| fl.rank_levels=[2,8] | " in table and "## Final acc. (%)" in table
+    for metric in ("final_accuracy", "best_accuracy", "mean_higher_rank_energy", "traffic"):
+        assert (full / f"sweep_{metric}.png").stat().st_size > 0
+
+    # "killed mid-way": three runs finished, the fourth stopped after its first round
+    subprocess.run(["cp", "-r", str(full), str(cut)], check=True)
+    runs = _run_dirs(cut)
+    _interrupt_after_first_round(runs[3])
+    for run in runs[4:]:
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+    (cut / "sweep.json").unlink()
+    assert main(["sweep", str(config_file), *SWEEP, "--jobs", "1", "--out", str(cut)]) == 0
+    printed = capsys.readouterr().out
+    assert "[8/8] fl.rank_levels=[2,8] raflora seed 1: ran" in printed  # in plan order
+    assert printed.count("skipped (finished earlier)") == 3
+    assert printed.count(": resumed, final accuracy") == 1
+    assert printed.count(": ran, final accuracy") == 4
+    assert "8 runs: 4 ran, 1 resumed, 3 skipped" in printed
+    _assert_same_runs(full, cut)
+    assert (cut / "sweep.json").read_text() == (full / "sweep.json").read_text()
+
+    # a third time: nothing to do
+    assert main(["sweep", str(config_file), *SWEEP, "--out", str(cut), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failed_run_does_not_stop_the_sweep_and_the_exit_code_says_so(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    locked = out / "task.options.num_train=300" / "raflora" / "seed-0"
+    locked.mkdir(parents=True)
+    holder = subprocess.Popen(  # another live process holds one run's directory
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from raflora.engine.rundir import RunLock; "
+            f"RunLock(Path({str(locked)!r})).acquire(); print('held', flush=True); "
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code = main(
+            [
+                "sweep",
+                str(config_file),
+                "--grid",
+                "task.options.num_train=-5,200,300",  # -5 fails when the task is built
+                "--methods",
+                "raflora",
+                "--out",
+                str(out),
+            ]
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "[1/3] task.options.num_train=-5 raflora seed 0: FAILED: " in captured.err
+    assert "num_train: must be ≥ 1, got -5" in captured.err
+    assert "task.options.num_train=300 raflora seed 0: FAILED: " in captured.err
+    assert "in use by a running raflora process" in captured.err
+    assert "3 runs: 1 ran, 2 FAILED" in captured.err
+    assert "[2/3] task.options.num_train=200 raflora seed 0: ran" in captured.out
+    assert (out / "task.options.num_train=200" / "raflora" / "seed-0" / "summary.json").exists()
+    report = (out / "sweep.md").read_text()
+    assert "## Failed runs" in report and "| task.options.num_train=-5 | — |" in report
+    assert len(json.loads((out / "sweep.json").read_text())["failed"]) == 2
