@@ -15,6 +15,7 @@ Unknown keys are always errors; the message lists the valid keys of the section.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
 import typing
@@ -221,6 +222,13 @@ class OutputConfig:
         default=None, metadata=_help("Output directory (None: a timestamped directory).")
     )
     plots: bool = field(default=True, metadata=_help("Write plots next to the metrics."))
+    tensorboard: bool = field(
+        default=False,
+        metadata=_help(
+            "Write each round's scalars and the global update's energy spectrum as TensorBoard "
+            "events in RUN_DIR/tensorboard/ (needs the 'tensorboard' extra)."
+        ),
+    )
 
 
 @dataclass
@@ -593,6 +601,14 @@ def _type_problems(obj: Any, prefix: str, problems: list[str], bad: set[str]) ->
                 )
 
 
+def _has_tensorboard() -> bool:
+    """Whether the ``tensorboard`` package can be imported (``output.tensorboard`` needs it)."""
+    try:
+        return importlib.util.find_spec("tensorboard") is not None
+    except ValueError:  # a module object without a spec stands in for it
+        return False
+
+
 def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list[str]:
     """Every problem with a configuration (empty when it is valid).
 
@@ -734,6 +750,13 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
     # eval
     at_least("eval.every", config.eval.every, 1)
     at_least("eval.batch_size", config.eval.batch_size, 1)
+
+    # output
+    if ok("output.tensorboard") and config.output.tensorboard and not _has_tensorboard():
+        problems.append(
+            "output.tensorboard: the 'tensorboard' package is not installed; "
+            "pip install 'raflora[tensorboard]' (or set output.tensorboard=false)"
+        )
 
     # flower
     fw = config.flower

@@ -52,7 +52,8 @@ from raflora.engine.federation import (
     tensor_bytes,
     train_client,
 )
-from raflora.engine.rundir import RunLock, remove_leftovers, writing
+from raflora.engine.rundir import RunLock, atomic_write_bytes, remove_leftovers, writing
+from raflora.provenance import ENVIRONMENT_FILE, add_session, session_info
 from raflora.report import (
     ENERGY_FILE,
     append_energy,
@@ -62,6 +63,7 @@ from raflora.report import (
     truncate_jsonl,
     write_run_plots,
 )
+from raflora.tensorboard import TENSORBOARD_DIR, spectrum_shares, start_session, write_round
 
 __all__ = [
     "CompletedRound",
@@ -333,6 +335,8 @@ RUN_FILES = (
     METRICS_FILE,
     ENERGY_FILE,
     SUMMARY_FILE,
+    ENVIRONMENT_FILE,
+    TENSORBOARD_DIR,
     "adapter",
     "checkpoint",
 )
@@ -441,7 +445,9 @@ def open_run(
     ``config.yaml`` and ``partition.json``; a resumed one checks the config and loads the
     checkpoint onto the run's device (and FLoRA's merged base weights). Either way
     ``metrics.jsonl`` is rewritten to mirror the checkpoint (a kill may have left a partial
-    line).
+    line). The session's provenance is added to ``environment.json`` (a new run starts it
+    afresh) and, with ``output.tensorboard``, a TensorBoard session starts at the first round
+    to run (hiding anything an earlier session wrote from that round on).
     """
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
@@ -470,7 +476,24 @@ def open_run(
                 f"{run_dir / ENERGY_FILE} is damaged ({err}); delete it to resume (the "
                 f"per-module diagnostics of the finished rounds are then lost)"
             ) from None
+        _record_environment(fed, run_dir, first_round=len(metrics) + 1, resume=resume)
+        if config.output.tensorboard:
+            start_session(run_dir, len(metrics) + 1)
     return RunStart(fed, state, metrics, wall_before)
+
+
+def _record_environment(fed: Federation, run_dir: Path, *, first_round: int, resume: bool) -> None:
+    """Add this session to ``environment.json`` (see :mod:`raflora.provenance`)."""
+    path = run_dir / ENVIRONMENT_FILE
+    session = session_info(
+        device=fed.device,
+        threads=fed.config.threads,
+        first_round=first_round,
+        engine=fed.config.engine,
+    )
+    previous = path.read_text(encoding="utf-8") if resume and path.is_file() else None
+    text = add_session(previous, session, resume=resume)
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def record_round(
@@ -482,16 +505,20 @@ def record_round(
     wall: float,
     modules: Mapping[str, Any] | None = None,
 ) -> None:
-    """Keep a finished round: its per-module energy row, the checkpoint, then its metrics row.
+    """Keep a finished round: its per-module energy row (and TensorBoard events, with
+    ``output.tensorboard``), the checkpoint, then its metrics row.
 
-    The energy row comes first and the checkpoint before ``metrics.jsonl``: a kill in between
-    leaves rows beyond the checkpoint, which :func:`open_run` drops on resume (the other order
-    would leave a gap).
+    The energy row and the events come first and the checkpoint before ``metrics.jsonl``: a
+    kill in between leaves rows beyond the checkpoint, which :func:`open_run` drops on resume
+    (TensorBoard hides them behind the resumed session's start; the other order would leave a
+    gap).
     """
     metrics.append(row)
     with writing(run_dir, lambda: saved_rounds(run_dir)):
         if modules is not None:
             append_energy(run_dir / ENERGY_FILE, modules)
+        if fed.config.output.tensorboard:
+            write_round(run_dir, row, spectrum_shares(state.factors, fed.aggregator.r_max))
         save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
         append_metrics(run_dir / METRICS_FILE, row)
 
