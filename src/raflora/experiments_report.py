@@ -89,9 +89,12 @@ Summaries = Mapping[int, Mapping[str, Any]]
 
 
 def known_metrics() -> list[str]:
-    """Every run summary's metric names (:func:`~raflora.report.summarize`) and ``traffic``."""
+    """Every run summary's metric names (:func:`~raflora.report.summarize`) and ``traffic``,
+    the defaults first.
+    """
     keys = summarize([], method="", wall_seconds=0.0)
-    return [k for k in keys if k not in _NOT_METRICS] + [TRAFFIC]
+    rest = [k for k in keys if k not in _NOT_METRICS and k not in DEFAULT_METRICS]
+    return [*DEFAULT_METRICS, *rest]
 
 
 def metric_problems(names: Sequence[str], summaries: Sequence[Mapping[str, Any]] = ()) -> list[str]:
