@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import yaml
 from raflora.cli import main
 from raflora.config import load_config
 from raflora.engine import load_checkpoint, run_local
+from raflora.engine.local import saved_rounds
 from raflora.report import read_metrics
 from raflora.sweep import (
     SweepError,
@@ -302,3 +306,39 @@ def test_a_failed_run_does_not_stop_the_sweep_and_the_exit_code_says_so(
     report = (out / "sweep.md").read_text()
     assert "## Failed runs" in report and "| task.options.num_train=-5 | — |" in report
     assert len(json.loads((out / "sweep.json").read_text())["failed"]) == 2
+
+
+def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """A real interruption (SIGINT to the sweep process) at whatever point it reaches."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "raflora.cli", "sweep", str(config_file), "fl.rounds=4"]
+    cmd += ["task.options.num_train=1500", "--grid", "train.lr=0.005", "--seeds", "0,1"]
+    cmd += ["--methods", "raflora", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "train.lr=0.005" / "raflora" / "seed-0"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if saved_rounds(first) >= 1:
+                break
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            pytest.skip("the sweep finished before it could be interrupted")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "run the same command again to continue" in err
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 runs: " in done.stdout and "FAILED" not in done.stdout
+    assert "resumed" in done.stdout or "skipped" in done.stdout
+    for seed in (0, 1):
+        run = out / "train.lr=0.005" / "raflora" / f"seed-{seed}"
+        assert len(read_metrics(run / "metrics.jsonl")) == 4
+        assert not (run / "run.lock").exists()

@@ -17,6 +17,7 @@ from raflora.cli.runs import (
 from raflora.cli.sweep import (
     failures,
     finish,
+    keep_going_hint,
     parse_methods,
     parse_metrics,
     parse_seeds,
@@ -170,9 +171,10 @@ def _run_seeds(
         )
     except SweepError as err:
         raise CLIError(str(err)) from None
-    outcomes = run_plan(
-        specs, overwrite=args.overwrite, on_done=progress_printer(len(specs), quiet=args.quiet)
-    )
+    with keep_going_hint("compare", out):
+        outcomes = run_plan(
+            specs, overwrite=args.overwrite, on_done=progress_printer(len(specs), quiet=args.quiet)
+        )
     runs: dict[str, dict[int, tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
     for o in outcomes:
         if o.summary is not None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_SWEEP_METHODS",
     "failures",
     "finish",
+    "keep_going_hint",
     "parse_methods",
     "parse_metrics",
     "parse_seeds",
@@ -123,6 +125,20 @@ def progress_printer(total: int, *, quiet: bool) -> Callable[[RunOutcome], None]
     return show
 
 
+@contextlib.contextmanager
+def keep_going_hint(command: str, out: Path) -> Iterator[None]:
+    """On Ctrl-C, say that rerunning the same command continues where it stopped."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(
+            f"raflora {command}: stopped; finished runs are kept in {out}: run the same "
+            "command again to continue (finished runs are skipped, interrupted ones resumed)",
+            file=sys.stderr,
+        )
+        raise
+
+
 def failures(outcomes: Sequence[RunOutcome]) -> list[tuple[str, str]]:
     """``(run, error)`` of the failed runs."""
     return [(o.spec.label, o.error or "failed") for o in outcomes if o.status == "failed"]
@@ -171,9 +187,10 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise CLIError("invalid sweep:\n  " + "\n  ".join(problems))
 
-    outcomes = run_plan(
-        specs, jobs=args.jobs, on_done=progress_printer(len(specs), quiet=args.quiet)
-    )
+    with keep_going_hint("sweep", args.out):
+        outcomes = run_plan(
+            specs, jobs=args.jobs, on_done=progress_printer(len(specs), quiet=args.quiet)
+        )
     cells: dict[str, dict[str, dict[int, dict[str, Any]]]] = {s.label: {} for s in settings}
     for o in outcomes:
         if o.summary is not None:
