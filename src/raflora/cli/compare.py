@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
             "sampling and seeds), one sub-directory per method, then write comparison.md and "
             "overlay plots. With several --seeds, every method × seed runs into "
             "OUT/<method>/seed-<s>/ (finished runs are skipped, interrupted ones resumed) and "
-            "comparison.md gives mean ± std, 95%% confidence intervals and paired differences "
+            "comparison.md gives mean ± std, 95% confidence intervals and paired differences "
             "against --baseline."
         ),
     )
