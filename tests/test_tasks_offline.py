@@ -257,9 +257,31 @@ def test_digits_pretraining_is_deterministic(tmp_path: Path) -> None:
     assert c.model_id != a.model_id
 
 
+def test_digits_hidden_dim_sets_the_width_and_the_cache_key(
+    digits_task: DigitsTask, tmp_path: Path
+) -> None:
+    # the default is the 64-wide ViT under the cache key it always had (the quickstart's model)
+    assert digits_task.options.hidden_dim == 64
+    assert digits_task.model.config.hidden_size == 64
+    assert Path(digits_task.model_id).name == "digits-vit-v1-c49e97ca4215"
+    wide = make("digits", {"hidden_dim": 96, "pretrain_epochs": 1, "cache_dir": str(tmp_path)})
+    assert isinstance(wide, DigitsTask) and wide.built_cache
+    q_proj = wide.model.get_submodule("vit.layers.0.attention.q_proj")
+    fc1 = wide.model.get_submodule("vit.layers.0.mlp.fc1")
+    assert isinstance(q_proj, nn.Linear) and isinstance(fc1, nn.Linear)
+    assert (q_proj.in_features, q_proj.out_features) == (96, 96)
+    assert (fc1.in_features, fc1.out_features) == (96, 192)
+    assert wide.load_base_model().config.hidden_size == 96
+    narrow = make("digits", {"pretrain_epochs": 1, "cache_dir": str(tmp_path)})
+    assert narrow.model_id != wide.model_id  # the width is part of the cache key
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
+        ({"hidden_dim": 66}, r"hidden_dim: must be a positive multiple of 4 .*got 66"),
+        ({"hidden_dim": 0}, "hidden_dim"),
+        ({"hidden_dim": "wide"}, r"hidden_dim: expected"),
         ({"epochs": 3}, r"unknown option\(s\) \['epochs'\]; valid: pretrain_epochs"),
         ({"pretrain_classes": [0, 12]}, "pretrain_classes"),
         ({"pretrain_lr": -1}, "pretrain_lr"),

@@ -7,9 +7,10 @@ training: 539 public, 359 eval and 899 train images in all. Pixels ``0…16`` ar
 ``[-1, 1]``.
 
 Model: ``ViTForImageClassification`` (8×8 image, 2×2 patches, 1 channel, hidden 64, 2 layers,
-4 heads, MLP 128, no dropout). It is *pretrained* in-process on the public images of the digits
-0–4 only (``pretrain_classes``), so the backbone has seen digits but never told 5–9 apart; then
-the classifier is replaced by a fresh, seeded 10-way head (std 0.02, zero bias). Federated
+4 heads, MLP 128, no dropout; ``task.options.hidden_dim`` widens it, the MLP staying twice as
+wide). It is *pretrained* in-process on the public images of the digits 0–4 only
+(``pretrain_classes``), so the backbone has seen digits but never told 5–9 apart; then the
+classifier is replaced by a fresh, seeded 10-way head (std 0.02, zero bias). Federated
 fine-tuning trains LoRA adapters on the backbone's linear layers (``q_proj``, ``k_proj``,
 ``v_proj``, ``o_proj``, ``fc1``, ``fc2``) and the new ``classifier`` in full. The fresh head starts
 near chance (0.20 eval accuracy as built). Measured centrally (AdamW, lr 5e-3, batch 32, 10
@@ -59,6 +60,9 @@ EVAL_FRACTION = 0.2
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 """The ViT backbone's linear layers (transformers 5 names); the ``classifier`` is not among them."""
 
+NUM_HEADS = 4
+"""Attention heads of the ViT (``hidden_dim`` must be a multiple)."""
+
 _RECIPE_FILE = "raflora_recipe.json"
 
 
@@ -76,6 +80,9 @@ class DigitsOptions:
         AdamW learning rate of the pretraining.
     num_layers : int
         ViT encoder layers.
+    hidden_dim : int
+        ViT width (a multiple of the 4 attention heads; the MLP is twice as wide). A LoRA rank
+        must not exceed it: the adapted layers are ``hidden_dim`` × ``hidden_dim`` or wider.
     model_seed : int
         Seed of the ViT initialisation, the pretraining order and the fresh head.
     cache_dir : str | None
@@ -87,6 +94,7 @@ class DigitsOptions:
     pretrain_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
     pretrain_lr: float = 1e-3
     num_layers: int = 2
+    hidden_dim: int = 64
     model_seed: int = 0
     cache_dir: str | None = None
 
@@ -99,13 +107,14 @@ class DigitsOptions:
         """Everything that determines the pretrained model (the cache key)."""
         recipe = asdict(self)
         del recipe["cache_dir"]
+        del recipe["hidden_dim"]  # in ``vit`` (and so the default width keeps its cache key)
         recipe["pretrain_classes"] = list(self.pretrain_classes)
         recipe.update(
             version=RECIPE_VERSION,
             split_seed=SPLIT_SEED,
             public_fraction=PUBLIC_FRACTION,
             eval_fraction=EVAL_FRACTION,
-            vit=_vit_kwargs(self.num_layers),
+            vit=_vit_kwargs(self.num_layers, self.hidden_dim),
         )
         return recipe
 
@@ -116,6 +125,11 @@ def _digits_problems(opts: DigitsOptions) -> list[str]:
         for name, low in (("pretrain_epochs", 0), ("num_layers", 1), ("model_seed", 0))
         if getattr(opts, name) < low
     ]
+    if opts.hidden_dim < NUM_HEADS or opts.hidden_dim % NUM_HEADS:
+        problems.append(
+            f"hidden_dim: must be a positive multiple of {NUM_HEADS} (the attention heads), "
+            f"got {opts.hidden_dim}"
+        )
     if not opts.pretrain_lr > 0:
         problems.append(f"pretrain_lr: must be > 0, got {opts.pretrain_lr}")
     classes = opts.pretrain_classes
@@ -126,15 +140,15 @@ def _digits_problems(opts: DigitsOptions) -> list[str]:
     return problems
 
 
-def _vit_kwargs(num_layers: int) -> dict[str, Any]:
+def _vit_kwargs(num_layers: int, hidden_dim: int) -> dict[str, Any]:
     return {
         "image_size": 8,
         "patch_size": 2,
         "num_channels": 1,
-        "hidden_size": 64,
+        "hidden_size": hidden_dim,
         "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
+        "num_attention_heads": NUM_HEADS,
+        "intermediate_size": 2 * hidden_dim,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "num_labels": 10,
@@ -210,7 +224,7 @@ def _pretrain(opts: DigitsOptions, public: _Split) -> ViTForImageClassification:
     """Pretrain a ViT on the public images of ``opts.pretrain_classes``; give it a fresh head."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(**_vit_kwargs(opts.num_layers))
+    config = ViTConfig(**_vit_kwargs(opts.num_layers, opts.hidden_dim))
     # transformers initialises from the global RNG: fork it so the caller's state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.model_seed)
