@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -298,3 +300,43 @@ def test_unknown_task_is_a_task_error() -> None:
     config.task.name = "nope"  # type: ignore[assignment]
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         build_task(config)
+
+
+def _paper_figures() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_figures.py"
+    spec = importlib.util.spec_from_file_location("paper_figures", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_paper_figures_grid_is_valid(quick: bool, tmp_path: Path) -> None:
+    # benchmarks/paper_figures.py is not run in CI: check that its grid plans valid runs, and
+    # that every run's ranks fit the digits ViT width it asks for
+    figures = _paper_figures()
+    seeds = figures.SEEDS[:1] if quick else figures.SEEDS
+    plan = figures.build_plan(tmp_path, quick=quick, seeds=seeds)
+    settings = sum(len(s.grid_values(quick)) for s in figures.STUDIES)
+    assert len(plan.specs) == settings * len(figures.METHODS) * len(seeds)
+    assert settings == (10 if quick else 19)
+    assert figures.rank_width_problems(plan.specs) == []
+    widths = {
+        spec.config.task.options.get("hidden_dim", 64): max(spec.config.fl.rank_levels)
+        for spec in plan.specs
+    }
+    assert widths == {64: 64, 128: 128, 256: 256}
+    assert not any(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_paper_figures_reports_ranks_wider_than_the_vit(tmp_path: Path) -> None:
+    figures = _paper_figures()
+    plan = figures.build_plan(tmp_path, quick=True, seeds=[0])
+    spec = next(s for s in plan.specs if max(s.config.fl.rank_levels) == 256)
+    spec.config.task.options = {}  # the default 64-wide ViT
+    (problem,) = figures.rank_width_problems([spec])
+    assert problem == (
+        "preset=conf-8: rank 256 exceeds the ViT width 64 (set task.options.hidden_dim)"
+    )
