@@ -264,6 +264,22 @@ def test_write_comparison(tmp_path: Path) -> None:
         assert f"({name})" in text
 
 
+def test_write_comparison_adds_the_per_level_accuracy_when_recorded(tmp_path: Path) -> None:
+    rows = [_row(1, accuracy=0.7, eval_loss=0.5)]
+    rows[0].update({"accuracy@4": 0.6, "accuracy@8": 0.7})
+    plain = [_row(1, accuracy=0.5, eval_loss=0.5)]
+    runs = {
+        "raflora": (summarize(rows, method="raflora", wall_seconds=1.0), rows),
+        "flexlora": (summarize(plain, method="flexlora", wall_seconds=1.0), plain),
+    }
+    text = write_comparison(tmp_path, runs).read_text(encoding="utf-8")
+    assert "| Method | r = 4 | r = 8 |" in text
+    assert "| raflora | 60.0% | 70.0% |" in text
+    assert "| flexlora | — | — |" in text
+    off = {"flexlora": runs["flexlora"]}
+    assert "per rank level" not in write_comparison(tmp_path / "off", off).read_text()
+
+
 def test_write_comparison_missing_values(tmp_path: Path) -> None:
     rows = [{"round": 1, "train_loss": 0.5}]
     runs = {"fedit": (summarize(rows, method="fedit", wall_seconds=1.0), rows)}

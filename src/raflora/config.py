@@ -42,6 +42,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "describe_config",
+    "environment_problems",
     "load_config",
     "save_config",
     "validate",
@@ -601,6 +602,21 @@ def _type_problems(obj: Any, prefix: str, problems: list[str], bad: set[str]) ->
                 )
 
 
+def environment_problems(config: RunConfig) -> list[str]:
+    """What this installation lacks to *run* ``config`` (optional packages it asks for).
+
+    Kept out of :func:`validate`, which also reads saved configs: exporting or inspecting a run
+    made with ``output.tensorboard: true`` must work where TensorBoard is not installed.
+    """
+    problems: list[str] = []
+    if config.output.tensorboard is True and not _has_tensorboard():
+        problems.append(
+            "output.tensorboard: the 'tensorboard' package is not installed; "
+            "pip install 'raflora[tensorboard]' (or set output.tensorboard=false)"
+        )
+    return problems
+
+
 def _has_tensorboard() -> bool:
     """Whether the ``tensorboard`` package can be imported (``output.tensorboard`` needs it)."""
     try:
@@ -750,13 +766,6 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
     # eval
     at_least("eval.every", config.eval.every, 1)
     at_least("eval.batch_size", config.eval.batch_size, 1)
-
-    # output
-    if ok("output.tensorboard") and config.output.tensorboard and not _has_tensorboard():
-        problems.append(
-            "output.tensorboard: the 'tensorboard' package is not installed; "
-            "pip install 'raflora[tensorboard]' (or set output.tensorboard=false)"
-        )
 
     # flower
     fw = config.flower

@@ -913,6 +913,35 @@ def _fixed(value: Any, digits: int) -> str:
     return "—" if value is None else f"{float(value):.{digits}f}"
 
 
+def _per_level_table(
+    runs: Mapping[str, tuple[Mapping[str, Any], Sequence[MetricsRow]]],
+) -> list[str]:
+    """Final accuracy of what a client of each rank level holds (``eval.per_level``), if any."""
+    levels = sorted(
+        {
+            int(key.split("@", 1)[1])
+            for summary, _ in runs.values()
+            for key in summary
+            if key.startswith("final_accuracy@") and key.split("@", 1)[1].isdigit()
+        }
+    )
+    if not levels:
+        return []
+    lines = [
+        "",
+        "### Final accuracy per rank level",
+        "",
+        "What a client of rank r holds: the global model truncated to r (`eval.per_level`).",
+        "",
+        "| Method | " + " | ".join(f"r = {r}" for r in levels) + " |",
+        "|---|" + "---:|" * len(levels),
+    ]
+    for method, (summary, _) in runs.items():
+        cells = [_pct(summary.get(f"final_accuracy@{r}")) for r in levels]
+        lines.append(f"| {_escape(method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_comparison(
     out_dir: str | os.PathLike[str],
     runs: Mapping[str, tuple[Mapping[str, Any], Sequence[MetricsRow]]],
@@ -933,7 +962,8 @@ def write_comparison(
         The Markdown file: a header explaining the columns, then a table with, per method,
         final and best accuracy (%, 1 decimal), final and mean higher-rank energy (3 decimals),
         total upload and download (:func:`format_bytes`), the traffic ratio to the lightest
-        method and the wall time, then links to the overlay plots written next to it:
+        method and the wall time (and, when the summaries have ``final_accuracy@r``, a table of
+        the final accuracy per rank level), then links to the overlay plots written next to it:
         ``comparison_accuracy.png``, ``comparison_higher_rank_energy.png`` and
         ``comparison_loss.png`` (train loss, and eval loss in a second panel when recorded);
         a plot whose data no run has is skipped.
@@ -971,6 +1001,7 @@ def write_comparison(
             _fixed(summary.get("wall_seconds"), 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.extend(_per_level_table(runs))
 
     series = {method: rows for method, (_, rows) in runs.items()}
     plots = [

@@ -28,6 +28,7 @@ from raflora.config import (
     ConfigError,
     RunConfig,
     config_to_dict,
+    environment_problems,
     load_config,
     save_config,
     validate,
@@ -391,7 +392,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> 
 
 
 def check_config(config: RunConfig) -> None:
-    """Validate ``config`` as the CLI does (API users reach the engines without it).
+    """Validate ``config`` as the CLI does (API users reach the engines without it), and check
+    that this installation can run it (:func:`~raflora.config.environment_problems`).
 
     Raises
     ------
@@ -399,6 +401,8 @@ def check_config(config: RunConfig) -> None:
         With every problem found.
     """
     problems = validate(config)
+    if not problems:
+        problems = environment_problems(config)
     if problems:
         raise ConfigError(problems)
 
@@ -642,7 +646,8 @@ def _finish_run(
         "adapter": {"path": "adapter", "rank": exported.rank},
     }
     summary = summarize(metrics, method=config.method, wall_seconds=wall, extra=extra)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    text = json.dumps(summary, indent=1).encode("utf-8")
+    atomic_write_bytes(run_dir / SUMMARY_FILE, lambda fh: fh.write(text))  # whole or absent
     if config.output.plots:
         write_run_plots(run_dir, metrics, title=f"{config.method} · {fed.task.name}")
     return summary
