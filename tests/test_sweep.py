@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from raflora.cli import main
+from raflora.cli.sweep import keep_going_hint
 from raflora.config import load_config
 from raflora.engine import load_checkpoint, run_local
 from raflora.engine.local import saved_rounds
@@ -90,6 +91,11 @@ def test_parse_grid_reports_malformed_reserved_empty_and_repeated() -> None:
         parse_grid("seed=1,2")
     with pytest.raises(SweepError, match="use --methods"):
         parse_grid("method=flexlora,raflora")
+    for key in ("output", "output.dir", "output.plots", "output.tensorboard"):
+        with pytest.raises(SweepError, match=f"{key} cannot be swept"):
+            parse_grid(f"{key}=true,false")
+    with pytest.raises(SweepError, match=r"change nothing measured.*override instead"):
+        parse_grid("output.plots=true,false")
     with pytest.raises(SweepError) as err:
         parse_grid("fl.rounds=1,,2,1")
     assert err.value.problems == [
@@ -136,6 +142,18 @@ def test_presets_by_bare_name_or_path_from_any_directory(
     assert specs[0].config.fl.rounds == 1  # the user's overrides apply over a preset
     with pytest.raises(SweepError, match="no preset file 'conf-99'"):
         resolve_preset("conf-99")
+
+
+def test_preset_values_that_are_not_yaml_lists_are_reported_with_the_others() -> None:
+    with pytest.raises(SweepError) as err:
+        settings_of([parse_grid("preset=[a]b,[!!int x],conf-99,[conf-1,dist-2]")])
+    problems = err.value.problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("--grid preset: value '[a]b' is not a YAML list of preset")
+    assert problems[1].startswith("--grid preset: value '[!!int x]' is not a YAML list of")
+    assert "no preset file 'conf-99'" in problems[2]
+    (merged,) = settings_of([parse_grid("preset=[conf-1,dist-2]")])
+    assert merged.name == "preset=conf-1+dist-2" and len(merged.files) == 2
 
 
 def test_plan_sets_seed_threads_and_directory_per_run(config_file: Path, tmp_path: Path) -> None:
@@ -342,3 +360,128 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
         run = out / "train.lr=0.005" / "raflora" / f"seed-{seed}"
         assert len(read_metrics(run / "metrics.jsonl")) == 4
         assert not (run / "run.lock").exists()
+
+
+def _kill_a_worker_mid_run(proc: subprocess.Popen[str], out: Path) -> Path:
+    """SIGKILL the worker process holding a run's lock once that run saved a round."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        for lock in out.glob("*/*/seed-*/run.lock"):
+            try:
+                pid = json.loads(lock.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue  # being written, or gone
+            if pid != proc.pid and saved_rounds(lock.parent) >= 1:
+                os.kill(pid, signal.SIGKILL)
+                return lock.parent
+        time.sleep(0.02)
+    pytest.skip("the sweep finished before a worker could be killed")
+
+
+def test_a_killed_worker_fails_nothing_its_run_resumes_in_a_new_one(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """A worker killed mid-run (as the OOM killer would) broke the whole pool: every pending
+    and running run failed. Now only its run is affected, and it resumes in a fresh process."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "raflora.cli", "sweep", str(config_file), "fl.rounds=3"]
+    cmd += ["task.options.num_train=1500", "--grid", "train.lr=0.005", "--seeds", "0,1,2"]
+    cmd += ["--methods", "raflora", "--jobs", "2", "--metrics", "final_accuracy", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed = _kill_a_worker_mid_run(proc, out)
+        printed, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "died (killed, or out of memory?); running it again in a new one" in err
+    assert "FAILED" not in err and "3 runs: " in printed
+    assert ": resumed, final accuracy" in printed
+    for run in _run_dirs(out):
+        assert len(read_metrics(run / "metrics.jsonl")) == 3, run
+        assert (run / "summary.json").is_file() and not (run / "run.lock").exists()
+    assert killed in _run_dirs(out)
+
+
+def _one_run_sweep(config_file: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            *("sweep", str(config_file), "--grid", "train.lr=0.005", "--methods", "raflora"),
+            *("--out", str(out), *extra),
+        ]
+    )
+
+
+def test_a_damaged_summary_is_rewritten_by_a_resume(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated summary.json (a kill while it was written) counted as finished, so every
+    rerun failed reading it; now the run is resumed and its summary written again."""
+    out = tmp_path / "out"
+    assert _one_run_sweep(config_file, out, "--quiet") == 0
+    summary = out / "train.lr=0.005" / "raflora" / "seed-0" / "summary.json"
+    good = json.loads(summary.read_text())
+    summary.write_text(summary.read_text()[:20])
+    capsys.readouterr()
+    assert _one_run_sweep(config_file, out) == 0
+    assert "1 runs: 1 resumed" in capsys.readouterr().out
+    again = json.loads(summary.read_text())
+    for key in ("final_accuracy", "best_accuracy", "final_higher_rank_energy", "rounds"):
+        assert again[key] == good[key], key
+
+
+def test_a_config_change_names_the_way_forward_and_keeps_the_report(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert _one_run_sweep(config_file, out, "--quiet") == 0
+    report = (out / "sweep.md").read_text(), (out / "sweep.json").read_text()
+    capsys.readouterr()
+    assert _one_run_sweep(config_file, out, "train.batch_size=16") == 1
+    err = capsys.readouterr().err
+    run_dir = out / "train.lr=0.005" / "raflora" / "seed-0"
+    assert f"{run_dir} holds a run with another config (in: train); use another --out or " in err
+    assert "--resume" not in err
+    assert f"no run finished: kept the previous report {out / 'sweep.md'}" in err
+    assert ((out / "sweep.md").read_text(), (out / "sweep.json").read_text()) == report
+    # --overwrite starts it over with the new config
+    assert _one_run_sweep(config_file, out, "train.batch_size=16", "--overwrite") == 0
+    assert "1 runs: 1 ran" in capsys.readouterr().out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"] == 16
+
+
+def test_an_out_that_cannot_hold_the_sweep_is_refused_before_running(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert _one_run_sweep(config_file, a_file) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out {a_file} is a file")
+    assert _one_run_sweep(config_file, a_file / "sub") == 2
+    assert f"--out {a_file / 'sub'} cannot be created: {a_file} is a file" in (
+        capsys.readouterr().err
+    )
+    compare = ["compare", str(config_file), "--methods", "flexlora,raflora", "--seeds", "0,1"]
+    assert main([*compare, "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file" in capsys.readouterr().err
+    # a report that cannot be written is one line, exit 2 (not a traceback)
+    out = tmp_path / "out"
+    (out / "sweep.md").mkdir(parents=True)
+    assert _one_run_sweep(config_file, out, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report in {out}: {out / 'sweep.md'}: Is a directory" in err
+    assert "Traceback" not in err
+
+
+def test_the_ctrl_c_hint_names_the_out_to_add_when_none_was_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs" / "compare-20260101-000000"
+    with pytest.raises(KeyboardInterrupt), keep_going_hint("compare", out, out_given=False):
+        raise KeyboardInterrupt
+    assert f"run the same command with --out {out} to continue" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt), keep_going_hint("sweep", out):
+        raise KeyboardInterrupt
+    assert "run the same command again to continue" in capsys.readouterr().err

@@ -10,9 +10,11 @@
    per run, its directory ``OUT/<setting>/<method>/seed-<s>``.
 3. :func:`run_plan` runs them, in this process or ``jobs`` spawned worker processes. A finished
    run directory is skipped, an interrupted one resumed, and a run that fails (a bad value that
-   only shows when the task is built, a directory locked by a live process …) is recorded as
-   failed while the others go on. Sweeps run with ``threads=1`` so that a run's numbers depend
-   neither on ``jobs`` nor on whether it was resumed.
+   only shows when the task is built, a directory locked by a live process, one holding a run
+   with another config …) is recorded as failed while the others go on. A worker process that
+   dies (killed, out of memory) takes only its own run with it, and that run resumes in a new
+   process (failed after a second death). Sweeps run with ``threads=1`` so that a run's
+   numbers depend neither on ``jobs`` nor on whether it was resumed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import itertools
 import json
 import multiprocessing
 import re
+import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,10 +71,25 @@ _RESERVED = {
     "seed": "use --seeds",
     "threads": "sweeps run every run with threads=1",
     "engine": "sweeps run on the local engine",
-    "output": "the sweep sets each run's directory",
     "output.dir": "the sweep sets each run's directory",
 }
 """Grid keys a sweep sets itself, and what to do instead."""
+
+_OUTPUT = "output"
+"""The config section of what a run writes: its keys change nothing measured."""
+
+
+def _reserved(key: str) -> str | None:
+    """Why ``key`` cannot be a grid key (``None`` when it can)."""
+    if key in _RESERVED:
+        return _RESERVED[key]
+    if key == _OUTPUT or key.startswith(f"{_OUTPUT}."):
+        return (
+            "output settings change nothing measured and settings must differ in what is; "
+            "use the config or an override instead"
+        )
+    return None
+
 
 RunStatus = Literal["ran", "resumed", "skipped", "failed"]
 
@@ -165,8 +185,9 @@ def parse_grid(spec: str) -> GridAxis:
     key = key.strip()
     if not sep or not key or not rest.strip():
         raise SweepError([f"--grid {spec!r}: expected KEY=V1,V2,…"])
-    if key in _RESERVED:
-        raise SweepError([f"--grid {spec!r}: {key} cannot be swept ({_RESERVED[key]})"])
+    reason = _reserved(key)
+    if reason is not None:
+        raise SweepError([f"--grid {spec!r}: {key} cannot be swept ({reason})"])
     try:
         values = split_values(rest)
     except ValueError as err:
@@ -261,13 +282,36 @@ class Setting:
         return ", ".join(f"{key}={value}" for key, value in self.choices)
 
 
+def _preset_names(text: str) -> list[str]:
+    """The names of one preset value: a name, or a YAML list of names (``[conf-1,dist-2]``).
+
+    Raises
+    ------
+    SweepError
+        A value starting with ``[`` that is not a YAML list.
+    """
+    if not text.startswith("["):
+        return [text]
+    try:
+        parsed = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise SweepError(
+            [f"--grid {PRESET_KEY}: value {text!r} is not a YAML list of preset names ({reason})"]
+        ) from None
+    if not isinstance(parsed, list) or not parsed:
+        raise SweepError(
+            [f"--grid {PRESET_KEY}: value {text!r} is not a non-empty list of preset names"]
+        )
+    return [str(name) for name in parsed]
+
+
 def _preset_files(text: str) -> tuple[list[Path], list[str]]:
     """The files of one preset value (a name, or a YAML list of names merged in order)."""
     try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError:
-        parsed = text
-    names = parsed if isinstance(parsed, list) else [text]
+        names = _preset_names(text)
+    except SweepError as err:
+        return [], err.problems
     files: list[Path] = []
     problems: list[str] = []
     for name in names:
@@ -279,10 +323,10 @@ def _preset_files(text: str) -> tuple[list[Path], list[str]]:
 
 
 def _value_label(key: str, text: str) -> str:
+    """A value's part of a directory name (:class:`SweepError` for a malformed preset list)."""
     if key != PRESET_KEY:
         return _safe(text)
-    parsed = yaml.safe_load(text) if text.startswith("[") else [text]
-    return "+".join(_safe(Path(str(n)).stem) for n in parsed)
+    return "+".join(_safe(Path(name).stem) for name in _preset_names(text))
 
 
 def settings_of(axes: Sequence[GridAxis]) -> list[Setting]:
@@ -311,7 +355,11 @@ def settings_of(axes: Sequence[GridAxis]) -> list[Setting]:
         seen: dict[str, int] = {}
         axis_labels = {}
         for text in axis.values:
-            label = _value_label(axis.key, text)
+            try:
+                label = _value_label(axis.key, text)
+            except SweepError as err:  # reported with the preset files' problems below
+                label = _safe(text)
+                problems += [p for p in err.problems if p not in problems]
             seen[label] = seen.get(label, 0) + 1
             axis_labels[text] = label if seen[label] == 1 else f"{label}_{seen[label]}"
         labels.append(axis_labels)
@@ -518,17 +566,58 @@ class RunOutcome:
 def run_state(run_dir: Path, rounds: int) -> Literal["new", "partial", "finished"]:
     """Whether ``run_dir`` holds nothing, an unfinished run or a finished one.
 
-    A run is finished when it has a ``summary.json`` and its checkpoint holds all ``rounds``;
-    a checkpoint otherwise (even an unreadable one, which resuming reports) is unfinished.
+    A run is finished when its ``summary.json`` holds a JSON object and its checkpoint holds
+    all ``rounds``; a checkpoint otherwise (even an unreadable one, which resuming reports) is
+    unfinished: resuming a run whose rounds are all saved only rewrites its summary.
     """
     from raflora.engine.checkpoint import CHECKPOINT_FILE
     from raflora.engine.local import SUMMARY_FILE, saved_rounds
 
     if not (run_dir / CHECKPOINT_FILE).exists():
         return "new"
-    if (run_dir / SUMMARY_FILE).is_file() and saved_rounds(run_dir) >= rounds:
+    if _read_summary(run_dir / SUMMARY_FILE) is not None and saved_rounds(run_dir) >= rounds:
         return "finished"
     return "partial"
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """``path`` as a JSON object (``None`` when missing, unreadable, truncated or not one)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_difference(run_dir: Path, config: RunConfig) -> list[str]:
+    """The config sections (but ``output``) in which ``run_dir``'s saved run differs from
+    ``config`` (none when it saved no ``config.yaml``).
+    """
+    from raflora.config import config_to_dict
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    a, b = config_to_dict(load_config(saved)), config_to_dict(config)
+    return sorted(k for k in set(a) | set(b) if k != _OUTPUT and a.get(k) != b.get(k))
+
+
+def _check_same_config(run_dir: Path, config: RunConfig) -> None:
+    """Refuse to reuse a run started with another config, naming the way forward.
+
+    Raises
+    ------
+    SweepError
+        Naming the sections that differ.
+    """
+    diff = _config_difference(run_dir, config)
+    if diff:
+        raise SweepError(
+            [
+                f"{run_dir} holds a run with another config (in: {', '.join(diff)}); use "
+                "another --out or --overwrite"
+            ]
+        )
 
 
 def _one_line(err: BaseException) -> str:
@@ -537,6 +626,8 @@ def _one_line(err: BaseException) -> str:
     from raflora.tasks import TaskError
 
     text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, SweepError):
+        return "; ".join(err.problems)
     if isinstance(err, (ConfigError, EngineError, CheckpointError, TaskError)):
         return text
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
@@ -555,21 +646,23 @@ def execute_run(spec: RunSpec, *, overwrite: bool = False) -> RunOutcome:
     Returns
     -------
     RunOutcome
-        ``skipped`` for a finished run with the same config (one with another config fails:
-        it cannot be reused), ``resumed`` / ``ran`` otherwise, ``failed`` with the error in one
+        ``skipped`` for a finished run with the same config (a finished or unfinished one with
+        another config fails, saying to use another directory or ``overwrite``: it cannot be
+        reused), ``resumed`` / ``ran`` otherwise, ``failed`` with the error in one
         line when anything goes wrong (a config problem, a task that cannot be built, a
         directory another live process holds …). Only ``KeyboardInterrupt`` propagates.
     """
-    from raflora.engine.local import SUMMARY_FILE, check_resume_config, lock_run_dir
+    from raflora.engine.local import SUMMARY_FILE, lock_run_dir
 
     started = time.perf_counter()
     try:
         # the state is read under the lock (a live writer is refused); run_local takes it anew
         with lock_run_dir(spec.run_dir):
             state = "new" if overwrite else run_state(spec.run_dir, spec.config.fl.rounds)
-            if state == "finished":
-                check_resume_config(spec.run_dir, spec.config)
-                summary = json.loads((spec.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+            if state != "new":
+                _check_same_config(spec.run_dir, spec.config)
+            summary = _read_summary(spec.run_dir / SUMMARY_FILE)
+            if state == "finished" and summary is not None:
                 return RunOutcome(spec, "skipped", summary, None, time.perf_counter() - started)
         result = _run_keeping_threads(spec, resume=state == "partial", overwrite=overwrite)
     except Exception as err:  # a failed run is reported; the sweep goes on
@@ -653,6 +746,10 @@ def _finished(spec: RunSpec) -> bool:
     return run_state(spec.run_dir, spec.config.fl.rounds) == "finished"
 
 
+WORKER_TRIES = 2
+"""How many worker processes may die running one run before it is reported failed."""
+
+
 def _run_parallel(
     specs: Sequence[RunSpec],
     pending: Sequence[int],
@@ -660,21 +757,65 @@ def _run_parallel(
     overwrite: bool,
     done: Callable[[int, RunOutcome], None],
 ) -> None:
-    """``pending`` runs in ``workers`` spawned processes; a worker that dies fails its run."""
+    """``pending`` runs in ``workers`` spawned processes, each its own one-process pool.
+
+    A process that dies (killed, out of memory) breaks only its own pool, so the death is
+    that run's alone: the run goes back to the front of the queue in a fresh process (it
+    resumes from its checkpoint) and is reported failed when its worker has died
+    :data:`WORKER_TRIES` times. The other runs go on meanwhile.
+    """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures: dict[Future[RunOutcome], int] = {
-            pool.submit(execute_run, specs[i], overwrite=overwrite): i for i in pending
-        }
-        try:
-            for future in as_completed(futures):
-                index = futures[future]
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=context)
+
+    idle = [new_pool() for _ in range(workers)]
+    busy: dict[Future[RunOutcome], tuple[int, ProcessPoolExecutor]] = {}
+    queue = deque(pending)
+    deaths: dict[int, int] = {}
+    try:
+        while queue or busy:
+            while queue and idle:
+                index, pool = queue.popleft(), idle.pop()
+                busy[pool.submit(execute_run, specs[index], overwrite=overwrite)] = (index, pool)
+            finished, _ = wait(busy, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index, pool = busy.pop(future)
                 try:
-                    outcome = future.result()
-                except Exception as err:  # the worker process died (killed, out of memory)
+                    outcome: RunOutcome | None = future.result()
+                except BrokenProcessPool:  # its process died: only this run was in it
+                    pool.shutdown(wait=True)
+                    pool = new_pool()
+                    deaths[index] = deaths.get(index, 0) + 1
+                    outcome = _after_death(specs[index], deaths[index])
+                except Exception as err:  # e.g. a result that cannot be sent back
                     error = f"worker process failed: {_one_line(err)}"
                     outcome = RunOutcome(specs[index], "failed", None, error, 0.0)
-                done(index, outcome)
-        except KeyboardInterrupt:
+                idle.append(pool)
+                if outcome is None:
+                    queue.appendleft(index)  # resumes from its checkpoint
+                else:
+                    done(index, outcome)
+    except KeyboardInterrupt:
+        for pool in [*idle, *(pool for _, pool in busy.values())]:
             pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        raise
+    for pool in idle:
+        pool.shutdown(wait=True)
+
+
+def _after_death(spec: RunSpec, deaths: int) -> RunOutcome | None:
+    """``None`` (run it again, saying so) or, after :data:`WORKER_TRIES` deaths, its failure."""
+    if deaths < WORKER_TRIES:
+        print(
+            f"raflora: the worker process running {spec.label} died (killed, or out of "
+            "memory?); running it again in a new one",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    error = (
+        f"its worker process died {deaths} times (killed, or out of memory?); run the same "
+        "command again to retry it"
+    )
+    return RunOutcome(spec, "failed", None, error, 0.0)

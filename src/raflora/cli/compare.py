@@ -15,13 +15,16 @@ from raflora.cli.runs import (
     user_errors,
 )
 from raflora.cli.sweep import (
+    check_out_dir,
     failures,
     finish,
     keep_going_hint,
+    kept_report,
     parse_methods,
     parse_metrics,
     parse_seeds,
     progress_printer,
+    write_failure,
 )
 from raflora.config import validate
 from raflora.sweep import method_config
@@ -165,13 +168,14 @@ def _run_seeds(
         if args.out is not None
         else default_run_dir(load_run_config(config_path, overrides, methods=methods), "compare")
     )
+    check_out_dir(out)
     try:
         specs = plan_runs(
             config_path or [], overrides, settings_of([]), methods, seeds, out, threads=None
         )
     except SweepError as err:
         raise CLIError(str(err)) from None
-    with keep_going_hint("compare", out):
+    with keep_going_hint("compare", out, out_given=args.out is not None):
         outcomes = run_plan(
             specs, overwrite=args.overwrite, on_done=progress_printer(len(specs), quiet=args.quiet)
         )
@@ -180,15 +184,20 @@ def _run_seeds(
         if o.summary is not None:
             rows = read_metrics(o.spec.run_dir / "metrics.jsonl")
             runs.setdefault(o.spec.method, {})[o.spec.seed] = (o.summary, rows)
+    if kept_report(outcomes, out / "comparison.md"):
+        return finish(outcomes, f"comparison: {out / 'comparison.md'} (kept)", quiet=args.quiet)
     summaries = [o.summary for o in outcomes if o.summary is not None]
-    table = write_seed_comparison(
-        out,
-        {m: runs.get(m, {}) for m in methods},
-        seeds=seeds,
-        metrics=metrics if metrics is not None else default_metrics(summaries),
-        baseline=baseline,
-        failed=failures(outcomes),
-    )
+    try:
+        table = write_seed_comparison(
+            out,
+            {m: runs.get(m, {}) for m in methods},
+            seeds=seeds,
+            metrics=metrics if metrics is not None else default_metrics(summaries),
+            baseline=baseline,
+            failed=failures(outcomes),
+        )
+    except OSError as err:
+        raise write_failure(out, err) from None
     if not args.quiet:
         print(table.read_text())
     return finish(outcomes, f"comparison: {table}", quiet=args.quiet)

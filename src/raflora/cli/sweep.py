@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,15 +18,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SWEEP_METHODS",
+    "check_out_dir",
     "failures",
     "finish",
     "keep_going_hint",
+    "kept_report",
     "parse_methods",
     "parse_metrics",
     "parse_seeds",
     "progress_printer",
     "register",
     "run",
+    "write_failure",
 ]
 
 DEFAULT_SWEEP_METHODS = ("flexlora", "raflora")
@@ -70,6 +74,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     p.add_argument("--out", type=Path, required=True, help="the sweep's directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start every run over, replacing runs already in --out (e.g. after a config change)",
+    )
     p.add_argument("--quiet", action="store_true", help="no line per finished run")
     p.set_defaults(handler=run)
 
@@ -125,18 +134,71 @@ def progress_printer(total: int, *, quiet: bool) -> Callable[[RunOutcome], None]
     return show
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output directory that is a file or cannot be written, before anything runs.
+
+    Raises
+    ------
+    CLIError
+        ``out`` (or the nearest of its parents that exists) is not a directory, or cannot be
+        written.
+    """
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        raise CLIError(f"--out {out} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: cannot write in {existing} (permission denied)")
+
+
 @contextlib.contextmanager
-def keep_going_hint(command: str, out: Path) -> Iterator[None]:
-    """On Ctrl-C, say that rerunning the same command continues where it stopped."""
+def keep_going_hint(command: str, out: Path, *, out_given: bool = True) -> Iterator[None]:
+    """On Ctrl-C, say which command continues where it stopped.
+
+    Parameters
+    ----------
+    command : str
+        The sub-command (``sweep``, ``compare``).
+    out : Path
+        Where the runs go.
+    out_given : bool
+        Whether the user chose ``out`` with ``--out``; if not (a timestamped directory), the
+        same command would start a new one, so the hint names the ``--out`` to add.
+    """
     try:
         yield
     except KeyboardInterrupt:
+        again = "the same command again" if out_given else f"the same command with --out {out}"
         print(
-            f"raflora {command}: stopped; finished runs are kept in {out}: run the same "
-            "command again to continue (finished runs are skipped, interrupted ones resumed)",
+            f"raflora {command}: stopped; finished runs are kept in {out}: run {again} to "
+            "continue (finished runs are skipped, interrupted ones resumed)",
             file=sys.stderr,
         )
         raise
+
+
+def kept_report(outcomes: Sequence[RunOutcome], report: Path) -> bool:
+    """Whether to keep ``report`` as it is: no run finished and an earlier one exists (say so).
+
+    A rerun in which every run failed (a config change, a full disk …) would otherwise
+    replace the report of the runs that finished before with one of failures only.
+    """
+    if any(o.summary is not None for o in outcomes) or not report.is_file():
+        return False
+    print(
+        f"raflora: no run finished: kept the previous report {report} (the failures are "
+        "listed above)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def write_failure(out: Path, err: OSError) -> CLIError:
+    """A report that cannot be written in ``out``, as one line."""
+    where = err.filename or out
+    return CLIError(f"cannot write the report in {out}: {where}: {err.strerror or err}")
 
 
 def failures(outcomes: Sequence[RunOutcome]) -> list[tuple[str, str]]:
@@ -176,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if args.jobs < 1:
         raise CLIError(f"--jobs must be ≥ 1, got {args.jobs}")
+    check_out_dir(args.out)
     axes, problems = _axes(args.grid)
     metrics, metric_problems = parse_metrics(args.metrics)
     problems += metric_problems
@@ -189,22 +252,30 @@ def run(args: argparse.Namespace) -> int:
 
     with keep_going_hint("sweep", args.out):
         outcomes = run_plan(
-            specs, jobs=args.jobs, on_done=progress_printer(len(specs), quiet=args.quiet)
+            specs,
+            jobs=args.jobs,
+            overwrite=args.overwrite,
+            on_done=progress_printer(len(specs), quiet=args.quiet),
         )
+    if kept_report(outcomes, args.out / "sweep.md"):
+        return finish(outcomes, f"sweep: {args.out / 'sweep.md'} (kept)", quiet=args.quiet)
     cells: dict[str, dict[str, dict[int, dict[str, Any]]]] = {s.label: {} for s in settings}
     for o in outcomes:
         if o.summary is not None:
             cells[o.spec.setting.label].setdefault(o.spec.method, {})[o.spec.seed] = o.summary
     summaries = [o.summary for o in outcomes if o.summary is not None]
-    report = write_sweep_report(
-        args.out,
-        cells,
-        axes=[a.key for a in axes],
-        methods=methods,
-        seeds=seeds if seeds is not None else sorted({o.spec.seed for o in outcomes}),
-        metrics=metrics if metrics is not None else default_metrics(summaries),
-        failed=failures(outcomes),
-    )
+    try:
+        report = write_sweep_report(
+            args.out,
+            cells,
+            axes=[a.key for a in axes],
+            methods=methods,
+            seeds=seeds if seeds is not None else sorted({o.spec.seed for o in outcomes}),
+            metrics=metrics if metrics is not None else default_metrics(summaries),
+            failed=failures(outcomes),
+        )
+    except OSError as err:
+        raise write_failure(args.out, err) from None
     return finish(outcomes, f"sweep: {report}", quiet=args.quiet)
 
 
