@@ -589,19 +589,6 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _config_difference(run_dir: Path, config: RunConfig) -> list[str]:
-    """The config sections (but ``output``) in which ``run_dir``'s saved run differs from
-    ``config`` (none when it saved no ``config.yaml``).
-    """
-    from raflora.config import config_to_dict
-
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return []
-    a, b = config_to_dict(load_config(saved)), config_to_dict(config)
-    return sorted(k for k in set(a) | set(b) if k != _OUTPUT and a.get(k) != b.get(k))
-
-
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:
     """Refuse to reuse a run started with another config, naming the way forward.
 
@@ -610,7 +597,9 @@ def _check_same_config(run_dir: Path, config: RunConfig) -> None:
     SweepError
         Naming the sections that differ.
     """
-    diff = _config_difference(run_dir, config)
+    from raflora.engine.local import config_difference
+
+    diff = config_difference(run_dir, config)
     if diff:
         raise SweepError(
             [

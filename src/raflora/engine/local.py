@@ -75,6 +75,7 @@ __all__ = [
     "check_config",
     "check_resume_config",
     "complete_round",
+    "config_difference",
     "energy_metrics",
     "finish_run",
     "lock_run_dir",
@@ -296,6 +297,17 @@ def make_checkpoint(
     )
 
 
+def config_difference(run_dir: Path, config: RunConfig) -> list[str]:
+    """The config sections (``output`` aside) in which ``run_dir``'s saved run differs from
+    ``config``; empty when they agree or the directory saved no ``config.yaml``.
+    """
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    a, b = config_to_dict(load_config(saved)), config_to_dict(config)
+    return sorted(k for k in set(a) | set(b) if k != "output" and a.get(k) != b.get(k))
+
+
 def check_resume_config(run_dir: Path, config: RunConfig) -> None:
     """Refuse to resume ``run_dir`` under a configuration other than the one it was started with.
 
@@ -304,16 +316,8 @@ def check_resume_config(run_dir: Path, config: RunConfig) -> None:
     EngineError
         Naming the sections that differ (``output`` may differ).
     """
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    a, b = config_to_dict(load_config(saved)), config_to_dict(config)
-    a.pop("output", None)
-    b.pop("output", None)
-    if a != b:
-        diff = sorted(
-            f"{section}" for section in set(a) | set(b) if a.get(section) != b.get(section)
-        )
+    diff = config_difference(run_dir, config)
+    if diff:
         raise EngineError(
             f"--resume {run_dir}: the configuration differs from the run's saved config.yaml "
             f"(in: {', '.join(diff)}); resume with the same config"
