@@ -99,9 +99,11 @@ def test_missing_model_directory_is_named(
 
     data = make_text_csv(tmp_path / "t.csv", 40, 3)
     args = ["task.name=text-classification", "task.options={}", f"task.dataset={data}"]
-    code = main(["run", str(config_file), *args, "task.model=/no/such/model", "--quiet"])
+    out = tmp_path / "run"
+    code = main(["run", str(config_file), *args, "task.model=/no/such/model", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "/no/such/model" in err and "Traceback" not in err
+    assert not out.exists()  # a run that never started leaves no empty run directory
 
 
 def test_missing_config_and_missing_resume_dir_are_clear_errors(

@@ -134,6 +134,7 @@ class RunLock:
         self.notify = notify or (lambda text: print(text, file=sys.stderr))
         self.holder = LockHolder(os.getpid(), socket.gethostname(), time.time())
         self._held = False
+        self._created = False
 
     @property
     def held(self) -> bool:
@@ -150,6 +151,7 @@ class RunLock:
         EngineError
             The run directory cannot be created.
         """
+        self._created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -224,7 +226,9 @@ class RunLock:
         return True
 
     def release(self) -> None:
-        """Remove the lock file if it is still ours (idempotent)."""
+        """Remove the lock file if it is still ours (idempotent); a run directory this lock
+        created and nothing was written into (the run failed before starting) goes too.
+        """
         if not self._held:
             return
         self._held = False
@@ -236,6 +240,9 @@ class RunLock:
         ):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        if self._created:
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                self.run_dir.rmdir()
 
     def __enter__(self) -> RunLock:
         return self if self._held else self.acquire()
