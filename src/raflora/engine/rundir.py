@@ -3,8 +3,10 @@
 * :class:`RunLock` — a run holds ``RUN_DIR/run.lock`` for its lifetime. The file is created with
   ``O_CREAT | O_EXCL`` (atomic on local and NFSv3+ file systems) and names its holder (PID, host,
   start time). A second run, ``--resume`` or ``--overwrite`` of a live run is refused naming the
-  holder; a lock left by a dead process on this host is taken over with a notice; a lock from
-  another host is refused unless ``break_lock`` is given (its PID cannot be checked from here).
+  holder; a lock left by a dead process on this host is taken over with a notice (under an
+  ``flock`` of the directory, so two processes taking over one stale lock leave one holder); a
+  lock from another host is refused unless ``break_lock`` is given (its PID cannot be checked
+  from here). The lock is not re-entrant: a second acquire in the same process is refused too.
 * :func:`replace_dir` — build a directory (an adapter) under a unique temporary name, move the old
   one aside, rename the new one in, remove the old one: an interruption never leaves a half-written
   directory under the final name.
