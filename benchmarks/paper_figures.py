@@ -424,7 +424,7 @@ def claim_energy(results: Results) -> Claim:
     return Claim("raFLoRA keeps higher-rank energy", "2a–b, 6", verdict, rows)
 
 
-def _verdict_of_trend(diff: Any, grows: str, shrinks: str) -> str:
+def _verdict_of_trend(diff: Any, grows: str, shrinks: str, what: str = "the difference") -> str:
     sign = sign_of(diff)
     if sign == "positive":
         return f"supported: {grows}"
@@ -432,7 +432,7 @@ def _verdict_of_trend(diff: Any, grows: str, shrinks: str) -> str:
         return f"contradicted: {shrinks}"
     if diff is not None and diff.stats.ci_low is None:
         return "not decided (one seed: no confidence interval)"
-    return "not supported here: the 95 % CI of the change includes 0"
+    return f"not supported here: {what} is {fmt_diff(diff)}, its 95 % CI includes 0"
 
 
 def claim_heterogeneity(results: Results) -> Claim:
@@ -444,12 +444,14 @@ def claim_heterogeneity(results: Results) -> Claim:
         return Claim("FlexLoRA degrades more as heterogeneity grows", "7a", "not measured", [])
     low, high = values[0], values[-1]
     rows = []
+    drops = []
     for method in METHODS:
         drop = compare_seeds(
             results.values("non-iid", low, method, ACC),
             results.values("non-iid", high, method, ACC),
         )
-        rows.append(f"{method} accuracy drop {low} → {high}: {fmt_diff(drop)}")
+        drops.append(f"{NAMES[method]} {fmt_stats(drop.stats if drop else None)} pp")
+        rows.append(f"{NAMES[method]} accuracy drop {low} → {high}: {fmt_diff(drop)}")
     change = compare_seeds(
         gain_per_seed(results, "non-iid", high), gain_per_seed(results, "non-iid", low)
     )
@@ -460,8 +462,12 @@ def claim_heterogeneity(results: Results) -> Claim:
     for value in values:
         rows.append(f"gain at {value}: {fmt_diff(gain(results, 'non-iid', value).diff)}")
     verdict = _verdict_of_trend(
-        change, "FlexLoRA loses more accuracy", "raFLoRA loses more accuracy"
+        change,
+        f"FlexLoRA loses {fmt_diff(change)} more accuracy",
+        f"raFLoRA loses more accuracy ({fmt_diff(change)})",
+        "FlexLoRA's extra drop",
     )
+    verdict += f" (accuracy drop {low} → {high}: {', '.join(drops)})"
     return Claim("FlexLoRA degrades more as heterogeneity grows", "7a", verdict, rows)
 
 
@@ -481,7 +487,10 @@ def claim_rank_gap(results: Results) -> Claim:
         f"(7c) gain at {v}: {fmt_diff(gain(results, 'rank-configurations', v).diff)}" for v in conf
     ]
     verdict = _verdict_of_trend(
-        change, "the gain is larger at the largest gap", "the gain shrinks at the largest gap"
+        change,
+        f"the gain is larger at {values[-1]} than at {values[0]} by {fmt_diff(change)}",
+        f"the gain shrinks at the largest gap ({fmt_diff(change)})",
+        f"the gain at {values[-1]} − the gain at {values[0]}",
     )
     return Claim("raFLoRA's gain grows with the rank gap", "9a (and 7c)", verdict, rows)
 
@@ -501,8 +510,8 @@ def claim_low_rank_skew(results: Results) -> Claim:
         verdict = "not decided (one seed: no confidence interval)"
     elif sign == "unclear" and "positive" in other_signs:
         verdict = (
-            "supported: at dist-2 the 95 % CI of the difference includes 0, while raFLoRA is "
-            "ahead under another distribution"
+            f"supported: at dist-2 raFLoRA − FlexLoRA is {fmt_diff(at_skew)}, its 95 % CI "
+            "includes 0, while raFLoRA is clearly ahead under another distribution"
         )
     elif sign == "unclear":
         verdict = (
@@ -543,21 +552,97 @@ def claim_participation(results: Results) -> Claim:
     elif any(s == "negative" for s in steps):
         verdict = "supported: a higher participation rate lowers raFLoRA's accuracy"
     else:
-        verdict = (
-            "supported (weakly): some increase of participation brings no clear gain "
-            "(95 % CI includes 0)"
-        )
+        unclear = f"{steps.count('unclear')} of {len(steps)} steps"
+        if all(d.stats.mean > 0 for d in diffs):
+            verdict = (
+                "inconclusive: raFLoRA's mean accuracy rises with participation (no fall as in "
+                f"the paper), but {unclear} are not significant (95 % CI includes 0), so a "
+                "benefit is not shown either"
+            )
+        else:
+            verdict = (
+                "weakly supported: raFLoRA's mean accuracy falls at a higher participation "
+                f"rate, though {unclear} are not significant (95 % CI includes 0)"
+            )
     return Claim("raising participation does not necessarily help raFLoRA", "7b", verdict, rows)
 
 
+def claim_energy_vs_heterogeneity(results: Results) -> Claim:
+    """ "Increased data heterogeneity leads to poorer preservation of higher-rank energy"
+    (Figure 6): raFLoRA's final HRE at the most heterogeneous partition minus at the least.
+    """
+    text = "more data heterogeneity keeps less higher-rank energy"
+    values = _present(results, "non-iid")
+    if len(values) < 2:
+        return Claim(text, "6", "not measured", [])
+    low, high = values[0], values[-1]
+    rows = []
+    change = None
+    for method in (METHOD, BASELINE):
+        diff = compare_seeds(
+            results.values("non-iid", high, method, HRE),
+            results.values("non-iid", low, method, HRE),
+        )
+        change = diff if method == METHOD else change
+        rows.append(f"{NAMES[method]} final HRE at {high} − at {low}: {fmt_diff(diff, HRE)}")
+    # the claim is that the energy falls: a significant rise contradicts it
+    sign = sign_of(change)
+    if sign == "negative":
+        verdict = f"supported: raFLoRA's final HRE falls by {fmt_diff(change, HRE)}"
+    elif sign == "positive":
+        verdict = (
+            f"contradicted: raFLoRA keeps more higher-rank energy under heterogeneity "
+            f"({fmt_diff(change, HRE)})"
+        )
+        flex = [gain(results, "non-iid", v, HRE).flex for v in values]
+        if all(f is not None and f.mean < 0.01 for f in flex):
+            verdict += "; FlexLoRA's is below 0.01 at every level"
+    else:
+        verdict = _verdict_of_trend(change, "", "", "raFLoRA's change of final HRE")
+    return Claim(text, "6", verdict, rows)
+
+
+def claim_minimal_rank(results: Results) -> Claim:
+    """ "FlexLoRA is sensitive to the minimal rank, raFLoRA avoids it" (Figures 2d, 7c):
+    accuracy at conf-3 (minimal rank 8) minus at conf-1 (minimal rank 1), per method.
+    """
+    text = "FlexLoRA is sensitive to the minimal rank, raFLoRA is not"
+    values = _present(results, "rank-configurations")
+    if "conf-1" not in values or "conf-3" not in values:
+        return Claim(text, "2d, 7c", "not measured", [])
+    rows = []
+    drops = {}
+    for method in METHODS:
+        drops[method] = compare_seeds(
+            results.values("rank-configurations", "conf-3", method, ACC),
+            results.values("rank-configurations", "conf-1", method, ACC),
+        )
+        rows.append(
+            f"{NAMES[method]} accuracy conf-3 (r1 = 8) − conf-1 (r1 = 1): {fmt_diff(drops[method])}"
+        )
+    flex, ra = sign_of(drops[BASELINE]), sign_of(drops[METHOD])
+    if drops[BASELINE] is None or drops[BASELINE].stats.ci_low is None:
+        verdict = "not decided (one seed: no confidence interval)"
+    elif flex == "positive" and ra == "unclear":
+        verdict = (
+            f"supported: FlexLoRA loses {fmt_diff(drops[BASELINE])} when r1 drops from 8 to 1, "
+            "raFLoRA no significant change"
+        )
+    else:
+        verdict = f"not supported: FlexLoRA {flex}, raFLoRA {ra} change from r1 = 1 to 8"
+    return Claim(text, "2d, 7c", verdict, rows)
+
+
 def all_claims(results: Results) -> list[Claim]:
-    """The five claims, in the order of the brief."""
+    """The five claims of the brief, then two more the same figures make."""
     return [
         claim_energy(results),
         claim_heterogeneity(results),
         claim_rank_gap(results),
         claim_low_rank_skew(results),
         claim_participation(results),
+        claim_energy_vs_heterogeneity(results),
+        claim_minimal_rank(results),
     ]
 
 
@@ -583,13 +668,20 @@ def tick_label(results: Results, study: Study, value: str) -> str:
         return f"{value}/50\n({100 * int(value) // 50} %)"
     if study.axis == "data.partition":
         return "IID" if value == "iid" else "α=" + value.removeprefix("dir-a")
-    summaries = [
-        s for by_seed in results.cells[study.key][value].values() for s in by_seed.values()
-    ]
-    if not summaries:
-        return value
-    levels = summaries[0].get("rank_levels", [])
-    return f"{value}\n{{{','.join(map(str, levels))}}}"
+    return preset_label(value)
+
+
+def preset_label(name: str) -> str:
+    """A rank preset's name and levels, or its probabilities when they are not uniform."""
+    import yaml
+
+    from raflora.sweep import resolve_preset
+
+    fl = yaml.safe_load(resolve_preset(name).read_text(encoding="utf-8"))["fl"]
+    probs = fl.get("rank_probs")
+    if probs and len(set(probs)) > 1:  # the levels are the panel's; the probabilities differ
+        return f"{name}\np = {'/'.join(f'{p:g}'.removeprefix('0') for p in probs)}"
+    return f"{name}\n{{{','.join(map(str, fl['rank_levels']))}}}"
 
 
 def bar_panel(ax: Any, results: Results, study: Study, metric: str = ACC) -> None:
@@ -621,7 +713,7 @@ def bar_panel(ax: Any, results: Results, study: Study, metric: str = ACC) -> Non
     ]
     if finite:
         span = max(finite) - min(finite)
-        ax.set_ylim(max(0.0, min(finite) - span - 2.0), min(k, max(finite) + span + 2.0))
+        ax.set_ylim(max(0.0, min(finite) - span - 2.0), max(finite) + 0.3 * span + 5.0)
     ax.set_title(f"({study.figure}) {study.title}", fontsize=9)
     ax.set_ylabel("final accuracy (%)" if metric == ACC else metric)
     ax.grid(axis="y", alpha=0.3)
