@@ -282,7 +282,7 @@ def test_digits_hidden_dim_sets_the_width_and_the_cache_key(
     ("options", "match"),
     [
         ({"hidden_dim": 66}, r"hidden_dim: must be a positive multiple of 4 .*got 66"),
-        ({"hidden_dim": 0}, "hidden_dim"),
+        ({"hidden_dim": 0}, r"hidden_dim: must be a positive multiple of 4 .*got 0"),
         ({"hidden_dim": "wide"}, r"hidden_dim: expected"),
         ({"epochs": 3}, r"unknown option\(s\) \['epochs'\]; valid: pretrain_epochs"),
         ({"pretrain_classes": [0, 12]}, "pretrain_classes"),
