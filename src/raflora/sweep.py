@@ -26,6 +26,7 @@ import multiprocessing
 import re
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -669,6 +670,9 @@ def _run_keeping_threads(spec: RunSpec, *, resume: bool, overwrite: bool) -> Run
     from raflora.engine.local import run_local
 
     threads = torch.get_num_threads()
+    # as the CLI does: PEFT triggers a transformers deprecation warning once per run (workers
+    # are fresh processes, so the CLI's filter does not reach them)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         return run_local(
             spec.config,
