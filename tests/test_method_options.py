@@ -282,3 +282,36 @@ def test_compare_gives_each_method_only_its_own_options(
     assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
     assert "method_options.weighting: an option of hetlora" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_compare_all_runs_every_method_that_supports_the_ranks_and_lists_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raflora.aggregators import available_methods
+    from raflora.aggregators.base import unsupported_reason
+
+    assert unsupported_reason("fedit", [2, 4]) is not None
+    assert unsupported_reason("fedit", [4]) is None
+    assert all(unsupported_reason(m, [2, 4]) is None for m in available_methods() if m != "fedit")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": {"name": "synthetic", "options": {"num_train": 120, "num_eval": 60}},
+                "fl": {
+                    "num_clients": 3,
+                    "clients_per_round": 2,
+                    "rounds": 1,
+                    "rank_levels": [2, 4],
+                },
+                "output": {"plots": False},
+            }
+        )
+    )
+    out = tmp_path / "all"
+    assert main(["compare", str(config), "--methods", "all", "--out", str(out), "--quiet"]) == 0
+    assert "skipping fedit: needs a single rank level" in capsys.readouterr().err
+    expected = sorted(m for m in available_methods() if m != "fedit")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == expected
+    text = (out / "comparison.md").read_text()
+    assert "- fedit: needs a single rank level" in text

@@ -649,6 +649,7 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
         Problem messages, each naming the offending key.
     """
     from raflora.aggregators import available_methods
+    from raflora.aggregators.base import unsupported_reason
     from raflora.data import parse_partition
 
     problems: list[str] = []
@@ -775,12 +776,14 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
 
     # Method against rank levels and method options.
     method_ok = ok("method") and config.method in known and levels_ok
-    if method_ok and config.method == "fedit" and len(fl.rank_levels) > 1:
+    reason = unsupported_reason(config.method, fl.rank_levels) if method_ok else None
+    if reason is not None:
         method_ok = False
+        able = [m for m in known if unsupported_reason(m, fl.rank_levels) is None]
         problems.append(
-            f"method: 'fedit' needs a single rank level (homogeneous ranks), got "
-            f"fl.rank_levels {fl.rank_levels}; use 'hetlora' (or 'raflora', 'flexlora', "
-            f"'flora') for heterogeneous ranks, or set fl.rank_levels to one rank"
+            f"method: {config.method!r} {reason}, got fl.rank_levels {fl.rank_levels}; use "
+            f"{' or '.join(repr(m) for m in able)} for these ranks, or set fl.rank_levels to "
+            f"one rank"
         )
     if ok("method_options"):
         problems.extend(_method_problems(config, methods, method_ok=method_ok))

@@ -945,6 +945,8 @@ def _per_level_table(
 def write_comparison(
     out_dir: str | os.PathLike[str],
     runs: Mapping[str, tuple[Mapping[str, Any], Sequence[MetricsRow]]],
+    *,
+    skipped: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``comparison.md`` and overlay plots comparing several methods' runs.
 
@@ -955,6 +957,9 @@ def write_comparison(
     runs : Mapping[str, tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]]
         Method → ``(summary, metrics)``, with the summary from :func:`summarize`; rows appear in
         this order.
+    skipped : Mapping[str, str], optional
+        Methods that were not run → why (``raflora compare --methods all``), listed after the
+        table.
 
     Returns
     -------
@@ -1001,6 +1006,9 @@ def write_comparison(
             _fixed(summary.get("wall_seconds"), 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        lines.extend(["", "Skipped:", ""])
+        lines.extend(f"- {_escape(m)}: {reason}" for m, reason in skipped.items())
     lines.extend(_per_level_table(runs))
 
     series = {method: rows for method, (_, rows) in runs.items()}

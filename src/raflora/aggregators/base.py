@@ -45,6 +45,7 @@ __all__ = [
     "register",
     "resolve_method_options",
     "sample_weights",
+    "unsupported_reason",
     "weighted_average",
 ]
 
@@ -197,6 +198,8 @@ class Aggregator(ABC):
     name: ClassVar[str]
     #: Whether client ranks must be one of the rank levels (raFLoRA's partitions need it).
     ranks_must_be_levels: ClassVar[bool] = False
+    #: Whether every client must have the same rank (one rank level): FedIT's factor averaging.
+    single_rank_level: ClassVar[bool] = False
     #: The method's typed options (a frozen :class:`MethodOptions` dataclass); none by default.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
@@ -474,6 +477,19 @@ def _lookup(method: str) -> type[Aggregator]:
         raise ValueError(
             f"unknown method {method!r}; available: {', '.join(available_methods())}"
         ) from None
+
+
+def unsupported_reason(method: str, rank_levels: Sequence[int]) -> str | None:
+    """Why ``method`` cannot run with these rank levels, or ``None`` when it can.
+
+    Raises
+    ------
+    ValueError
+        ``method`` is not registered.
+    """
+    if _lookup(method).single_rank_level and len(rank_levels) > 1:
+        return "needs a single rank level (every client at the same rank)"
+    return None
 
 
 def method_options_classes() -> dict[str, type[MethodOptions]]:

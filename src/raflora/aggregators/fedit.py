@@ -25,6 +25,7 @@ class FedIT(Aggregator):
 
     name = "fedit"
     ranks_must_be_levels = True
+    single_rank_level = True
 
     def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
         super().__init__(rank_levels, options)

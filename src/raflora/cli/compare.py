@@ -54,7 +54,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated methods (default: %(default)s)",
+        help="comma-separated methods, or 'all' (every method that supports the config's "
+        "ranks; the others are listed as skipped) (default: %(default)s)",
     )
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument(
@@ -87,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora compare``."""
     config_path, overrides = split_config_args(args.config, args.overrides)
     methods = parse_methods(args.methods)
+    skipped: dict[str, str] = {}
+    if methods == ["all"]:
+        methods, skipped = _every_method(config_path, overrides)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if seeds is not None and len(seeds) > 1:
         return _run_seeds(args, config_path, overrides, methods, seeds)
@@ -94,7 +98,30 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--baseline and --metrics apply to several seeds (e.g. --seeds 0,1,2)")
     if seeds is not None:
         overrides = [*overrides, f"seed={seeds[0]}"]
-    return _run_one_seed(args, config_path, overrides, methods)
+    return _run_one_seed(args, config_path, overrides, methods, skipped)
+
+
+def _every_method(
+    config_path: list[str] | None, overrides: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """``--methods all``: every registered method that supports the config's rank levels, and
+    the others → why they are skipped (printed, and listed in ``comparison.md``).
+    """
+    import sys
+
+    from raflora.aggregators import available_methods
+    from raflora.aggregators.base import unsupported_reason
+
+    every = available_methods()
+    base = load_run_config(config_path, overrides, methods=every)
+    skipped = {
+        m: reason
+        for m in every
+        if (reason := unsupported_reason(m, base.fl.rank_levels)) is not None
+    }
+    for method, reason in skipped.items():
+        print(f"skipping {method}: {reason} (rank levels {base.fl.rank_levels})", file=sys.stderr)
+    return [m for m in every if m not in skipped], skipped
 
 
 def _run_one_seed(
@@ -102,6 +129,7 @@ def _run_one_seed(
     config_path: list[str] | None,
     overrides: list[str],
     methods: list[str],
+    skipped: dict[str, str] | None = None,
 ) -> int:
     """One seed: a run per method in ``OUT/<method>/`` and the single-seed ``comparison.md``."""
     from raflora.engine import run_local
@@ -133,7 +161,7 @@ def _run_one_seed(
         runs[method] = (result.summary, result.metrics)
         if not args.quiet:
             print(f"{method}: {describe_result(result.summary)}")
-    table = write_comparison(out, runs)
+    table = write_comparison(out, runs, skipped=skipped)
     if not args.quiet:
         print(table.read_text())
         print(f"comparison: {table}")
