@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import config_with
 from raflora.config import ConfigError, environment_problems, validate
+from raflora.diagnostics import energy_report
 from raflora.engine import run_local
 from raflora.report import read_metrics
 from raflora.tensorboard import (
@@ -100,8 +101,9 @@ def test_spectrum_shares_are_energy_shares_averaged_over_modules() -> None:
         "b": (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), eye),  # σ² = 1, 1
         "c": (torch.zeros(3, 2), eye),  # no energy: left out of the mean
     }
-    assert spectrum_shares(factors, 4) == pytest.approx([0.7, 0.3, 0.0, 0.0], abs=1e-6)
-    assert spectrum_shares({"c": factors["c"]}, 4) == []
+    report = energy_report(factors, [4])
+    assert spectrum_shares(report, 4) == pytest.approx([0.7, 0.3, 0.0, 0.0], abs=1e-6)
+    assert spectrum_shares(energy_report({"c": factors["c"]}, [4]), 4) == []
 
 
 def test_run_events_read_back_with_tensorboards_reader(tmp_path: Path) -> None:

@@ -34,9 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
-from raflora.diagnostics import energy_report
+from raflora.diagnostics import EnergyReport
 
 __all__ = [
     "TENSORBOARD_DIR",
@@ -112,7 +110,7 @@ def round_scalars(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def spectrum_shares(factors: Mapping[str, tuple[Tensor, Tensor]], r_max: int) -> list[float]:
+def spectrum_shares(report: EnergyReport, r_max: int) -> list[float]:
     """``σ_i² / Σ_j σ_j²`` of the global update ``B A`` (top ``r_max``), mean over modules.
 
     Modules without energy (a zero update, FLoRA's empty initial stack) are left out of the
@@ -120,13 +118,12 @@ def spectrum_shares(factors: Mapping[str, tuple[Tensor, Tensor]], r_max: int) ->
 
     Parameters
     ----------
-    factors : Mapping[str, tuple[Tensor, Tensor]]
-        Module name → ``(B (d, R), A (R, n))``: the state's global factors (FLoRA: the
-        round's stack), as in :func:`raflora.diagnostics.energy_report`.
+    report : EnergyReport
+        :func:`raflora.diagnostics.energy_report` of the state's global factors (FLoRA: the
+        round's stack): the engine's diagnostics of the round, read again, not recomputed.
     r_max : int
         The largest rank level (number of directions kept).
     """
-    report = energy_report(factors, [r_max])
     totals = [0.0] * r_max
     count = 0
     for module in report.modules.values():

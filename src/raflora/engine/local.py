@@ -33,7 +33,7 @@ from raflora.config import (
     save_config,
     validate,
 )
-from raflora.diagnostics import energy_report, module_energy_row
+from raflora.diagnostics import EnergyReport, energy_report, module_energy_row
 from raflora.engine import seeds
 from raflora.engine.checkpoint import (
     CHECKPOINT_FILE,
@@ -102,31 +102,29 @@ class RunResult:
     metrics: list[dict[str, Any]]
 
 
-def energy_metrics(
-    state: GlobalState, levels: list[int], round_index: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def energy_metrics(state: GlobalState, levels: list[int]) -> tuple[dict[str, Any], EnergyReport]:
     """The round's rank-collapse diagnostics (SPEC §4), from one SVD per module.
 
     Returns the metrics row's ``higher_rank_energy`` (1 − ρ_{r_1}, mean over modules) and
-    ``energy_per_level`` (ρ at every rank level), and the per-module row of ``energy.jsonl``.
+    ``energy_per_level`` (ρ at every rank level), and the report they come from (per-module
+    spectra: ``energy.jsonl`` and the TensorBoard spectrum are read off it, no second SVD).
     """
     report = energy_report(state.factors, levels)
-    modules = module_energy_row(round_index, report)
     if not state.factors or all(B.shape[-1] == 0 for B, _ in state.factors.values()):
-        return {"higher_rank_energy": None, "energy_per_level": None}, modules
+        return {"higher_rank_energy": None, "energy_per_level": None}, report
     means = {
         "higher_rank_energy": report.higher_rank_energy,
         "energy_per_level": {str(r): v for r, v in report.cumulative.items()},
     }
-    return means, modules
+    return means, report
 
 
 class CompletedRound(NamedTuple):
-    """A finished round: the new global state, its metrics row and its per-module energy row."""
+    """A finished round: the new global state, its metrics row and its energy report."""
 
     state: GlobalState
     row: dict[str, Any]
-    modules: dict[str, Any]
+    energy: EnergyReport
 
 
 def _weighted_loss(results: Sequence[ClientResult], accepted: tuple[int, ...]) -> float | None:
@@ -212,7 +210,7 @@ def complete_round(
     new_state = outcome.state
     if outcome.base_update is not None:
         fed.bank.merge_into_base(outcome.base_update, new_state.base_delta)
-    energy, modules = energy_metrics(new_state, list(cfg.fl.rank_levels), plan.round_index)
+    energy, report = energy_metrics(new_state, list(cfg.fl.rank_levels))
     t2 = device_clock(fed.device)
     row: dict[str, Any] = {
         "round": plan.round_index,
@@ -244,7 +242,7 @@ def complete_round(
             },
         }
     )
-    return CompletedRound(new_state, row, modules)
+    return CompletedRound(new_state, row, report)
 
 
 def run_round(fed: Federation, state: GlobalState, round_index: int) -> CompletedRound:
@@ -511,7 +509,7 @@ def record_round(
     row: dict[str, Any],
     run_dir: Path,
     wall: float,
-    modules: Mapping[str, Any] | None = None,
+    energy: EnergyReport | None = None,
 ) -> None:
     """Keep a finished round: its per-module energy row (and TensorBoard events, with
     ``output.tensorboard``), the checkpoint, then its metrics row.
@@ -523,10 +521,10 @@ def record_round(
     """
     metrics.append(row)
     with writing(run_dir, lambda: saved_rounds(run_dir)):
-        if modules is not None:
-            append_energy(run_dir / ENERGY_FILE, modules)
-        if fed.config.output.tensorboard:
-            write_round(run_dir, row, spectrum_shares(state.factors, fed.aggregator.r_max))
+        if energy is not None:
+            append_energy(run_dir / ENERGY_FILE, module_energy_row(int(row["round"]), energy))
+            if fed.config.output.tensorboard:
+                write_round(run_dir, row, spectrum_shares(energy, fed.aggregator.r_max))
         save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
         append_metrics(run_dir / METRICS_FILE, row)
 
@@ -614,9 +612,9 @@ def _run_locked(
     started = time.perf_counter()
     try:
         for round_index in range(len(metrics) + 1, total + 1):
-            state, row, modules = run_round(fed, state, round_index)
+            state, row, energy = run_round(fed, state, round_index)
             wall = wall_before + time.perf_counter() - started
-            record_round(fed, state, metrics, row, run_dir, wall, modules)
+            record_round(fed, state, metrics, row, run_dir, wall, energy)
             bar.set_postfix(progress_postfix(row), refresh=False)
             bar.update(1)
             if on_round is not None:

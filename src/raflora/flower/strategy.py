@@ -328,12 +328,12 @@ class RankStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         results, failures = self.collect(replies)
         train_seconds = time.perf_counter() - self._round_start
-        self.state, row, modules = complete_round(
+        self.state, row, energy = complete_round(
             self.fed, self.state, plan, results, train_seconds=train_seconds, failures=failures
         )
         if self.run_dir is not None:
             wall = self.wall_before + time.perf_counter() - self._started
-            record_round(self.fed, self.state, self.metrics, row, self.run_dir, wall, modules)
+            record_round(self.fed, self.state, self.metrics, row, self.run_dir, wall, energy)
         else:
             self.metrics.append(row)
         if failures or row["rejected"]:
