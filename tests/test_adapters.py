@@ -29,7 +29,7 @@ from raflora.adapters import (
     trainable_parameters,
     wrap_model,
 )
-from raflora.aggregators.base import Factors
+from raflora.methods.base import Factors
 
 VIT_TARGETS = ["q_proj", "v_proj", "fc1"]
 ROBERTA_TARGETS = ["query", "value"]

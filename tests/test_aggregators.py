@@ -13,7 +13,7 @@ from torch import Tensor
 
 import raflora
 from conftest import assert_best_rank, randn
-from raflora.aggregators import (
+from raflora.methods import (
     ClientUpdate,
     GlobalState,
     HetLoRA,

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raflora.aggregators import available_methods
 from raflora.config import (
     ConfigError,
     FLConfig,
@@ -20,6 +19,7 @@ from raflora.config import (
     save_config,
     validate,
 )
+from raflora.methods import available_methods
 
 
 def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel
 
 from conftest import config_with
-from raflora.aggregators import available_methods
 from raflora.config import RunConfig
 from raflora.engine import build_federation, load_checkpoint, run_local, seeds
 from raflora.engine.federation import train_client
+from raflora.methods import available_methods
 from raflora.report import read_metrics
 from raflora.tasks import build_task
 

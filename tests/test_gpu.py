@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from raflora.aggregators import GlobalState, available_methods
 from raflora.config import config_from_dict
 from raflora.engine import build_federation
 from raflora.gpu_check import (
@@ -29,6 +28,7 @@ from raflora.gpu_check import (
     run_config,
     state_problems,
 )
+from raflora.methods import GlobalState, available_methods
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
 

@@ -11,13 +11,13 @@ import torch
 
 from conftest import config_with
 from raflora.adapters import adapter_name, base_weights
-from raflora.aggregators import ClientUpdate, get_aggregator
-from raflora.aggregators.validation import DeviceMismatchError, DTypeError
 from raflora.config import ConfigError, RunConfig
 from raflora.engine import build_federation, run_local
 from raflora.engine import federation as federation_module
 from raflora.engine.federation import device_clock, train_client
 from raflora.engine.local import open_run
+from raflora.methods import ClientUpdate, get_aggregator
+from raflora.methods.validation import DeviceMismatchError, DTypeError
 
 SHAPES = {"a": (5, 4), "b": (3, 6)}
 

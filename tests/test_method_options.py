@@ -10,7 +10,9 @@ from typing import Any, ClassVar, Literal
 import pytest
 import yaml
 
-from raflora.aggregators import (
+from raflora.cli import main
+from raflora.config import ConfigError, load_config
+from raflora.methods import (
     Aggregator,
     HetLoRA,
     RaFLoRA,
@@ -18,18 +20,16 @@ from raflora.aggregators import (
     get_aggregator,
     register,
 )
-from raflora.aggregators.base import options_for, resolve_method_options
-from raflora.aggregators.hetlora import HetLoRAOptions
-from raflora.aggregators.options import (
+from raflora.methods.base import options_for, resolve_method_options
+from raflora.methods.hetlora import HetLoRAOptions
+from raflora.methods.options import (
     MethodOptions,
     OptionsError,
     option,
     option_specs,
     parse_options,
 )
-from raflora.aggregators.raflora import RaFLoRAOptions
-from raflora.cli import main
-from raflora.config import ConfigError, load_config
+from raflora.methods.raflora import RaFLoRAOptions
 
 BOTH = {"raflora": {"empty_partition": "drop"}, "hetlora": {"weighting": "samples"}}
 
@@ -287,8 +287,8 @@ def test_compare_gives_each_method_only_its_own_options(
 def test_compare_all_runs_every_method_that_supports_the_ranks_and_lists_the_others(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from raflora.aggregators import available_methods
-    from raflora.aggregators.base import unsupported_reason
+    from raflora.methods import available_methods
+    from raflora.methods.base import unsupported_reason
 
     assert unsupported_reason("fedit", [2, 4]) is not None
     assert unsupported_reason("fedit", [4]) is None

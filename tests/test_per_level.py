@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import config_with, randn
-from raflora.aggregators import GlobalState, get_aggregator
 from raflora.config import load_config, validate
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.federation import evaluate_global, evaluate_levels
 from raflora.engine.local import run_round
+from raflora.methods import GlobalState, get_aggregator
 from raflora.report import progress_postfix, summarize
 
 LEVELS = [2, 4, 8]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import randn
-from raflora.aggregators import (
+from raflora.methods import (
     Aggregator,
     BadSampleCountError,
     ClientUpdate,

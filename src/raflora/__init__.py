@@ -1,10 +1,12 @@
 """raflora: federated LoRA fine-tuning with heterogeneous ranks.
 
 The public API for one module — ``aggregate``, ``energy_spectrum``, ``higher_rank_energy`` — and
-the aggregator registry for whole models (:mod:`raflora.aggregators`).
+the aggregator registry for whole models (:mod:`raflora.methods`).
 """
 
-from raflora.aggregators import (
+from raflora.api import aggregate
+from raflora.diagnostics import energy_report, energy_spectrum, higher_rank_energy
+from raflora.methods import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
@@ -13,8 +15,6 @@ from raflora.aggregators import (
     available_methods,
     get_aggregator,
 )
-from raflora.api import aggregate
-from raflora.diagnostics import energy_report, energy_spectrum, higher_rank_energy
 
 __version__ = "0.1.0"
 

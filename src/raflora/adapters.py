@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import Tensor, nn
 
-from raflora.aggregators.base import Factors
+from raflora.methods.base import Factors
 
 __all__ = [
     "PEFT_PREFIX",

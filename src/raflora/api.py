@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from raflora.aggregators import get_aggregator
-from raflora.aggregators.validation import (
+from raflora.methods import get_aggregator
+from raflora.methods.validation import (
     ClientUpdate,
     InvalidUpdateError,
     RankError,

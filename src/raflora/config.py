@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from raflora.aggregators.options import check_type, coerce, did_you_mean, type_name, value_type
+from raflora.methods.options import check_type, coerce, did_you_mean, type_name, value_type
 
 __all__ = [
     "ConfigError",
@@ -238,7 +238,7 @@ class RunConfig:
 
     method: str = field(
         default="raflora",
-        metadata=_help("Aggregation method (see raflora.aggregators.available_methods())."),
+        metadata=_help("Aggregation method (see raflora.methods.available_methods())."),
     )
     seed: int = field(default=0, metadata=_help("Random seed (≥ 0)."))
     engine: Engine = field(
@@ -633,7 +633,7 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
     its options and the partition spec.
 
     ``method_options`` is resolved for the methods run (``resolve_method_options`` in
-    :mod:`raflora.aggregators.base`): a key named after a method holds that method's options,
+    :mod:`raflora.methods.base`): a key named after a method holds that method's options,
     any other key must be an option of at least one method run; every option is type-checked.
 
     Parameters
@@ -648,9 +648,9 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
     list of str
         Problem messages, each naming the offending key.
     """
-    from raflora.aggregators import available_methods
-    from raflora.aggregators.base import unsupported_reason
     from raflora.data import parse_partition
+    from raflora.methods import available_methods
+    from raflora.methods.base import unsupported_reason
 
     problems: list[str] = []
     if not isinstance(config, RunConfig):
@@ -799,9 +799,9 @@ def _method_problems(
     ``methods`` are the methods run (``None``: ``config.method``); the aggregator is built
     (its own checks against the rank levels) only when ``method_ok`` and it is among them.
     """
-    from raflora.aggregators import available_methods, get_aggregator
-    from raflora.aggregators.base import resolve_method_options
-    from raflora.aggregators.options import OptionsError
+    from raflora.methods import available_methods, get_aggregator
+    from raflora.methods.base import resolve_method_options
+    from raflora.methods.options import OptionsError
 
     known = available_methods()
     problems = [
@@ -854,8 +854,8 @@ def describe_config() -> str:
         One entry per key: dotted name, type, default and help text; then one section per
         method with each option's name, type or allowed values, default and help text.
     """
-    from raflora.aggregators.base import method_options_classes
-    from raflora.aggregators.options import describe_options
+    from raflora.methods.base import method_options_classes
+    from raflora.methods.options import describe_options
 
     lines: list[str] = ["Configuration keys (set in YAML or override as section.key=value):"]
     _describe(RunConfig, "", lines)

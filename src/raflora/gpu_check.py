@@ -49,9 +49,9 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from raflora.aggregators import Aggregator, GlobalState
     from raflora.config import RunConfig
     from raflora.engine.federation import Federation
+    from raflora.methods import Aggregator, GlobalState
 
 __all__ = [
     "DTYPES",
@@ -244,7 +244,7 @@ def run_config(
     rank 4), so raFLoRA's top partition (4, 8] is empty and carried over from the state: the
     case that mixes the carried state with new updates.
     """
-    from raflora.aggregators.base import unsupported_reason
+    from raflora.methods.base import unsupported_reason
 
     if model == "llama":
         task: dict[str, Any] = {
@@ -616,7 +616,7 @@ def run_checks(
     report: Callable[[CheckResult], None] = print,
 ) -> list[CheckResult]:
     """Build the assets under ``work`` and run every check, reporting each result as it ends."""
-    from raflora.aggregators import available_methods
+    from raflora.methods import available_methods
 
     assets = build_assets(work / "assets", models)
     results: list[CheckResult] = []
@@ -667,7 +667,7 @@ def _selection(
     parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> tuple[list[str], list[str], list[str]]:
     """The models, methods and dtypes asked for (an unknown name is a usage error)."""
-    from raflora.aggregators import available_methods
+    from raflora.methods import available_methods
 
     chosen = []
     for option, allowed in (

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from raflora.aggregators import get_aggregator
-from raflora.aggregators.base import method_options_classes
-from raflora.aggregators.options import option_specs
 from raflora.diagnostics import energy_spectrum
+from raflora.methods import get_aggregator
+from raflora.methods.base import method_options_classes
+from raflora.methods.options import option_specs
 
 __all__ = [
     "TheoryResult",

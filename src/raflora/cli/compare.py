@@ -109,8 +109,8 @@ def _every_method(
     """
     import sys
 
-    from raflora.aggregators import available_methods
-    from raflora.aggregators.base import unsupported_reason
+    from raflora.methods import available_methods
+    from raflora.methods.base import unsupported_reason
 
     every = available_methods()
     base = load_run_config(config_path, overrides, methods=every)

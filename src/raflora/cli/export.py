@@ -31,9 +31,9 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora export``."""
-    from raflora.aggregators import get_aggregator
-    from raflora.aggregators.base import options_for
     from raflora.engine import load_checkpoint, write_adapter
+    from raflora.methods import get_aggregator
+    from raflora.methods.base import options_for
 
     saved = args.run_dir / "config.yaml"
     if not saved.is_file():

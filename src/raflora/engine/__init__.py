@@ -1,4 +1,4 @@
-"""Engines: the round loop written once against the aggregators, tasks and adapters.
+"""Engines: the round loop written once against the methods, tasks and adapters.
 
 ``local`` trains the sampled clients one after another in this process (deterministic,
 checkpoint/resume); the Flower engine reuses :func:`~raflora.engine.federation.train_client`.

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from raflora.aggregators import GlobalState
 from raflora.engine.rundir import atomic_write_bytes
+from raflora.methods import GlobalState
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 

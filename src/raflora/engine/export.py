@@ -19,10 +19,10 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from raflora.adapters import export_peft_adapter
-from raflora.aggregators import Aggregator, GlobalState
-from raflora.aggregators.base import Factors
 from raflora.engine.rundir import replace_dir, write_failure
 from raflora.linalg import frobenius_norm
+from raflora.methods import Aggregator, GlobalState
+from raflora.methods.base import Factors
 
 __all__ = ["AdapterExport", "adapter_factors", "write_adapter"]
 

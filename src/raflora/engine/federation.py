@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from raflora.adapters import AdapterBank, live_factors, wrap_model
-from raflora.aggregators import Aggregator, ClientUpdate, GlobalState, get_aggregator
-from raflora.aggregators.base import Factors, options_for
 from raflora.config import RunConfig
 from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
+from raflora.methods import Aggregator, ClientUpdate, GlobalState, get_aggregator
+from raflora.methods.base import Factors, options_for
 from raflora.tasks import Task, TaskError, build_task, move_batch
 
 __all__ = [
@@ -477,7 +477,7 @@ def evaluate_levels(
 ) -> dict[str, float]:
     """The task's metrics of the model a client of each rank level holds (``eval.per_level``).
 
-    Level ``r`` gets the aggregator's :meth:`~raflora.aggregators.Aggregator.level_factors`
+    Level ``r`` gets the aggregator's :meth:`~raflora.methods.Aggregator.level_factors`
     (the nested truncation of the global factors; FLoRA: the merged base, so every level
     equals the global model) with the global heads; its metrics are keyed ``"{name}@{r}"``
     (``accuracy@8``, ``eval_loss@8``). The global model is back on the ``r_max`` adapter

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import torch
 
 from raflora.adapters import adapter_name, base_weights
-from raflora.aggregators import GlobalState
 from raflora.config import (
     ConfigError,
     RunConfig,
@@ -54,6 +53,7 @@ from raflora.engine.federation import (
     train_client,
 )
 from raflora.engine.rundir import RunLock, atomic_write_bytes, remove_leftovers, writing
+from raflora.methods import GlobalState
 from raflora.provenance import ENVIRONMENT_FILE, add_session, session_info
 from raflora.report import (
     ENERGY_FILE,

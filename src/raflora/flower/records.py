@@ -33,8 +33,8 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 from torch import Tensor
 
-from raflora.aggregators import ClientUpdate
 from raflora.engine.federation import ClientResult
+from raflora.methods import ClientUpdate
 
 __all__ = [
     "ARRAYS",
@@ -136,7 +136,7 @@ def decode_arrays(record: object, *, device: torch.device | str) -> DecodedArray
     MalformedReplyError
         ``record`` is not an :class:`ArrayRecord`, a key has no known prefix, an array cannot be
         read, or a module has only one of its two factors. Shapes and values are checked later by
-        the aggregator's validation (:func:`~raflora.aggregators.validation.validate_update`).
+        the aggregator's validation (:func:`~raflora.methods.validation.validate_update`).
     """
     if not isinstance(record, ArrayRecord):
         raise MalformedReplyError(f"{ARRAYS!r} is {type(record).__name__}, not an ArrayRecord")

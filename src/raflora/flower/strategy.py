@@ -47,7 +47,6 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from raflora.adapters import adapter_name, base_weights
-from raflora.aggregators import GlobalState
 from raflora.config import config_to_dict
 from raflora.engine.federation import ClientResult, EngineError, Federation
 from raflora.engine.local import (
@@ -64,6 +63,7 @@ from raflora.flower.records import (
     decode_result,
     encode_arrays,
 )
+from raflora.methods import GlobalState
 
 __all__ = ["QUERY_PARTITION", "RankStrategy"]
 

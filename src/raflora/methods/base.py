@@ -24,13 +24,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from raflora.aggregators.options import (
+from raflora.methods.options import (
     MethodOptions,
     option_specs,
     parse_options,
     resolve_options,
 )
-from raflora.aggregators.validation import ClientUpdate, InvalidUpdateError, validate_update
+from raflora.methods.validation import ClientUpdate, InvalidUpdateError, validate_update
 
 __all__ = [
     "AggregationResult",
@@ -504,7 +504,7 @@ def resolve_method_options(
 
     A key that is a method's name holds that method's options; any other key applies to every
     method of the run that declares it, and is an error when none does (see
-    :func:`~raflora.aggregators.options.resolve_options`).
+    :func:`~raflora.methods.options.resolve_options`).
 
     Raises
     ------

@@ -24,15 +24,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from raflora.aggregators.base import (
+from raflora.linalg import frobenius_norm
+from raflora.methods.base import (
     Aggregator,
     GlobalState,
     register,
     sample_weights,
 )
-from raflora.aggregators.options import MethodOptions, option
-from raflora.aggregators.validation import ClientUpdate
-from raflora.linalg import frobenius_norm
+from raflora.methods.options import MethodOptions, option
+from raflora.methods.validation import ClientUpdate
 
 __all__ = ["HetLoRA", "HetLoRAOptions", "tail_norm"]
 

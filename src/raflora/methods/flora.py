@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from raflora.aggregators.base import (
+from raflora.methods.base import (
     Aggregator,
     Factors,
     GlobalState,
@@ -27,7 +27,7 @@ from raflora.aggregators.base import (
     register,
     sample_weights,
 )
-from raflora.aggregators.validation import ClientUpdate
+from raflora.methods.validation import ClientUpdate
 
 __all__ = ["FLoRA"]
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raflora.aggregators.base import Aggregator, register, sample_weights
 from raflora.linalg import svd_to_factors
+from raflora.methods.base import Aggregator, register, sample_weights
 
 __all__ = ["FlexLoRA"]
 

@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from raflora.aggregators.base import Aggregator, register
-from raflora.aggregators.options import MethodOptions, option
 from raflora.linalg import svd_to_factors
+from raflora.methods.base import Aggregator, register
+from raflora.methods.options import MethodOptions, option
 
 __all__ = ["RaFLoRA", "RaFLoRAOptions", "partition_bounds", "partition_weights"]
 

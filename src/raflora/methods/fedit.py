@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from raflora.aggregators.base import Aggregator, register, sample_weights, weighted_average
-from raflora.aggregators.options import MethodOptions
+from raflora.methods.base import Aggregator, register, sample_weights, weighted_average
+from raflora.methods.options import MethodOptions
 
 __all__ = ["FedIT"]
 
