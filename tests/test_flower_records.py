@@ -25,6 +25,7 @@ from raflora.flower.records import (
     encode_arrays,
     encode_result,
 )
+from raflora.methods import ClientMessage
 
 TINY = [
     "task.name=synthetic",
@@ -54,7 +55,7 @@ def _train_reply(fed: Federation, message: Message) -> ClientResult:
         fed,
         int(config["client-id"]),
         int(config["rank"]),
-        received.factors,
+        ClientMessage(received.factors, received.extras),
         received.dense,
         int(config["round"]),
         float(config["lr"]),

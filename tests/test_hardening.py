@@ -113,7 +113,7 @@ def test_the_clients_time_split_is_read_from_the_device_clock(
 
     monkeypatch.setattr(federation_module, "device_clock", clock)
     rank = fed.rank_of(state, 0)
-    result = train_client(fed, 0, rank, fed.start_factors(state, 0, 1), state.dense, 1, 1e-3)
+    result = train_client(fed, 0, rank, fed.client_message(state, 0, 1), state.dense, 1, 1e-3)
     # one read before and after every step, and around the whole local round
     assert len(reads) == 2 * result.steps + 2 and result.steps > 0
     assert set(reads) == {fed.device}
@@ -171,11 +171,11 @@ def test_client_training_leaves_the_global_rng_untouched() -> None:
     torch.manual_seed(1234)
     before = torch.get_rng_state()
     rank = fed.rank_of(state, 1)
-    first = train_client(fed, 1, rank, fed.start_factors(state, 1, 1), state.dense, 1, 1e-3)
+    first = train_client(fed, 1, rank, fed.client_message(state, 1, 1), state.dense, 1, 1e-3)
     assert torch.equal(torch.get_rng_state(), before)
     # and the client's own stream still fixes its dropout: the same call gives the same factors
     torch.manual_seed(999)
-    again = train_client(fed, 1, rank, fed.start_factors(state, 1, 1), state.dense, 1, 1e-3)
+    again = train_client(fed, 1, rank, fed.client_message(state, 1, 1), state.dense, 1, 1e-3)
     for name, (B, A) in first.update.factors.items():
         assert torch.equal(B, again.update.factors[name][0])
         assert torch.equal(A, again.update.factors[name][1])
@@ -267,5 +267,5 @@ def test_a_client_seeds_only_the_generators_it_forks(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
     rank = fed.rank_of(state, 0)
-    train_client(fed, 0, rank, fed.start_factors(state, 0, 1), state.dense, 1, 1e-3)
+    train_client(fed, 0, rank, fed.client_message(state, 0, 1), state.dense, 1, 1e-3)
     assert calls == []  # a CPU run leaves every GPU's generator alone

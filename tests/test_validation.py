@@ -157,7 +157,7 @@ def test_validate_update_without_dense_or_level_constraints() -> None:
 
 
 def assert_states_equal(a: GlobalState, b: GlobalState) -> None:
-    assert a.round == b.round and a.client_ranks == b.client_ranks
+    assert a.round == b.round and a.extras == b.extras
     assert a.factors.keys() == b.factors.keys() and a.dense.keys() == b.dense.keys()
     for name in a.factors:
         assert torch.equal(a.factors[name][0], b.factors[name][0])

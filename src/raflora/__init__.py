@@ -1,10 +1,10 @@
 """raflora: federated LoRA fine-tuning with heterogeneous ranks.
 
-The public API for one module — ``aggregate``, ``energy_spectrum``, ``higher_rank_energy`` — and
-the aggregator registry for whole models (:mod:`raflora.methods`).
+The public API for one module — ``aggregate``, ``aggregate_round``, ``energy_spectrum``,
+``higher_rank_energy`` — and the method registry for whole models (:mod:`raflora.methods`).
 """
 
-from raflora.api import aggregate
+from raflora.api import RoundAggregate, aggregate, aggregate_round
 from raflora.diagnostics import energy_report, energy_spectrum, higher_rank_energy
 from raflora.methods import (
     AggregationResult,
@@ -24,8 +24,10 @@ __all__ = [
     "ClientUpdate",
     "GlobalState",
     "InvalidUpdateError",
+    "RoundAggregate",
     "__version__",
     "aggregate",
+    "aggregate_round",
     "available_methods",
     "energy_report",
     "energy_spectrum",

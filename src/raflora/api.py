@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from raflora.methods import get_aggregator
+from raflora.methods import available_methods, get_aggregator
+from raflora.methods.base import unsupported_reason
 from raflora.methods.validation import (
     ClientUpdate,
     InvalidUpdateError,
@@ -15,7 +17,25 @@ from raflora.methods.validation import (
     validate_update,
 )
 
-__all__ = ["aggregate"]
+__all__ = ["RoundAggregate", "aggregate", "aggregate_round"]
+
+
+@dataclass(frozen=True)
+class RoundAggregate:
+    """One module's aggregation (:func:`aggregate_round`).
+
+    Attributes
+    ----------
+    B, A : Tensor
+        The global factors (what :func:`aggregate` returns).
+    residual : tuple[Tensor, Tensor] or None
+        The factored residual the method merges into the base weights this round (FLoRA: the
+        stack; FedEx-LoRA: ``Σ p_k B_k A_k − B_g A_g``), ``None`` for a method that merges none.
+    """
+
+    B: Tensor
+    A: Tensor
+    residual: tuple[Tensor, Tensor] | None
 
 
 def aggregate(
@@ -24,6 +44,7 @@ def aggregate(
     *,
     rank_levels: Sequence[int],
     previous: tuple[Tensor, Tensor] | None = None,
+    round_index: int = 1,
     **options: Any,
 ) -> tuple[Tensor, Tensor]:
     """Aggregate one module's client updates with ``method``.
@@ -31,15 +52,19 @@ def aggregate(
     Parameters
     ----------
     method : str
-        ``fedit``, ``hetlora``, ``flora``, ``flexlora`` or ``raflora``.
+        A registered method (``raflora.methods.available_methods()``): ``fedit``, ``hetlora``,
+        ``flora``, ``flexlora``, ``raflora``, ``rbla``, ``ffa``, ``rolora``, ``fedex`` ….
     updates : Sequence[tuple[Tensor, Tensor, int]]
         ``(B_k (d, r_k), A_k (r_k, n), n_k)`` effective factors (LoRA scaling folded into ``B``)
         and sample counts.
     rank_levels : Sequence[int]
         Configured rank levels ``r_1 < … < r_max``.
     previous : tuple[Tensor, Tensor], optional
-        The previous global ``(B_g, A_g)``. raFLoRA carries empty partitions from it; without
-        it an empty partition contributes nothing (there is nothing to carry).
+        The previous global ``(B_g, A_g)``. raFLoRA, RBLA and FedEx-LoRA carry the indices no
+        client reaches from it (without it they contribute nothing); FFA-LoRA and RoLoRA need it
+        (the frozen factor).
+    round_index : int
+        The 1-based round (RoLoRA averages ``B`` in odd rounds, ``A`` in even ones).
     **options
         Method options (``weighting``, ``empty_partition`` …).
 
@@ -58,6 +83,42 @@ def aggregate(
     >>> tuple(B.shape), tuple(A.shape)
     ((6, 4), (4, 5))
     """
+    result = aggregate_round(
+        method,
+        updates,
+        rank_levels=rank_levels,
+        previous=previous,
+        round_index=round_index,
+        **options,
+    )
+    return result.B, result.A
+
+
+def aggregate_round(
+    method: str,
+    updates: Sequence[tuple[Tensor, Tensor, int]],
+    *,
+    rank_levels: Sequence[int],
+    previous: tuple[Tensor, Tensor] | None = None,
+    round_index: int = 1,
+    **options: Any,
+) -> RoundAggregate:
+    """:func:`aggregate`, also returning the factored base residual of the round.
+
+    Same arguments as :func:`aggregate`. The module's global model after the round is
+    ``W + B A`` on a base ``W`` into which ``residual`` was merged (``W ← W + B_res A_res``).
+
+    Examples
+    --------
+    >>> import torch, raflora
+    >>> g = torch.Generator().manual_seed(0)
+    >>> ups = [(torch.randn(6, r, generator=g), torch.randn(r, 5, generator=g), 10) for r in (2, 4)]
+    >>> out = raflora.aggregate_round("fedex", ups, rank_levels=[2, 4])
+    >>> exact = sum(0.5 * B @ A for B, A, _ in ups)
+    >>> B_res, A_res = out.residual
+    >>> bool(torch.allclose(out.B @ out.A + B_res @ A_res, exact, atol=1e-5))
+    True
+    """
     if not updates:
         raise ValueError("aggregate needs at least one update")
     aggregator = get_aggregator(method, rank_levels, **options)
@@ -73,12 +134,16 @@ def aggregate(
                 max_rank=aggregator.r_max,
             )
         except RankError as err:
+            mixed = [m for m in available_methods() if unsupported_reason(m, [1, 2]) is None]
             hint = (
-                " (methods for heterogeneous ranks: hetlora, flora, flexlora, raflora)"
+                f" (methods for heterogeneous ranks: {', '.join(mixed)})"
                 if aggregator.ranks_must_be_levels
                 else ""
             )
             raise ValueError(f"update {i}: {err.reason} for {method}{hint}") from None
         except InvalidUpdateError as err:
             raise ValueError(f"update {i}: {err.reason}") from None
-    return aggregator.aggregate_module([(B, A, int(n_k)) for B, A, n_k in updates], previous)
+    batch = [(B, A, int(n_k)) for B, A, n_k in updates]
+    B, A = aggregator.aggregate_module(batch, previous, round_index=round_index)
+    residual = aggregator.module_residual(batch, (B, A), previous, round_index=round_index)
+    return RoundAggregate(B, A, residual)

@@ -17,6 +17,7 @@ __all__ = [
     "adapter_name",
     "get_factors",
     "live_factors",
+    "lora_parameters",
     "lora_scaling",
     "module_shapes",
     "scaling_for",
@@ -164,6 +165,22 @@ def live_factors(peft_model: nn.Module, adapter: str) -> Factors:
         B, A = _weights(layer, adapter)
         factors[name] = (B * float(layer.scaling[adapter]), A)
     return factors
+
+
+def lora_parameters(
+    peft_model: nn.Module, adapter: str
+) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    """Module → the adapter's ``(lora_B.weight, lora_A.weight)`` parameters (PEFT layout).
+
+    What a method's client half freezes (FFA-LoRA: ``A``) or whose gradients it corrects
+    (ILoRA's control variates); same names as :func:`get_factors`.
+    """
+    out: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    for name, layer in _layer_map(peft_model, adapter).items():
+        B, A = _weights(layer, adapter)
+        assert isinstance(B, nn.Parameter) and isinstance(A, nn.Parameter)
+        out[name] = (B, A)
+    return out
 
 
 def set_factors(

@@ -1,7 +1,7 @@
 """Atomic per-round checkpoints of a run (``RUN_DIR/checkpoint/state.pt``).
 
 A checkpoint holds everything a run needs to continue bit-for-bit on the CPU: the global state
-(factors, heads, FLoRA's merged delta, HetLoRA's pruned ranks), the base weights when the method
+(factors, heads, the merged base delta, the method's extras), the base weights when the method
 merges into them, the rounds done (which fixes the learning-rate schedule position) and the
 metrics so far. Every random stream is derived from ``(seed, round, client)``
 (:mod:`raflora.engine.seeds`), so no generator state needs saving: the next round draws exactly
@@ -27,7 +27,9 @@ from raflora.methods import GlobalState
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FILE = Path("checkpoint") / "state.pt"
-_VERSION = 1
+_VERSION = 2
+"""Format 2 (raflora 0.2): the state's method extras (``GlobalState.extras``) replace 0.1's
+HetLoRA-only ``client_ranks``; format 1 (0.1) is migrated on load."""
 
 
 class CheckpointError(RuntimeError):
@@ -83,6 +85,14 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
+def _migrate_v1_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 state (0.1) as format 2: HetLoRA's ``client_ranks`` becomes an extra."""
+    out = {k: v for k, v in state.items() if k != "client_ranks"}
+    ranks = {int(k): int(v) for k, v in state["client_ranks"].items()}
+    out["extras"] = {"client_ranks": ranks} if ranks else {}
+    return out
+
+
 def load_checkpoint(run_dir: Path, *, device: torch.device | str = "cpu") -> Checkpoint:
     """Read the checkpoint of ``run_dir``, its global state on ``device``.
 
@@ -108,12 +118,15 @@ def load_checkpoint(run_dir: Path, *, device: torch.device | str = "cpu") -> Che
         raise CheckpointError(f"{path}: cannot read the checkpoint ({err})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a raflora checkpoint")
-    if data.get("version") != _VERSION:
+    version = data.get("version")
+    if version not in (1, _VERSION):
         raise CheckpointError(
-            f"{path}: written by checkpoint format version {data.get('version')!r}; this "
-            f"raflora reads version {_VERSION}"
+            f"{path}: written by checkpoint format version {version!r}; this raflora reads "
+            f"versions 1 (raflora 0.1, migrated) and {_VERSION}"
         )
     try:
+        if version == 1:
+            data = {**data, "state": _migrate_v1_state(data["state"])}
         return Checkpoint(
             round=int(data["round"]),
             state=GlobalState.from_state_dict(data["state"]).to(device),

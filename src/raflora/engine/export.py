@@ -103,12 +103,15 @@ def adapter_factors(
         The factors, their rank and the share of energy kept.
     """
     if state.base_delta:
-        full, full_rank = _delta_factors(state.base_delta, None)
+        # merged residuals (FLoRA, FedEx-LoRA) plus the global product on top of them
+        delta = dict(state.base_delta)
+        for name, (B, A) in aggregator.model_factors(state).items():
+            if B.any() and A.any():
+                delta[name] = delta[name] + B @ A
+        full, full_rank = _delta_factors(delta, None)
         if rank is not None and not 1 <= rank <= full_rank:
             raise ValueError(f"rank must be in 1…{full_rank}, got {rank}")
-        factors, out_rank = (
-            (full, full_rank) if rank is None else _delta_factors(state.base_delta, rank)
-        )
+        factors, out_rank = (full, full_rank) if rank is None else _delta_factors(delta, rank)
     else:
         full = aggregator.model_factors(state)
         out_rank = aggregator.r_max if rank is None else int(rank)

@@ -8,6 +8,9 @@ both call :func:`train_client` — there is a single copy of the training loop.
 Local training follows the paper's protocol (Algorithm 1 lines 5–7, Appendix E): the client
 starts from the factors the server sent for its rank, trains with AdamW for ``local_epochs`` at the
 round's learning rate (linear decay over rounds), and returns its effective factors and heads.
+The method's client half (:class:`~raflora.methods.ClientRound`) decides where the factors start,
+which of them train, the gradient correction and what is uploaded; the loop itself is the same
+for every method.
 """
 
 from __future__ import annotations
@@ -15,19 +18,28 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from raflora.adapters import AdapterBank, live_factors, wrap_model
+from raflora.adapters import (
+    AdapterBank,
+    adapter_name,
+    base_weights,
+    live_factors,
+    lora_parameters,
+    wrap_model,
+)
 from raflora.config import RunConfig
 from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
+from raflora.engine.client_states import ClientStates
+from raflora.engine.errors import EngineError
 from raflora.methods import Aggregator, ClientUpdate, GlobalState, get_aggregator
-from raflora.methods.base import Factors, options_for
+from raflora.methods.base import ClientMessage, ClientRound, Factors, options_for
 from raflora.tasks import Task, TaskError, build_task, move_batch
 
 __all__ = [
@@ -46,10 +58,6 @@ __all__ = [
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class EngineError(RuntimeError):
-    """The run cannot be set up as configured (message says what to change)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,6 +124,9 @@ class Federation:
         Where training runs.
     dtype : torch.dtype
         Model dtype.
+    client_states : ClientStates
+        The per-client state of the method's clients (in memory until a run directory's
+        store replaces it: :func:`~raflora.engine.local.open_run`).
     """
 
     config: RunConfig
@@ -127,6 +138,7 @@ class Federation:
     partition_summary: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    client_states: ClientStates = field(default_factory=ClientStates)
 
     @property
     def seed(self) -> int:
@@ -147,12 +159,18 @@ class Federation:
             k: v.to(device=self.device, dtype=torch.float32)
             for k, v in self.bank.get_dense(self.aggregator.r_max).items()
         }
-        return self.aggregator.init_state(
+        method = self.aggregator
+        base = None
+        if method.reads_base_weights:
+            weights = base_weights(self.bank.model, adapter_name(method.r_max))
+            base = {k: v.to(device=self.device, dtype=torch.float32) for k, v in weights.items()}
+        return method.init_state(
             self.bank.module_shapes(),
             generator=seeds.init_generator(self.seed),
             dense=dense,
             dtype=torch.float32,
             device=self.device,
+            base_weights=base,
         )
 
     @property
@@ -160,12 +178,15 @@ class Federation:
         """Dtypes a client update may arrive in besides float32: the model's."""
         return (self.dtype,)
 
-    def start_factors(self, state: GlobalState, client_id: int, round_index: int) -> Factors:
-        """What the server sends client ``client_id`` in round ``round_index``."""
-        rank = self.rank_of(state, client_id)
-        return self.aggregator.client_factors(
+    def client_message(self, state: GlobalState, client_id: int, round_index: int) -> ClientMessage:
+        """What the server sends client ``client_id`` in round ``round_index`` (the method's
+        :meth:`~raflora.methods.Method.client_message`, with the client's seeded generator).
+        """
+        return self.aggregator.client_message(
             state,
-            rank,
+            self.rank_of(state, client_id),
+            client_id=client_id,
+            round_index=round_index,
             generator=seeds.client_init_generator(self.seed, round_index, client_id),
         )
 
@@ -300,6 +321,8 @@ class ClientResult:
         Time inside forward, backward and optimizer steps.
     seconds : float
         Whole local round, including loading the factors and reading them back.
+    state : dict[str, Tensor] or None
+        The client's new per-client state (``None``: the method keeps none for it).
     """
 
     update: ClientUpdate
@@ -307,16 +330,19 @@ class ClientResult:
     steps: int
     compute_seconds: float
     seconds: float
+    state: dict[str, Tensor] | None = None
 
 
 def train_client(
     fed: Federation,
     client_id: int,
     rank: int,
-    start: Mapping[str, tuple[Tensor, Tensor]],
+    received: ClientMessage,
     dense: Mapping[str, Tensor],
     round_index: int,
     lr: float,
+    *,
+    state: Mapping[str, Tensor] | None = None,
 ) -> ClientResult:
     """Local training of one client on the shared base model (Algorithm 1 lines 5–7).
 
@@ -328,58 +354,81 @@ def train_client(
         The client.
     rank : int
         Its rank this round.
-    start : Mapping[str, tuple[Tensor, Tensor]]
-        Effective factors sent by the server (rank ``rank``).
+    received : ClientMessage
+        What the server sent (effective factors of rank ``rank``, the method's extras).
     dense : Mapping[str, Tensor]
         Global head tensors.
     round_index : int
         1-based round (seeds the batch order and dropout).
     lr : float
         This round's learning rate.
+    state : Mapping[str, Tensor], optional
+        The client's per-client state from its last round (the method's, e.g. ILoRA's ``c_k``).
     """
     t0 = device_clock(fed.device)
+    client = fed.aggregator.client_round(received, rank=rank, round_index=round_index, state=state)
     # Creating a rank's adapter (PEFT's init) and dropout draw from torch's global generator:
     # all of it runs inside a fork, seeded for this client, so the caller's random state is
     # left exactly as it was (nothing here reseeds or consumes the global RNG).
     with torch.random.fork_rng(devices=_rng_devices(fed.device), device_type=fed.device.type):
-        losses, compute = _local_round(fed, client_id, rank, start, dense, round_index, lr)
-    factors = fed.bank.get_factors(rank)
+        losses, compute = _local_round(fed, client_id, client, dense, round_index, lr)
+    upload = client.finish(fed.bank.get_factors(rank))
     head = {k: v.float() for k, v in fed.bank.get_dense(rank).items()} if dense else {}
     update = ClientUpdate(
         client_id=client_id,
         rank=rank,
         num_samples=len(fed.client_indices[client_id]),
-        factors=factors,
+        factors=upload.factors,
         dense=head,
+        extras=upload.extras,
     )
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return ClientResult(update, mean_loss, len(losses), compute, device_clock(fed.device) - t0)
+    seconds = device_clock(fed.device) - t0
+    return ClientResult(update, mean_loss, len(losses), compute, seconds, upload.state)
 
 
 def _local_round(
     fed: Federation,
     client_id: int,
-    rank: int,
-    start: Mapping[str, tuple[Tensor, Tensor]],
+    client: ClientRound,
     dense: Mapping[str, Tensor],
     round_index: int,
     lr: float,
 ) -> tuple[list[float], float]:
-    """Load the client's start, build its optimizer and run its local epochs."""
+    """Load the client's start, build its optimizer and run its local epochs.
+
+    Factors the method freezes this round (:attr:`ClientRound.trains`) get no gradient and
+    are left out of the optimizer; they are unfrozen again afterwards.
+    """
     bank = fed.bank
+    rank = client.rank
     adapter = bank.activate(rank)
     # seeded after the adapter exists, so creating one never shifts this client's dropout
     _seed_forked(fed.device, seeds.training_torch_seed(fed.seed, round_index, client_id))
-    bank.set_factors(rank, start)
+    bank.set_factors(rank, client.start())
     if dense:
         bank.set_dense(rank, dense)
     model = bank.model
     if not model.training:  # train() walks every module; evaluation is what switches it off
         model.train()
-    params = bank.trainable_parameters()
+    lora = lora_parameters(model, adapter)
+    frozen = [
+        param
+        for pair in lora.values()
+        for kind, param in zip(("B", "A"), pair, strict=True)
+        if kind not in client.trains
+    ]
+    frozen_ids = {id(p) for p in frozen}
+    params = [p for p in bank.trainable_parameters() if id(p) not in frozen_ids]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=fed.config.train.weight_decay)
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
-    return _local_steps(fed, client_id, rank, adapter, optimizer, shuffle)
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        return _local_steps(fed, client_id, client, adapter, optimizer, params, lora, shuffle)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 def _seed_forked(device: torch.device, seed: int) -> None:
@@ -402,17 +451,18 @@ def _rng_devices(device: torch.device) -> list[int]:
 def _local_steps(
     fed: Federation,
     client_id: int,
-    rank: int,
+    client: ClientRound,
     adapter: str,
     optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    lora: Mapping[str, tuple[torch.nn.Parameter, torch.nn.Parameter]],
     shuffle: np.random.Generator,
 ) -> tuple[list[float], float]:
     """The client's local epochs; returns the per-step losses and the compute seconds."""
     cfg, task, model = fed.config, fed.task, fed.bank.model
-    params = fed.bank.trainable_parameters()
     indices = fed.client_indices[client_id]
     batch_size = cfg.train.batch_size
-    penalize = fed.aggregator.uses_local_penalty
+    penalize = client.uses_penalty
     losses: list[float] = []
     compute = 0.0
     for _ in range(cfg.train.local_epochs):
@@ -425,10 +475,12 @@ def _local_steps(
             loss = task.loss(model, batch)
             total = loss
             if penalize:
-                penalty = fed.aggregator.local_penalty(live_factors(model, adapter), rank)
+                penalty = client.penalty(live_factors(model, adapter))
                 total = loss if penalty is None else loss + penalty
             optimizer.zero_grad(set_to_none=True)
             total.backward()  # type: ignore[no-untyped-call]
+            if client.corrects_gradients:
+                client.correct_gradients({k: (B.grad, A.grad) for k, (B, A) in lora.items()})
             if cfg.train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()

@@ -40,6 +40,7 @@ from raflora.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from raflora.engine.client_states import CLIENTS_DIR, ClientStates
 from raflora.engine.export import write_adapter
 from raflora.engine.federation import (
     ClientResult,
@@ -208,8 +209,11 @@ def complete_round(
         state, [r.update for r in results], wire_dtypes=fed.wire_dtypes
     )
     new_state = outcome.state
-    if outcome.base_update is not None:
-        fed.bank.merge_into_base(outcome.base_update, new_state.base_delta)
+    if outcome.residual is not None:
+        fed.bank.merge_into_base(outcome.residual, new_state.base_delta)
+    for result in results:  # the per-client state of the accepted clients only
+        if result.state is not None and result.update.client_id in outcome.accepted:
+            fed.client_states.put(result.update.client_id, plan.round_index, result.state)
     energy, report = energy_metrics(new_state, list(cfg.fl.rank_levels))
     t2 = device_clock(fed.device)
     row: dict[str, Any] = {
@@ -225,7 +229,9 @@ def complete_round(
     row.update(
         {
             "upload_bytes": sum(
-                tensor_bytes(r.update.factors) + tensor_bytes(r.update.dense) for r in results
+                fed.aggregator.upload_bytes(r.update, plan.round_index)
+                + tensor_bytes(r.update.dense)
+                for r in results
             ),
             "download_bytes": plan.download_bytes,
             "clients": plan.clients,
@@ -256,10 +262,11 @@ def run_round(fed: Federation, state: GlobalState, round_index: int) -> Complete
             fed,
             client_id,
             rank,
-            fed.start_factors(state, client_id, round_index),
+            fed.client_message(state, client_id, round_index),
             state.dense,
             round_index,
             plan.lr,
+            state=fed.client_states.get(client_id, device=fed.device),
         )
         for rank, client_id in order
     ]
@@ -282,7 +289,9 @@ def adapter_meta(fed: Federation) -> dict[str, Any]:
 def make_checkpoint(
     fed: Federation, state: GlobalState, metrics: list[dict[str, Any]], wall: float
 ) -> Checkpoint:
-    """The checkpoint after ``len(metrics)`` rounds (with FLoRA's merged base weights)."""
+    """The checkpoint after ``len(metrics)`` rounds (with the merged base weights of a method
+    that merges a residual into them: FLoRA, FedEx-LoRA).
+    """
     merges = bool(state.base_delta)
     weights = base_weights(fed.bank.model, adapter_name(fed.aggregator.r_max)) if merges else {}
     return Checkpoint(
@@ -342,6 +351,7 @@ RUN_FILES = (
     TENSORBOARD_DIR,
     "adapter",
     "checkpoint",
+    CLIENTS_DIR,
 )
 """What a run writes into its directory (besides ``*.png`` plots)."""
 
@@ -460,6 +470,7 @@ def open_run(
         check_resume_config(run_dir, config)
         checkpoint = load_checkpoint(run_dir)
     fed = fed if fed is not None else build_federation(config)
+    fed.client_states = ClientStates(run_dir, rounds_done=checkpoint.round if resume else 0)
     if resume:
         state = checkpoint.state.to(fed.device)
         if checkpoint.base_weights:
@@ -525,7 +536,9 @@ def record_round(
             append_energy(run_dir / ENERGY_FILE, module_energy_row(int(row["round"]), energy))
             if fed.config.output.tensorboard:
                 write_round(run_dir, row, spectrum_shares(energy, fed.aggregator.r_max))
-        save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))
+        fed.client_states.write()  # this round's files first: a resume drops them if no
+        save_checkpoint(run_dir, make_checkpoint(fed, state, metrics, wall))  # checkpoint follows
+        fed.client_states.prune()
         append_metrics(run_dir / METRICS_FILE, row)
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from raflora.engine.federation import EngineError
+from raflora.engine.errors import EngineError
 
 __all__ = [
     "LOCK_FILE",
@@ -311,14 +311,20 @@ def _naming(err: OSError, path: Path) -> OSError:
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|new|old)$")
 
 
-def remove_leftovers(target: Path) -> list[Path]:
-    """Remove temporary siblings of ``target`` (see :func:`unique_temp`) left by dead writers."""
+def remove_leftovers(target: Path, *, any_name: bool = False) -> list[Path]:
+    """Remove temporary siblings of ``target`` (see :func:`unique_temp`) left by dead writers.
+
+    With ``any_name``, ``target`` is a directory and the temporary files of any file in it go.
+    """
     removed: list[Path] = []
-    if not target.parent.is_dir():
+    folder = target if any_name else target.parent
+    if not folder.is_dir():
         return removed
-    for path in target.parent.iterdir():
+    for path in folder.iterdir():
         match = _LEFTOVER.match(path.name)
-        if match is None or match["name"] != target.name or _pid_alive(int(match["pid"])):
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        if not any_name and match["name"] != target.name:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

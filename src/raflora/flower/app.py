@@ -6,8 +6,9 @@
   uses to map client ``k`` of the local engine to the node with ``partition-id = k``;
 - ``train``: builds (once per process, cached by the configuration's hash) a
   :class:`~raflora.engine.federation.Federation` from the run configuration the server sends in the
-  message, checks that the message is for its own partition, loads the received factors (and, for
-  FLoRA, the server's merged base weights), decoded onto its own federation's device, and calls
+  message, checks that the message is for its own partition, loads the received factors, extras
+  and per-client state (and, for methods that merge into the base, the server's merged base
+  weights), decoded onto its own federation's device, and calls
   :func:`~raflora.engine.federation.train_client` — the one training loop of the package.
 
 Clients therefore need no configuration file: only the package, and the model and data the task
@@ -42,6 +43,7 @@ from raflora.engine.federation import EngineError, Federation, build_federation,
 from raflora.engine.local import RunResult, check_config, finish_run, lock_run_dir, open_run
 from raflora.flower.records import ARRAYS, CONFIG, METRICS, decode_arrays, encode_result
 from raflora.flower.strategy import QUERY_PARTITION, RankStrategy
+from raflora.methods import ClientMessage
 
 __all__ = [
     "FAULTS",
@@ -131,7 +133,16 @@ def _train(message: Message, context: Context, faults: Mapping[int, str]) -> Mes
     received = decode_arrays(message.content.get(ARRAYS), device=fed.device)
     if received.base:
         load_base_weights(fed.bank.model, adapter_name(fed.aggregator.r_max), received.base)
-    result = train_client(fed, client_id, rank, received.factors, received.dense, round_index, lr)
+    result = train_client(
+        fed,
+        client_id,
+        rank,
+        ClientMessage(received.factors, received.extras),
+        received.dense,
+        round_index,
+        lr,
+        state=received.state or None,
+    )
     if fault == "nan":
         poisoned = {
             name: (torch.full_like(B, math.nan), A)

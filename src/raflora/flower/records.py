@@ -4,13 +4,16 @@ The server sends a client (issue 4, "sends each node the factors for its own ran
 
 - an :class:`~flwr.app.ArrayRecord` ``"arrays"`` with the effective factors of the client's rank
   (``B/<module>`` ``(d, r)`` and ``A/<module>`` ``(r, n)``, SPEC §1), the global heads
-  (``dense/<name>``) and, for methods that merge into the base model (FLoRA), the server's current
-  base weights (``base/<module>``), so that a client process's base model equals the server's;
+  (``dense/<name>``), the method's extras (``extra/<name>``), the client's per-client state
+  (``state/<name>``: a Flower client is stateless across a resume, the server keeps it) and, for
+  methods that merge into the base model (FLoRA, FedEx-LoRA), the server's current base weights
+  (``base/<module>``), so that a client process's base model equals the server's;
 - a :class:`~flwr.app.ConfigRecord` ``"config"`` with the round, learning rate, rank, client id
   and the resolved run configuration (JSON), from which the client builds its own
   :class:`~raflora.engine.federation.Federation`.
 
-The client replies with its effective factors and heads in ``"arrays"`` and a
+The client replies with its effective factors, heads, extras and new per-client state in
+``"arrays"`` and a
 :class:`~flwr.app.MetricRecord` ``"metrics"`` (sample count, loss, steps, timings). Decoding never
 trusts the reply: anything that cannot be turned into a :class:`ClientUpdate` raises
 :class:`MalformedReplyError` with a reason the server records. The server weights a client by the
@@ -47,13 +50,14 @@ __all__ = [
     "decode_result",
     "encode_arrays",
     "encode_result",
+    "record_bytes",
 ]
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 
-_KINDS = ("B", "A", "dense", "base")
+_KINDS = ("B", "A", "dense", "base", "extra", "state")
 
 
 class MalformedReplyError(ValueError):
@@ -89,12 +93,18 @@ class DecodedArrays:
     dense : dict[str, Tensor]
         Fully trained tensors (heads).
     base : dict[str, Tensor]
-        Base weights of the adapted modules (FLoRA only; empty otherwise).
+        Base weights of the adapted modules (methods that merge into them; empty otherwise).
+    extras : dict[str, Tensor]
+        The method's named extras (empty for most methods).
+    state : dict[str, Tensor]
+        The client's per-client state (empty when the method keeps none).
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
     dense: dict[str, Tensor]
     base: dict[str, Tensor]
+    extras: dict[str, Tensor]
+    state: dict[str, Tensor]
 
 
 def _to_array(tensor: Tensor) -> Array:
@@ -108,17 +118,26 @@ def encode_arrays(
     factors: Mapping[str, tuple[Tensor, Tensor]],
     dense: Mapping[str, Tensor],
     base: Mapping[str, Tensor] | None = None,
+    *,
+    extras: Mapping[str, Tensor] | None = None,
+    state: Mapping[str, Tensor] | None = None,
 ) -> ArrayRecord:
-    """Pack factors, heads and (optionally) base weights into one :class:`ArrayRecord`."""
+    """Pack factors, heads and (optionally) base weights, extras and per-client state into one
+    :class:`ArrayRecord`.
+    """
     record = ArrayRecord()
     for name, (B, A) in factors.items():
         record[f"B/{name}"] = _to_array(B)
         record[f"A/{name}"] = _to_array(A)
-    for name, tensor in dense.items():
-        record[f"dense/{name}"] = _to_array(tensor)
-    for name, tensor in (base or {}).items():
-        record[f"base/{name}"] = _to_array(tensor)
+    for kind, tensors in (("dense", dense), ("base", base), ("extra", extras), ("state", state)):
+        for name, tensor in (tensors or {}).items():
+            record[f"{kind}/{name}"] = _to_array(tensor)
     return record
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of the serialised arrays of ``record`` (what the transport moves, headers included)."""
+    return sum(len(array.data) for array in record.values())
 
 
 def decode_arrays(record: object, *, device: torch.device | str) -> DecodedArrays:
@@ -154,7 +173,7 @@ def decode_arrays(record: object, *, device: torch.device | str) -> DecodedArray
     if lone:
         raise MalformedReplyError(f"module {lone[0]!r} has only one of its two factors")
     factors = {name: (parts["B"][name], parts["A"][name]) for name in parts["B"]}
-    return DecodedArrays(factors, parts["dense"], parts["base"])
+    return DecodedArrays(factors, parts["dense"], parts["base"], parts["extra"], parts["state"])
 
 
 def encode_result(result: ClientResult) -> tuple[ArrayRecord, MetricRecord]:
@@ -171,7 +190,10 @@ def encode_result(result: ClientResult) -> tuple[ArrayRecord, MetricRecord]:
             "seconds": float(result.seconds),
         }
     )
-    return encode_arrays(update.factors, update.dense), metrics
+    return (
+        encode_arrays(update.factors, update.dense, extras=update.extras, state=result.state),
+        metrics,
+    )
 
 
 def _integer(metrics: MetricRecord, key: str) -> int:
@@ -244,6 +266,7 @@ def decode_result(
         num_samples=num_samples,  # the server's count, not the client's word
         factors=decoded.factors,
         dense=decoded.dense,
+        extras=decoded.extras,
     )
     return ClientResult(
         update=update,
@@ -251,4 +274,5 @@ def decode_result(
         steps=_integer(metrics, "steps"),
         compute_seconds=_number(metrics, "compute-seconds"),
         seconds=_number(metrics, "seconds"),
+        state=decoded.state or None,
     )

@@ -32,6 +32,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -62,8 +63,10 @@ from raflora.flower.records import (
     MalformedReplyError,
     decode_result,
     encode_arrays,
+    record_bytes,
 )
-from raflora.methods import GlobalState
+from raflora.methods import GlobalState, InvalidUpdateError
+from raflora.methods.validation import validate_named
 
 __all__ = ["QUERY_PARTITION", "RankStrategy"]
 
@@ -135,6 +138,7 @@ class RankStrategy(Strategy):
         self._base: dict[str, Tensor] | None = None  # FLoRA: merged base weights, per round
         self._sent: dict[int, int] = {}  # node id → client id of this round's messages
         self._unreachable: dict[int, str] = {}
+        self._transport = 0  # bytes of this round's messages, both ways (transport_bytes)
 
     # ------------------------------------------------------------------ node ↔ client mapping
     @property
@@ -219,9 +223,15 @@ class RankStrategy(Strategy):
     def train_message(self, plan: RoundPlan, client_id: int, rank: int, node: int) -> Message:
         """The message client ``client_id`` gets: its rank's start factors, heads, round config."""
         fed, state = self.fed, self.state
+        message = fed.client_message(state, client_id, plan.round_index)
         arrays = encode_arrays(
-            fed.start_factors(state, client_id, plan.round_index), state.dense, self._base
+            message.factors,
+            state.dense,
+            self._base,
+            extras=message.extras,
+            state=fed.client_states.get(client_id),
         )
+        self._transport += record_bytes(arrays)
         config = ConfigRecord(
             {
                 "round": plan.round_index,
@@ -261,6 +271,7 @@ class RankStrategy(Strategy):
         )
         self._sent = {}
         self._unreachable = {}
+        self._transport = 0
         messages = []
         for client_id, rank in zip(plan.clients, plan.ranks, strict=True):
             node = nodes.get(client_id)
@@ -297,23 +308,44 @@ class RankStrategy(Strategy):
                 continue
             try:
                 content = reply.content
-                results.append(
-                    decode_result(
-                        content.get(ARRAYS),
-                        content.get(METRICS),
-                        client_id=client_id,
-                        rank=rank_of[client_id],
-                        num_samples=self.fed.num_samples(client_id),
-                        device=self.fed.device,
-                    )
+                arrays = content.get(ARRAYS)
+                if isinstance(arrays, ArrayRecord):
+                    self._transport += record_bytes(arrays)
+                result = decode_result(
+                    arrays,
+                    content.get(METRICS),
+                    client_id=client_id,
+                    rank=rank_of[client_id],
+                    num_samples=self.fed.num_samples(client_id),
+                    device=self.fed.device,
                 )
+                self._check_client_state(result)
+                results.append(result)
             except MalformedReplyError as err:  # SampleCountMismatchError included
                 failures[client_id] = f"{err.label}: {err}"
+            except InvalidUpdateError as err:  # a per-client state the method cannot keep
+                failures[client_id] = f"invalid client state: {err.reason}"
         for client_id in self._sent.values():
             if client_id not in answered:
                 failures[client_id] = "no reply (timed out or node lost)"
         results.sort(key=lambda r: r.update.client_id)  # the local engine's order
         return results, failures
+
+    def _check_client_state(self, result: ClientResult) -> None:
+        """Check a reply's per-client state against the method's shapes, like an update's
+        tensors (:func:`~raflora.methods.validation.validate_named`): it is kept on the server
+        and sent back next time, so a malformed one must not be kept.
+        """
+        update = result.update
+        expected = self.fed.aggregator.client_state_shapes(self.state, update.rank)
+        validate_named(
+            update.client_id,
+            "client state tensor",
+            result.state or {},
+            expected,
+            {torch.float32, self.state.dtype, *self.fed.wire_dtypes},
+            self.fed.device,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -331,6 +363,9 @@ class RankStrategy(Strategy):
         self.state, row, energy = complete_round(
             self.fed, self.state, plan, results, train_seconds=train_seconds, failures=failures
         )
+        # what the transport moved, beyond the method's algorithmic traffic (the merged base
+        # weights of FLoRA and FedEx-LoRA, both factors where a method needs one …)
+        row["transport_bytes"] = self._transport
         if self.run_dir is not None:
             wall = self.wall_before + time.perf_counter() - self._started
             record_round(self.fed, self.state, self.metrics, row, self.run_dir, wall, energy)

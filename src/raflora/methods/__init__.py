@@ -1,10 +1,22 @@
-"""The methods: one module per method (server and client halves) behind :class:`Method` and a name registry."""
+"""The methods: one module per method (server and client halves) behind :class:`Method`, and
+a name registry.
+
+A method registers itself when its module is imported (:func:`register`); :data:`METHOD_MODULES`
+is the registry's list of modules, one line per method. Writing a method: see the README's
+"Writing your own method".
+"""
+
+import importlib
 
 from raflora.methods.base import (
     AggregationResult,
     Aggregator,
+    ClientMessage,
+    ClientRound,
+    ClientUpload,
     Factors,
     GlobalState,
+    Method,
     available_methods,
     get_aggregator,
     lora_a_init,
@@ -39,10 +51,14 @@ from raflora.methods.validation import (
 )
 
 __all__ = [
+    "METHOD_MODULES",
     "AggregationResult",
     "Aggregator",
     "BadSampleCountError",
+    "ClientMessage",
+    "ClientRound",
     "ClientUpdate",
+    "ClientUpload",
     "DTypeError",
     "DeviceMismatchError",
     "FLoRA",
@@ -53,6 +69,7 @@ __all__ = [
     "HetLoRA",
     "HetLoRAOptions",
     "InvalidUpdateError",
+    "Method",
     "MethodOptions",
     "ModuleSetError",
     "NonFiniteUpdateError",
@@ -73,3 +90,15 @@ __all__ = [
     "validate_update",
     "weighted_average",
 ]
+
+METHOD_MODULES = (
+    "fedit",
+    "hetlora",
+    "flora",
+    "flexlora",
+    "raflora",
+)
+"""The modules of the built-in methods (importing one registers its method)."""
+
+for _module in METHOD_MODULES:
+    importlib.import_module(f"{__name__}.{_module}")

@@ -1,15 +1,25 @@
-"""The aggregator interface shared by every method, and its name registry.
+"""The method interface shared by every method (both halves), and its name registry.
 
-An aggregator answers two questions for a whole model (a dict of modules, SPEC §2–3):
+A method (DESIGN layer 2) is one subclass of :class:`Method` in one file, registered by name, with
+typed options. Its **server half** answers, for a whole model (a dict of modules, SPEC §2–3, §9):
 
-* what a client of rank ``r`` starts local training from (:meth:`Aggregator.client_factors`);
-* how the accepted client updates become the next global state (:meth:`Aggregator.aggregate`).
+* the round-0 state (:meth:`Method.init_state`; it may read the base weights, ILoRA's QR init);
+* what a client of rank ``r`` is sent (:meth:`Method.client_message`: factors and named extras);
+* how the accepted client updates become the next global state (:meth:`Method.aggregate`, per
+  module :meth:`Method.aggregate_module`), and the residual merged into the base weights
+  (:meth:`Method.base_residual`: FLoRA's stack, FedEx-LoRA's residual);
+* the algorithmic traffic (:meth:`Method.download_numel`, :meth:`Method.upload_bytes`, SPEC §8).
+
+Its **client half** is a :class:`ClientRound` (:meth:`Method.client_round`): the local factors
+from what was received, which factors train, a local loss term, a gradient correction applied
+before clipping and the optimizer step, the transform before upload, the extras uploaded and the
+per-client state kept across the rounds a client takes part in.
 
 Everything here is pure tensor code keyed by module name — no models, I/O or transport — so the
-local engine and the Flower strategy call the same functions. Per-module math lives in
-:meth:`Aggregator.aggregate_module`, which works on tensors with leading batch dimensions; the
-whole-model :meth:`Aggregator.aggregate` groups modules of one shape and aggregates each group in
-one batched call.
+local engine and the Flower engine call the same hooks and carry extras and per-client state
+generically. Per-module math works on tensors with leading batch dimensions; the whole-model
+:meth:`Method.aggregate` groups modules of one shape and aggregates each group in one batched
+call. ``Aggregator`` is the 0.1 name of :class:`Method`.
 """
 
 from __future__ import annotations
@@ -30,16 +40,26 @@ from raflora.methods.options import (
     parse_options,
     resolve_options,
 )
-from raflora.methods.validation import ClientUpdate, InvalidUpdateError, validate_update
+from raflora.methods.validation import (
+    ClientUpdate,
+    InvalidUpdateError,
+    is_positive_int,
+    validate_update,
+)
 
 __all__ = [
     "AggregationResult",
     "Aggregator",
+    "ClientMessage",
+    "ClientRound",
+    "ClientUpload",
     "Factors",
     "GlobalState",
+    "Method",
     "available_methods",
     "get_aggregator",
     "lora_a_init",
+    "map_tensors",
     "method_options_classes",
     "options_for",
     "register",
@@ -51,6 +71,19 @@ __all__ = [
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 """Module name → effective factors ``(B (d, r), A (r, n))``."""
+
+
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (dicts, lists and tuples are walked;
+    anything else is kept as it is). Containers are rebuilt, so the result shares no dict.
+    """
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
 
 
 @dataclass
@@ -70,9 +103,12 @@ class GlobalState:
     round : int
         Number of aggregations performed so far.
     base_delta : dict[str, Tensor]
-        FLoRA only: ``Σ_t B_s A_s`` merged into the base weights so far (``(d, n)`` per module).
-    client_ranks : dict[int, int]
-        HetLoRA self-pruning only: clients whose rank was pruned → their current rank.
+        Methods that merge a residual into the base weights (:meth:`Method.base_residual`:
+        FLoRA, FedEx-LoRA): every residual merged so far, ``Σ_t B_t A_t`` (``(d, n)`` per
+        module); empty for the others.
+    extras : dict[str, Any]
+        The method's own server state (HetLoRA's pruned ranks, ILoRA's control variate …):
+        tensors, numbers, strings and nested dicts/lists of them, checkpointed as they are.
     """
 
     factors: Factors
@@ -80,7 +116,7 @@ class GlobalState:
     dense: dict[str, Tensor] = field(default_factory=dict)
     round: int = 0
     base_delta: dict[str, Tensor] = field(default_factory=dict)
-    client_ranks: dict[int, int] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self, *, clone: bool = True) -> dict[str, Any]:
         """Plain nested dict of tensors and ints (for ``torch.save`` checkpoints).
@@ -98,7 +134,7 @@ class GlobalState:
             "dense": {k: c(v) for k, v in self.dense.items()},
             "round": self.round,
             "base_delta": {k: c(v) for k, v in self.base_delta.items()},
-            "client_ranks": dict(self.client_ranks),
+            "extras": map_tensors(self.extras, c),
         }
 
     @property
@@ -122,6 +158,7 @@ class GlobalState:
             factors={k: (B.to(device), A.to(device)) for k, (B, A) in self.factors.items()},
             dense={k: v.to(device) for k, v in self.dense.items()},
             base_delta={k: v.to(device) for k, v in self.base_delta.items()},
+            extras=map_tensors(self.extras, lambda t: t.to(device)),
         )
 
     @classmethod
@@ -133,7 +170,7 @@ class GlobalState:
             dense=dict(data["dense"]),
             round=int(data["round"]),
             base_delta=dict(data["base_delta"]),
-            client_ranks={int(k): int(v) for k, v in data["client_ranks"].items()},
+            extras=dict(data["extras"]),
         )
 
 
@@ -142,14 +179,57 @@ class AggregationResult:
     """Outcome of one round's aggregation.
 
     ``rejected`` maps client id → the reason its update was left out. When no update was
-    accepted, ``state`` is the previous state, unchanged. ``base_update`` is the factored delta to
-    merge into the base weights this round (FLoRA), else ``None``.
+    accepted, ``state`` is the previous state, unchanged. ``residual`` is the factored delta to
+    merge into the base weights this round (:meth:`Method.base_residual`: FLoRA's stack,
+    FedEx-LoRA's residual), else ``None``.
     """
 
     state: GlobalState
     accepted: tuple[int, ...]
     rejected: dict[int, str]
-    base_update: Factors | None = None
+    residual: Factors | None = None
+
+    @property
+    def base_update(self) -> Factors | None:
+        """The 0.1 name of :attr:`residual`."""
+        return self.residual
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    """What the server sends a client for one round (besides the global heads).
+
+    Attributes
+    ----------
+    factors : Factors
+        Effective factors at the client's rank (the nested truncation of the global factors for
+        most methods; FLoRA: a fresh init).
+    extras : dict[str, Tensor]
+        Named extra tensors of the method (ILoRA's control variate …); empty for most.
+    """
+
+    factors: Factors
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """What a client's round produced (:meth:`ClientRound.finish`).
+
+    Attributes
+    ----------
+    factors : Factors
+        The effective factors to upload.
+    extras : dict[str, Tensor]
+        Named extra tensors to upload (validated against :meth:`Method.upload_extra_shapes`).
+    state : dict[str, Tensor] or None
+        The client's new per-client state, kept until its next round (``None``: it keeps none;
+        the engine then keeps whatever it had).
+    """
+
+    factors: Factors
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] | None = None
 
 
 def _as_dtype(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
@@ -158,6 +238,7 @@ def _as_dtype(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
         update,
         factors={k: (B.to(dtype), A.to(dtype)) for k, (B, A) in update.factors.items()},
         dense={k: v.to(dtype) for k, v in update.dense.items()},
+        extras={k: v.to(dtype) for k, v in update.extras.items()},
     )
 
 
@@ -184,8 +265,74 @@ def weighted_average(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
     return out.to(tensors[0].dtype)
 
 
-class Aggregator(ABC):
-    """Base class: one subclass per method, registered by name with :func:`register`.
+class ClientRound:
+    """The client half of a method: one client's local round (DESIGN layer 2).
+
+    The engine builds one per client and round (:meth:`Method.client_round`) and calls, in
+    order: :meth:`start` (the factors put on the client's adapter), :attr:`trains` (which
+    factors get gradients), :meth:`penalty` every step when :attr:`uses_penalty`,
+    :meth:`correct_gradients` every step before clipping and the optimizer step when
+    :attr:`corrects_gradients`, and :meth:`finish` with the trained factors. This default is
+    plain LoRA: start from what was received, train both factors, upload them unchanged.
+
+    Parameters
+    ----------
+    method : Method
+        The method (its options).
+    received : ClientMessage
+        What the server sent.
+    rank : int
+        The client's rank this round.
+    round_index : int
+        The 1-based round.
+    state : Mapping[str, Tensor] or None
+        The client's per-client state from its last round (``None`` before its first).
+    """
+
+    #: Which factors train this round: a subset of ``{"B", "A"}``.
+    trains: frozenset[str] = frozenset({"B", "A"})
+    #: Whether :meth:`penalty` adds a local loss term (the engine skips it otherwise).
+    uses_penalty: bool = False
+    #: Whether :meth:`correct_gradients` changes the gradients (skipped otherwise).
+    corrects_gradients: bool = False
+
+    def __init__(
+        self,
+        method: Method,
+        received: ClientMessage,
+        *,
+        rank: int,
+        round_index: int,
+        state: Mapping[str, Tensor] | None,
+    ) -> None:
+        self.method = method
+        self.received = received
+        self.rank = rank
+        self.round_index = round_index
+        self.state = state
+
+    def start(self) -> Factors:
+        """The effective factors local training starts from (default: those received)."""
+        return self.received.factors
+
+    def penalty(self, live: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor | None:
+        """Local loss term on the live effective factors (the gradient flows through it)."""
+        return None
+
+    def correct_gradients(self, grads: Mapping[str, tuple[Tensor | None, Tensor | None]]) -> None:
+        """Change the raw minibatch gradients in place, before clipping and the optimizer step.
+
+        ``grads`` maps module → the gradients of the adapter's ``(lora_B, lora_A)`` weights
+        (PEFT layout; ``None`` for a frozen factor).
+        """
+
+    def finish(self, trained: Factors) -> ClientUpload:
+        """What the client uploads, from its trained effective factors (default: them)."""
+        return ClientUpload(trained)
+
+
+class Method(ABC):
+    """Base class of a method: one subclass per method, registered by name with :func:`register`.
 
     Parameters
     ----------
@@ -200,8 +347,12 @@ class Aggregator(ABC):
     ranks_must_be_levels: ClassVar[bool] = False
     #: Whether every client must have the same rank (one rank level): FedIT's factor averaging.
     single_rank_level: ClassVar[bool] = False
+    #: Whether :meth:`init_state` reads the base weights (the engine then passes them).
+    reads_base_weights: ClassVar[bool] = False
     #: The method's typed options (a frozen :class:`MethodOptions` dataclass); none by default.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: The client half (:class:`ClientRound`: plain LoRA by default).
+    ClientRoundType: ClassVar[type[ClientRound]] = ClientRound
 
     def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
         if options is None:
@@ -224,7 +375,7 @@ class Aggregator(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank_levels={list(self.rank_levels)}, {self.options!r})"
 
-    # ----------------------------------------------------------------------------- state
+    # ----------------------------------------------------------------- server: state
     def init_state(
         self,
         module_shapes: Mapping[str, tuple[int, int]],
@@ -233,11 +384,13 @@ class Aggregator(ABC):
         dense: Mapping[str, Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        base_weights: Mapping[str, Tensor] | None = None,
     ) -> GlobalState:
         """Initial global state: ``B_g = 0`` and PEFT's default ``A_g`` init at ``r_max`` (SPEC §2).
 
         Modules are initialised in sorted name order from ``generator``, so the same seed gives
-        the same state whatever order the model lists its modules in.
+        the same state whatever order the model lists its modules in. ``base_weights`` (module →
+        ``W_0 (d, n)``) is given when :attr:`reads_base_weights` is set.
         """
         factors: Factors = {}
         for name in sorted(module_shapes):
@@ -252,7 +405,23 @@ class Aggregator(ABC):
 
     def client_rank(self, state: GlobalState, client_id: int, declared_rank: int) -> int:
         """The rank client ``client_id`` trains at this round (HetLoRA may have pruned it)."""
-        return state.client_ranks.get(client_id, declared_rank)
+        return declared_rank
+
+    # ------------------------------------------------------- server: what a client gets
+    def client_message(
+        self,
+        state: GlobalState,
+        rank: int,
+        *,
+        client_id: int,
+        round_index: int,
+        generator: torch.Generator | None = None,
+    ) -> ClientMessage:
+        """What client ``client_id`` (rank ``rank``) is sent in round ``round_index``.
+
+        Default: :meth:`client_factors` and no extras.
+        """
+        return ClientMessage(self.client_factors(state, rank, generator=generator))
 
     def client_factors(
         self, state: GlobalState, rank: int, *, generator: torch.Generator | None = None
@@ -292,27 +461,53 @@ class Aggregator(ABC):
             out[name] = (B_pad, A_pad)
         return out
 
+    # ------------------------------------------------------------- server: traffic
     def download_numel(self, state: GlobalState, rank: int) -> int:
-        """Elements sent down to a client of rank ``rank`` for the adapted modules (SPEC §8)."""
+        """Elements the method must send a client of rank ``rank`` for the adapted modules,
+        extras included (SPEC §8–9; the heads are counted by the engine).
+        """
         return sum((d + n) * rank for d, n in state.module_shapes.values())
 
-    @property
-    def uses_local_penalty(self) -> bool:
-        """Whether :meth:`local_penalty` adds a term (the engine skips it otherwise)."""
-        return False
+    def upload_bytes(self, update: ClientUpdate, round_index: int) -> int:
+        """Bytes the method must receive from a client in round ``round_index`` for the adapted
+        modules, extras included (SPEC §8–9; the heads are counted by the engine). Default: both
+        factors and the extras.
+        """
+        total = sum(B.numel() * B.element_size() for B, _ in update.factors.values())
+        total += sum(A.numel() * A.element_size() for _, A in update.factors.values())
+        return total + sum(t.numel() * t.element_size() for t in update.extras.values())
 
-    def local_penalty(
-        self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int
-    ) -> Tensor | None:
-        """Extra local loss term on the client's (effective) factors; ``None`` for most methods."""
-        return None
+    # ------------------------------------------------------------------ client half
+    def client_round(
+        self,
+        received: ClientMessage,
+        *,
+        rank: int,
+        round_index: int,
+        state: Mapping[str, Tensor] | None = None,
+    ) -> ClientRound:
+        """The client half for one client's round (an instance of :attr:`ClientRoundType`)."""
+        return self.ClientRoundType(self, received, rank=rank, round_index=round_index, state=state)
 
-    # ----------------------------------------------------------------------- aggregation
+    def upload_extra_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every extra tensor a client of rank ``rank`` must upload (none)."""
+        return {}
+
+    def client_state_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
+        """Name → shape of a rank-``rank`` client's per-client state (none: it keeps none).
+
+        The Flower engine checks the state a client returns against it before keeping it.
+        """
+        return {}
+
+    # ------------------------------------------------------------- server: aggregation
     @abstractmethod
     def aggregate_module(
         self,
         updates: Sequence[tuple[Tensor, Tensor, int]],
         previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Aggregate one module (or a batch of same-shape modules).
 
@@ -323,12 +518,28 @@ class Aggregator(ABC):
             the accepted clients; leading dimensions (a batch of modules) are shared.
         previous : tuple[Tensor, Tensor], optional
             The previous global factors of these modules.
+        round_index : int
+            The 1-based round being aggregated (RoLoRA's phase depends on it).
 
         Returns
         -------
         tuple[Tensor, Tensor]
             The new global factors (see each method).
         """
+
+    def module_residual(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor, int]],
+        new: tuple[Tensor, Tensor],
+        previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
+    ) -> tuple[Tensor, Tensor] | None:
+        """The factored residual of one module (batch) merged into the base weights after this
+        aggregation, given the new global factors ``new``; ``None`` (the default) for a method
+        that merges nothing.
+        """
+        return None
 
     def validate(
         self,
@@ -340,7 +551,8 @@ class Aggregator(ABC):
         """Raise an :class:`InvalidUpdateError` if ``update`` cannot be aggregated.
 
         Accepted dtypes are float32, the state's (float32 in a run) and ``wire_dtypes`` (the
-        run's model dtype); every tensor must be on the state's device.
+        run's model dtype); every tensor must be on the state's device; the extras must be
+        those of :meth:`upload_extra_shapes`.
         """
         validate_update(
             update,
@@ -350,6 +562,9 @@ class Aggregator(ABC):
             max_rank=self.r_max,
             dtypes={torch.float32, state.dtype, *wire_dtypes},
             device=state.device,
+            extra_shapes=self.upload_extra_shapes(state, update.rank)
+            if is_positive_int(update.rank) and update.rank <= self.r_max
+            else None,
         )
 
     def aggregate(
@@ -364,7 +579,9 @@ class Aggregator(ABC):
         Rejected updates are reported in the result, not raised. With none accepted the state
         is returned unchanged. Accepted updates are upcast to the state's dtype (float32) before
         anything is averaged, so a bfloat16 update never demotes the state (see
-        :meth:`validate` for the dtypes accepted).
+        :meth:`validate` for the dtypes accepted). A method's residual
+        (:meth:`module_residual`) is added to the state's ``base_delta`` and returned for the
+        engine to merge into the base weights.
         """
         accepted: list[ClientUpdate] = []
         rejected: dict[int, str] = {}
@@ -384,37 +601,44 @@ class Aggregator(ABC):
             accepted.append(_as_dtype(update, state.dtype))
         if not accepted:
             return AggregationResult(state, (), rejected)
-        new_factors = self._aggregate_factors(state, accepted)
+        new_factors, residual = self._aggregate_factors(state, accepted)
         weights = sample_weights([u.num_samples for u in accepted], like=torch.empty(0))
         dense = {
             name: weighted_average([u.dense[name] for u in accepted], weights)
             for name in state.dense
         }
         new_state = replace(state, factors=new_factors, dense=dense, round=state.round + 1)
-        new_state = self._finish_state(state, new_state, accepted)
+        if residual is not None:
+            delta = dict(state.base_delta)
+            for name, (B_r, A_r) in residual.items():
+                step = B_r @ A_r  # (d, n): the residual merged into the base this round
+                delta[name] = delta[name] + step if name in delta else step
+            new_state.base_delta = delta
+        new_state = self.finish_state(state, new_state, accepted)
         return AggregationResult(
-            new_state,
-            tuple(u.client_id for u in accepted),
-            rejected,
-            base_update=self.base_update(new_state),
+            new_state, tuple(u.client_id for u in accepted), rejected, residual=residual
         )
 
-    def base_update(self, state: GlobalState) -> Factors | None:
-        """Factored delta to merge into the base weights after this aggregation (FLoRA)."""
-        return None
-
-    def _finish_state(
+    def finish_state(
         self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
     ) -> GlobalState:
-        """Hook for method-specific state (FLoRA's merged delta, HetLoRA's pruned ranks)."""
+        """Hook for the method's own server state (``state.extras``: HetLoRA's pruned ranks,
+        ILoRA's control variate) after the factors are aggregated; default: ``state``.
+        """
         return state
 
-    def _aggregate_factors(self, state: GlobalState, accepted: Sequence[ClientUpdate]) -> Factors:
-        """Run :meth:`aggregate_module` once per group of same-shape modules (batched)."""
+    def _aggregate_factors(
+        self, state: GlobalState, accepted: Sequence[ClientUpdate]
+    ) -> tuple[Factors, Factors | None]:
+        """Run :meth:`aggregate_module` (and :meth:`module_residual`) once per group of
+        same-shape modules (batched); the new factors and the residual (``None`` if none).
+        """
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
         for name in sorted(state.module_shapes):
             groups[state.module_shapes[name]].append(name)
+        round_index = state.round + 1
         out: Factors = {}
+        residual: Factors = {}
         for names in groups.values():
             batch = [
                 (
@@ -428,18 +652,25 @@ class Aggregator(ABC):
                 torch.stack([state.factors[m][0] for m in names]),
                 torch.stack([state.factors[m][1] for m in names]),
             )
-            B, A = self.aggregate_module(batch, previous)
+            B, A = self.aggregate_module(batch, previous, round_index=round_index)
+            res = self.module_residual(batch, (B, A), previous, round_index=round_index)
             for i, m in enumerate(names):
                 out[m] = (B[i], A[i])
-        return out
+                if res is not None:
+                    residual[m] = (res[0][i], res[1][i])
+        return out, (residual if residual else None)
 
     def _check_rank(self, rank: int) -> None:
         if rank <= 0 or rank > self.r_max:
             raise ValueError(f"rank must be in 1…{self.r_max} (r_max), got {rank}")
 
 
-_A = TypeVar("_A", bound=type[Aggregator])
-_REGISTRY: dict[str, type[Aggregator]] = {}
+Aggregator = Method
+"""The 0.1 name of :class:`Method` (a method was server-only then)."""
+
+
+_A = TypeVar("_A", bound=type[Method])
+_REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: _A) -> _A:
@@ -470,7 +701,7 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _lookup(method: str) -> type[Aggregator]:
+def _lookup(method: str) -> type[Method]:
     try:
         return _REGISTRY[method]
     except KeyError:

@@ -36,6 +36,8 @@ class FedIT(Aggregator):
         self,
         updates: Sequence[tuple[Tensor, Tensor, int]],
         previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(Σ p_k B_k, Σ p_k A_k)``, each ``(…, d, r)`` / ``(…, r, n)``."""
         ranks = {B.shape[-1] for B, _, _ in updates}

@@ -29,6 +29,8 @@ class FlexLoRA(Aggregator):
         self,
         updates: Sequence[tuple[Tensor, Tensor, int]],
         previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Rank-``r_max`` factors ``(…, d, r_max)``, ``(…, r_max, n)`` of ``Σ p_k B_k A_k``."""
         p = sample_weights([n for _, _, n in updates], like=updates[0][0])

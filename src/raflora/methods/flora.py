@@ -27,7 +27,6 @@ from raflora.methods.base import (
     register,
     sample_weights,
 )
-from raflora.methods.validation import ClientUpdate
 
 __all__ = ["FLoRA"]
 
@@ -46,6 +45,7 @@ class FLoRA(Aggregator):
         dense: Mapping[str, Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        base_weights: Mapping[str, Tensor] | None = None,
     ) -> GlobalState:
         """No global factors yet: an empty stack ``(d, 0)``, ``(0, n)`` per module."""
         state = super().init_state(
@@ -93,6 +93,8 @@ class FLoRA(Aggregator):
         self,
         updates: Sequence[tuple[Tensor, Tensor, int]],
         previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """The stack ``B_s (…, d, Σ r_k)``, ``A_s (…, Σ r_k, n)``: ``B_s A_s = Σ p_k B_k A_k``."""
         p = sample_weights([n for _, _, n in updates], like=updates[0][0])
@@ -100,16 +102,13 @@ class FLoRA(Aggregator):
         A_s = torch.cat([A * w for (_, A, _), w in zip(updates, p.tolist(), strict=True)], dim=-2)
         return B_s, A_s
 
-    def base_update(self, state: GlobalState) -> Factors | None:
-        """The stack just aggregated: the engine merges ``B_s A_s`` into the base weights."""
-        return state.factors
-
-    def _finish_state(
-        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
-    ) -> GlobalState:
-        delta = dict(previous.base_delta)
-        for name, (B_s, A_s) in state.factors.items():
-            step = B_s @ A_s  # (d, n): FLoRA's server state is the merged base update
-            delta[name] = delta[name] + step if name in delta else step
-        state.base_delta = delta
-        return state
+    def module_residual(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor, int]],
+        new: tuple[Tensor, Tensor],
+        previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
+    ) -> tuple[Tensor, Tensor] | None:
+        """The stack just aggregated: ``B_s A_s`` is merged into the base weights."""
+        return new

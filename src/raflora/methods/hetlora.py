@@ -26,12 +26,14 @@ from torch import Tensor
 
 from raflora.linalg import frobenius_norm
 from raflora.methods.base import (
-    Aggregator,
+    ClientRound,
     GlobalState,
+    Method,
     register,
     sample_weights,
 )
 from raflora.methods.options import MethodOptions, option
+from raflora.methods.padding import pad_rank
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["HetLoRA", "HetLoRAOptions", "tail_norm"]
@@ -44,15 +46,6 @@ def tail_norm(factors: Mapping[str, tuple[Tensor, Tensor]], start: int) -> Tenso
         term = torch.linalg.norm(B[:, start:]) * torch.linalg.norm(A[start:, :])
         total = total.to(term.device) + term
     return total
-
-
-def _pad(t: Tensor, rank: int, dim: int) -> Tensor:
-    missing = rank - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 @dataclass(frozen=True)
@@ -74,8 +67,23 @@ class HetLoRAOptions(MethodOptions):
     pruning_lambda: float = option(1e-3, "Weight λ of the pruning loss term.", ge=0)
 
 
+class HetLoRAClientRound(ClientRound):
+    """Plain LoRA, plus the pruning loss term when rank self-pruning is on."""
+
+    method: HetLoRA
+
+    @property
+    def uses_penalty(self) -> bool:  # type: ignore[override]
+        """True when rank self-pruning is on."""
+        return self.method.self_pruning
+
+    def penalty(self, live: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor | None:
+        """:meth:`HetLoRA.local_penalty` of the live factors."""
+        return self.method.local_penalty(live, self.rank)
+
+
 @register
-class HetLoRA(Aggregator):
+class HetLoRA(Method):
     """Zero-padding aggregation; sparsity-weighted by default.
 
     Parameters
@@ -88,6 +96,7 @@ class HetLoRA(Aggregator):
 
     name = "hetlora"
     Options = HetLoRAOptions
+    ClientRoundType = HetLoRAClientRound
     options: HetLoRAOptions
 
     @property
@@ -114,10 +123,15 @@ class HetLoRA(Aggregator):
         """``⌊γ r⌋`` (at least 1)."""
         return max(1, int(self.pruning_gamma * rank))
 
-    @property
-    def uses_local_penalty(self) -> bool:
-        """True when rank self-pruning is on."""
-        return self.self_pruning
+    @staticmethod
+    def pruned_ranks(state: GlobalState) -> dict[int, int]:
+        """Clients whose rank was pruned → their current rank (``state.extras``)."""
+        ranks: dict[int, int] = state.extras.get("client_ranks", {})
+        return ranks
+
+    def client_rank(self, state: GlobalState, client_id: int, declared_rank: int) -> int:
+        """``⌊γ r_k⌋`` for a client that pruned, else its declared rank."""
+        return self.pruned_ranks(state).get(client_id, declared_rank)
 
     def local_penalty(
         self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int
@@ -141,6 +155,8 @@ class HetLoRA(Aggregator):
         self,
         updates: Sequence[tuple[Tensor, Tensor, int]],
         previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(Σ w_k pad(B_k), Σ w_k pad(A_k))``: ``(…, d, r_max)``, ``(…, r_max, n)``."""
         w = self.weights(updates)  # (K,) or (…, K): per-module weights under "sparsity"
@@ -148,18 +164,20 @@ class HetLoRA(Aggregator):
         B = torch.zeros(1, dtype=torch.float64, device=w.device)
         A = torch.zeros(1, dtype=torch.float64, device=w.device)
         for w_k, (B_k, A_k, _) in zip(w.unbind(-1), updates, strict=True):
-            B = B + w_k[..., None, None] * _pad(B_k, self.r_max, -1).double()
-            A = A + w_k[..., None, None] * _pad(A_k, self.r_max, -2).double()
+            B = B + w_k[..., None, None] * pad_rank(B_k, self.r_max, -1).double()
+            A = A + w_k[..., None, None] * pad_rank(A_k, self.r_max, -2).double()
         return B.to(dtype), A.to(dtype)
 
-    def _finish_state(
+    def finish_state(
         self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
     ) -> GlobalState:
+        """Record the clients whose tail shrank (self-pruning): ``extras["client_ranks"]``."""
         if not self.self_pruning:
             return state
-        ranks = dict(state.client_ranks)
+        before = self.pruned_ranks(previous)
+        ranks = dict(before)
         for u in accepted:
-            if u.client_id in previous.client_ranks:
+            if u.client_id in before:
                 continue  # pruned once, from its own rank r_k: keeps ⌊γ r_k⌋ from then on
             start = self.pruned_rank(u.rank)
             if start >= u.rank:
@@ -167,5 +185,5 @@ class HetLoRA(Aggregator):
             sent = {k: (B[:, : u.rank], A[: u.rank]) for k, (B, A) in previous.factors.items()}
             if tail_norm(u.factors, start) < tail_norm(sent, start):
                 ranks[u.client_id] = start
-        state.client_ranks = ranks
+        state.extras = {**state.extras, "client_ranks": ranks}
         return state

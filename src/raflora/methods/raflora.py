@@ -96,6 +96,8 @@ class RaFLoRA(Aggregator):
         self,
         updates: Sequence[tuple[Tensor, Tensor, int]],
         previous: tuple[Tensor, Tensor] | None = None,
+        *,
+        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Rank-``r_max`` factors of ``Σ_h ΔW_h`` (Eq. 8): ``(…, d, r_max)``, ``(…, r_max, n)``."""
         ranks = [B.shape[-1] for B, _, _ in updates]

@@ -26,6 +26,7 @@ __all__ = [
     "RankError",
     "ShapeMismatchError",
     "is_positive_int",
+    "validate_named",
     "validate_update",
 ]
 
@@ -47,6 +48,8 @@ class ClientUpdate:
         folded into ``B`` (SPEC §1), so that the module's update is ``B_k A_k``.
     dense : Mapping[str, Tensor]
         Fully trained parameters (a new classification head …), FedAvg-aggregated by every method.
+    extras : Mapping[str, Tensor]
+        The method's named extra tensors (ILoRA's control-variate change …); empty for most.
     """
 
     client_id: int
@@ -54,6 +57,7 @@ class ClientUpdate:
     num_samples: int
     factors: Mapping[str, tuple[Tensor, Tensor]]
     dense: Mapping[str, Tensor] = field(default_factory=dict)
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class InvalidUpdateError(ValueError):
@@ -155,6 +159,7 @@ def validate_update(
     max_rank: int | None = None,
     dtypes: Collection[torch.dtype] | None = None,
     device: torch.device | None = None,
+    extra_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Raise an :class:`InvalidUpdateError` subclass if ``update`` cannot be aggregated.
 
@@ -176,6 +181,9 @@ def validate_update(
     device : torch.device, optional
         Where every tensor must be (the server state's device): else a
         :class:`DeviceMismatchError`.
+    extra_shapes : Mapping[str, tuple[int, ...]], optional
+        Name → shape of every extra tensor the method expects (none when omitted); checked
+        like the heads.
     """
     cid = update.client_id
     n_k = update.num_samples
@@ -202,12 +210,27 @@ def validate_update(
                 f"{name}: expected B ({d}, {r}) and A ({r}, {n}) for rank {r}, "
                 f"got B {tuple(B.shape)} and A {tuple(A.shape)}",
             )
-    expected_dense = dense_shapes or {}
-    _check_module_set(cid, "dense tensor", update.dense.keys(), expected_dense.keys())
-    for name, shape in expected_dense.items():
-        tensor = update.dense[name]
-        _check_tensor(cid, name, tensor, dtypes, device)
+    validate_named(cid, "dense tensor", update.dense, dense_shapes or {}, dtypes, device)
+    validate_named(cid, "extra", update.extras, extra_shapes or {}, dtypes, device)
+
+
+def validate_named(
+    client_id: int,
+    kind: str,
+    tensors: Mapping[str, Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Collection[torch.dtype] | None,
+    device: torch.device | None,
+) -> None:
+    """Raise an :class:`InvalidUpdateError` subclass unless ``tensors`` holds exactly the named
+    tensors of ``shapes``, each of its shape, finite, of an accepted dtype, on ``device``
+    (``kind`` names them in the message: heads, extras, a client's per-client state).
+    """
+    _check_module_set(client_id, kind, tensors.keys(), shapes.keys())
+    for name, shape in shapes.items():
+        tensor = tensors[name]
+        _check_tensor(client_id, name, tensor, dtypes, device)
         if tuple(tensor.shape) != tuple(shape):
             raise ShapeMismatchError(
-                cid, f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}"
+                client_id, f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}"
             )

@@ -1,0 +1,97 @@
+"""Zero padding and index-wise averaging of heterogeneous-rank factors (SPEC §3, §9).
+
+Shared by the factor-averaging methods. Every function works on tensors with leading batch
+dimensions (a batch of same-shape modules): ``B (…, d, r)``, ``A (…, r, n)``. Sums are taken in
+float64 and returned in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from raflora.methods.base import sample_weights
+
+__all__ = [
+    "carry_uncovered",
+    "covered_rank",
+    "pad_rank",
+    "padded_average",
+    "rank_index_average",
+    "weights_of",
+]
+
+
+def pad_rank(t: Tensor, rank: int, dim: int) -> Tensor:
+    """``t`` zero-padded along ``dim`` to length ``rank`` (``pad(·)`` of SPEC §9)."""
+    missing = rank - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def padded_average(factors: Sequence[Tensor], weights: Tensor, rank: int, dim: int) -> Tensor:
+    """``Σ_k w_k pad(F_k)``: factors zero-padded to ``rank`` along ``dim`` and averaged with the
+    weights ``w_k`` as given (HetLoRA, FedEx-LoRA, FFA-LoRA's ``B``, RoLoRA).
+    """
+    out = torch.zeros(1, dtype=torch.float64, device=factors[0].device)
+    for w_k, f_k in zip(weights.tolist(), factors, strict=True):
+        out = out + w_k * pad_rank(f_k, rank, dim).double()
+    return out.to(factors[0].dtype)
+
+
+def covered_rank(updates: Sequence[tuple[Tensor, Tensor, int]]) -> int:
+    """The largest rank among the updates: indices at or above it are covered by no client."""
+    return max(int(B.shape[-1]) for B, _, _ in updates)
+
+
+def carry_uncovered(
+    new: tuple[Tensor, Tensor], previous: tuple[Tensor, Tensor] | None, covered: int
+) -> tuple[Tensor, Tensor]:
+    """``new`` with the indices ``j ≥ covered`` that no client reached taken from ``previous``
+    (column ``B_g[:, j]`` and row ``A_g[j, :]``): SPEC §9's carry; unchanged without
+    ``previous``.
+    """
+    B, A = new
+    if previous is None or covered >= B.shape[-1]:
+        return B, A
+    B, A = B.clone(), A.clone()
+    B[..., :, covered:] = previous[0][..., :, covered:].to(B.dtype)
+    A[..., covered:, :] = previous[1][..., covered:, :].to(A.dtype)
+    return B, A
+
+
+def rank_index_average(
+    factors: Sequence[Tensor], samples: Sequence[int], rank: int, dim: int
+) -> tuple[Tensor, Tensor]:
+    """Per rank index ``j``: ``Σ_{k: r_k > j} n_k F_k[j] / Σ_{k: r_k > j} n_k`` (RBLA).
+
+    Returns the average, zero-padded to ``rank`` along ``dim``, and a boolean ``(rank,)`` mask of
+    the indices some client covers (the others are zero here; the caller carries them).
+    """
+    device = factors[0].device
+    ranks = [int(f.shape[dim]) for f in factors]
+    n = torch.tensor([float(s) for s in samples], dtype=torch.float64, device=device)
+    covers = (
+        torch.arange(rank, device=device)[None, :] < torch.tensor(ranks, device=device)[:, None]
+    )
+    weight = n[:, None] * covers  # (K, rank): n_k where client k reaches index j
+    total = weight.sum(dim=0)  # (rank,): Σ_{C_j} n_k
+    covered = total > 0
+    weight = weight / torch.where(covered, total, torch.ones_like(total))
+    out = torch.zeros(1, dtype=torch.float64, device=device)
+    for k, f_k in enumerate(factors):
+        w = weight[k]  # (rank,)
+        shape = [1] * f_k.dim()
+        shape[dim] = rank
+        out = out + w.reshape(shape) * pad_rank(f_k, rank, dim).double()
+    return out.to(factors[0].dtype), covered
+
+
+def weights_of(updates: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
+    """``p_k = n_k / Σ n_j`` of a module's updates (float64, on the factors' device)."""
+    return sample_weights([n for _, _, n in updates], like=updates[0][0])
