@@ -135,8 +135,8 @@ def test_traffic_follows_spec_section_8(tmp_path: Path) -> None:
 def test_exported_adapter_loads_with_peft_and_reproduces_the_final_accuracy(
     tmp_path: Path,
 ) -> None:
-    for method in ("raflora", "flora", "hetlora"):
-        cfg = synthetic_config(method=method)
+    for method in available_methods():  # every registered method, FLoRA's and FedEx's merges too
+        cfg = method_config(method)
         result = run_local(cfg, tmp_path / method, progress=False)
         task = build_task(cfg)
         model = PeftModel.from_pretrained(task.load_base_model(), tmp_path / method / "adapter")
@@ -150,12 +150,12 @@ class StopRunError(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["raflora", "flora", "hetlora"])
+@pytest.mark.parametrize("method", available_methods())
 def test_killed_and_resumed_run_equals_an_uninterrupted_run(method: str, tmp_path: Path) -> None:
-    over = {"fl.rounds": 4, "train.lr_schedule": "linear", "lora.dropout": 0.1}
+    over: dict[str, Any] = {"fl.rounds": 4, "train.lr_schedule": "linear", "lora.dropout": 0.1}
     if method == "hetlora":
         over["method_options"] = {"self_pruning": True}
-    full = run_local(synthetic_config(method=method, **over), tmp_path / "full", progress=False)
+    full = run_local(method_config(method, **over), tmp_path / "full", progress=False)
 
     def stop_after_two(row: dict[str, Any]) -> None:
         if row["round"] == 2:
@@ -163,18 +163,19 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_run(method: str, tmp_pat
 
     cut = tmp_path / "cut"
     with pytest.raises(StopRunError):
-        run_local(
-            synthetic_config(method=method, **over), cut, progress=False, on_round=stop_after_two
-        )
+        run_local(method_config(method, **over), cut, progress=False, on_round=stop_after_two)
     assert load_checkpoint(cut).round == 2
     assert not (cut / "summary.json").exists()
-    resumed = run_local(synthetic_config(method=method, **over), cut, resume=True, progress=False)
+    resumed = run_local(method_config(method, **over), cut, resume=True, progress=False)
     assert without_time(resumed.metrics) == without_time(full.metrics)
     assert without_time(read_metrics(cut / "metrics.jsonl")) == without_time(full.metrics)
-    a = load_checkpoint(tmp_path / "full").state
-    b = load_checkpoint(cut).state
+    ca, cb = load_checkpoint(tmp_path / "full"), load_checkpoint(cut)
+    a, b = ca.state, cb.state
     for name, (B, A) in a.factors.items():
         assert torch.equal(B, b.factors[name][0]) and torch.equal(A, b.factors[name][1])
+    assert ca.base_weights.keys() == cb.base_weights.keys()  # FLoRA's, FedEx-LoRA's merges
+    assert all(torch.equal(w, cb.base_weights[k]) for k, w in ca.base_weights.items())
+    assert a.extras == b.extras
     from safetensors.torch import load_file
 
     fa = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
