@@ -97,6 +97,7 @@ METHOD_MODULES = (
     "flora",
     "flexlora",
     "raflora",
+    "rbla",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
