@@ -98,6 +98,7 @@ METHOD_MODULES = (
     "flexlora",
     "raflora",
     "rbla",
+    "ffa",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
