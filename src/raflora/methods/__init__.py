@@ -99,6 +99,7 @@ METHOD_MODULES = (
     "raflora",
     "rbla",
     "ffa",
+    "fedex",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
