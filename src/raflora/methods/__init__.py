@@ -100,6 +100,7 @@ METHOD_MODULES = (
     "rbla",
     "ffa",
     "fedex",
+    "rolora",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
