@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from raflora.methods.base import GlobalState, Method, register
-from raflora.methods.padding import carry_uncovered, covered_rank, padded_average, weights_of
+from raflora.methods.padding import carried_factor_average, weights_of
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["FedExLoRA"]
@@ -51,10 +51,7 @@ class FedExLoRA(Method):
         round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(Σ p_k pad(B_k), Σ p_k pad(A_k))``, uncovered indices carried from ``previous``."""
-        p = weights_of(updates)
-        B = padded_average([B for B, _, _ in updates], p, self.r_max, -1)
-        A = padded_average([A for _, A, _ in updates], p, self.r_max, -2)
-        return carry_uncovered((B, A), previous, covered_rank(updates))
+        return carried_factor_average(updates, previous, self.r_max)
 
     def module_residual(
         self,

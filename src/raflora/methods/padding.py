@@ -15,6 +15,7 @@ from torch import Tensor
 from raflora.methods.base import sample_weights
 
 __all__ = [
+    "carried_factor_average",
     "carry_uncovered",
     "covered_rank",
     "pad_rank",
@@ -95,3 +96,17 @@ def rank_index_average(
 def weights_of(updates: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
     """``p_k = n_k / Σ n_j`` of a module's updates (float64, on the factors' device)."""
     return sample_weights([n for _, _, n in updates], like=updates[0][0])
+
+
+def carried_factor_average(
+    updates: Sequence[tuple[Tensor, Tensor, int]],
+    previous: tuple[Tensor, Tensor] | None,
+    rank: int,
+) -> tuple[Tensor, Tensor]:
+    """``(Σ p_k pad(B_k), Σ p_k pad(A_k))`` at ``rank``, the indices no client reaches carried
+    from ``previous`` (SPEC §9: FedEx-LoRA, FedRot-LoRA, LoRA-FAIR).
+    """
+    p = weights_of(updates)
+    B = padded_average([B for B, _, _ in updates], p, rank, -1)
+    A = padded_average([A for _, A, _ in updates], p, rank, -2)
+    return carry_uncovered((B, A), previous, covered_rank(updates))
