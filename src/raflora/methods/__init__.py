@@ -101,6 +101,8 @@ METHOD_MODULES = (
     "ffa",
     "fedex",
     "rolora",
+    "fedrot",
+    "lora_fair",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
