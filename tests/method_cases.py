@@ -14,8 +14,9 @@ from torch import Tensor
 
 from conftest import config_with, randn
 from raflora.engine import build_federation
-from raflora.engine.federation import ClientResult, Federation, train_client
-from raflora.engine.local import plan_round
+from raflora.engine.client_round import ClientResult, train_client
+from raflora.engine.federation import Federation
+from raflora.engine.server_round import plan_round
 from raflora.methods import AggregationResult, GlobalState
 
 Update = tuple[Tensor, Tensor, int]

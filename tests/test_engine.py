@@ -13,7 +13,7 @@ from peft import PeftModel
 from conftest import config_with
 from raflora.config import RunConfig
 from raflora.engine import build_federation, load_checkpoint, run_local, seeds
-from raflora.engine.federation import train_client
+from raflora.engine.client_round import train_client
 from raflora.methods import available_methods
 from raflora.report import read_metrics
 from raflora.tasks import build_task
@@ -203,7 +203,7 @@ def test_resume_repairs_a_metrics_file_with_a_partial_last_line(tmp_path: Path) 
 def test_a_nan_update_is_rejected_and_the_round_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import raflora.engine.local as local
+    import raflora.engine.server_round as server_round
 
     cfg = synthetic_config()
     bad = seeds.sample_clients(3, 1, 6, 3)[0]
@@ -215,7 +215,7 @@ def test_a_nan_update_is_rejected_and_the_round_completes(
                 B.fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(local, "train_client", poisoned)
+    monkeypatch.setattr(server_round, "train_client", poisoned)
     result = run_local(cfg, tmp_path, progress=False)
     first = result.metrics[0]
     assert first["accepted"] == 2 and first["rejected"] == 1

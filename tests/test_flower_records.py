@@ -13,7 +13,8 @@ from flwr.app import Message, RecordDict
 
 from raflora.config import load_config
 from raflora.engine import build_federation, train_client
-from raflora.engine.federation import ClientResult, Federation
+from raflora.engine.client_round import ClientResult
+from raflora.engine.federation import Federation
 from raflora.flower import RankStrategy
 from raflora.flower.records import (
     ARRAYS,

@@ -13,9 +13,10 @@ from conftest import config_with
 from raflora.adapters import adapter_name, base_weights
 from raflora.config import ConfigError, RunConfig
 from raflora.engine import build_federation, run_local
-from raflora.engine import federation as federation_module
-from raflora.engine.federation import device_clock, train_client
-from raflora.engine.local import open_run
+from raflora.engine import client_round as client_round_module
+from raflora.engine.client_round import train_client
+from raflora.engine.federation import device_clock
+from raflora.engine.run_files import open_run
 from raflora.methods import ClientUpdate, get_aggregator
 from raflora.methods.validation import DeviceMismatchError, DTypeError
 
@@ -111,7 +112,7 @@ def test_the_clients_time_split_is_read_from_the_device_clock(
         reads.append(device)
         return 0.0
 
-    monkeypatch.setattr(federation_module, "device_clock", clock)
+    monkeypatch.setattr(client_round_module, "device_clock", clock)
     rank = fed.rank_of(state, 0)
     result = train_client(fed, 0, rank, fed.client_message(state, 0, 1), state.dense, 1, 1e-3)
     # one read before and after every step, and around the whole local round

@@ -11,8 +11,8 @@ import torch
 from conftest import config_with, randn
 from raflora.config import load_config, validate
 from raflora.engine import build_federation, load_checkpoint, run_local
-from raflora.engine.federation import evaluate_global, evaluate_levels
-from raflora.engine.local import run_round
+from raflora.engine.evaluation import evaluate_global, evaluate_levels
+from raflora.engine.server_round import run_round
 from raflora.methods import GlobalState, get_aggregator
 from raflora.report import progress_postfix, summarize
 
@@ -86,7 +86,7 @@ def test_top_level_equals_the_global_model_and_a_lower_level_differs() -> None:
     assert levels["eval_loss@8"] == full["eval_loss"]
     assert levels["eval_loss@2"] != full["eval_loss"]
     # the global model is back on the adapter: evaluating it again gives the same numbers
-    from raflora.engine.federation import _evaluate_loaded
+    from raflora.engine.evaluation import _evaluate_loaded
 
     assert _evaluate_loaded(fed) == full
 

@@ -352,12 +352,12 @@ def test_a_write_error_before_any_round_says_to_run_again(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import raflora.engine.local as local_module
+    import raflora.engine.run_files as run_files_module
 
     def save_config(config: Any, path: Path) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(local_module, "save_config", save_config)
+    monkeypatch.setattr(run_files_module, "save_config", save_config)
     out = tmp_path / "out"
     assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

@@ -18,7 +18,7 @@ from raflora.cli import main
 from raflora.cli.sweep import keep_going_hint
 from raflora.config import load_config
 from raflora.engine import load_checkpoint, run_local
-from raflora.engine.local import saved_rounds
+from raflora.engine.run_files import saved_rounds
 from raflora.report import read_metrics
 from raflora.sweep import (
     SweepError,

@@ -40,7 +40,7 @@ import yaml
 from raflora.config import ConfigError, RunConfig, load_config, validate
 
 if TYPE_CHECKING:
-    from raflora.engine.local import RunResult
+    from raflora.engine.run_files import RunResult
 
 __all__ = [
     "PRESET_DIR",
@@ -572,7 +572,7 @@ def run_state(run_dir: Path, rounds: int) -> Literal["new", "partial", "finished
     unfinished: resuming a run whose rounds are all saved only rewrites its summary.
     """
     from raflora.engine.checkpoint import CHECKPOINT_FILE
-    from raflora.engine.local import SUMMARY_FILE, saved_rounds
+    from raflora.engine.run_files import SUMMARY_FILE, saved_rounds
 
     if not (run_dir / CHECKPOINT_FILE).exists():
         return "new"
@@ -598,7 +598,7 @@ def _check_same_config(run_dir: Path, config: RunConfig) -> None:
     SweepError
         Naming the sections that differ.
     """
-    from raflora.engine.local import config_difference
+    from raflora.engine.run_files import config_difference
 
     diff = config_difference(run_dir, config)
     if diff:
@@ -642,7 +642,7 @@ def execute_run(spec: RunSpec, *, overwrite: bool = False) -> RunOutcome:
         line when anything goes wrong (a config problem, a task that cannot be built, a
         directory another live process holds …). Only ``KeyboardInterrupt`` propagates.
     """
-    from raflora.engine.local import SUMMARY_FILE, lock_run_dir
+    from raflora.engine.run_files import SUMMARY_FILE, lock_run_dir
 
     started = time.perf_counter()
     try:

@@ -103,7 +103,7 @@ def _interrupted(run_dir: Path) -> None:
     """Tell the user what an interrupted run kept and how to continue it."""
     import sys
 
-    from raflora.engine.local import saved_rounds
+    from raflora.engine.run_files import saved_rounds
 
     done = saved_rounds(run_dir)
     if not done:

@@ -1,21 +1,18 @@
-"""What every engine shares: the federation's set-up, a client's local training, evaluation.
+"""What every engine shares: the federation's set-up and the device helpers.
 
 A :class:`Federation` holds the one base model in memory (wrapped by an
 :class:`~raflora.adapters.AdapterBank` with one adapter per client rank), the task, the
-aggregator, each client's fixed rank and data indices. The local engine and the Flower client
-both call :func:`train_client` — there is a single copy of the training loop.
+aggregator, each client's fixed rank and data indices; :func:`build_federation` builds it from a
+run configuration (the task, the data split, the client ranks, the wrapped base model). The
+helpers here (:func:`resolve_device`, :func:`learning_rate`, :func:`device_clock`,
+:func:`tensor_bytes`) are shared by both halves of a round.
 
-Local training follows the paper's protocol (Algorithm 1 lines 5–7, Appendix E): the client
-starts from the factors the server sent for its rank, trains with AdamW for ``local_epochs`` at the
-round's learning rate (linear decay over rounds), and returns its effective factors and heads.
-The method's client half (:class:`~raflora.methods.ClientRound`) decides where the factors start,
-which of them train, the gradient correction and what is uploaded; the loop itself is the same
-for every method.
+A client's local training is in :mod:`raflora.engine.client_round`, evaluation in
+:mod:`raflora.engine.evaluation`; neither is imported here (they import this module).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,39 +20,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from raflora.adapters import (
-    AdapterBank,
-    adapter_name,
-    base_weights,
-    live_factors,
-    lora_parameters,
-    wrap_model,
-)
+from raflora.adapters import AdapterBank, adapter_name, base_weights, wrap_model
 from raflora.config import RunConfig
 from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
 from raflora.engine.client_states import ClientStates
 from raflora.engine.errors import EngineError
-from raflora.methods import Aggregator, ClientUpdate, GlobalState, get_aggregator
-from raflora.methods.base import ClientMessage, ClientRound, Factors, options_for
-from raflora.tasks import Task, TaskError, build_task, move_batch
+from raflora.methods import Aggregator, GlobalState, get_aggregator
+from raflora.methods.base import ClientMessage, options_for
+from raflora.tasks import Task, TaskError, build_task
 
 __all__ = [
-    "ClientResult",
     "EngineError",
     "Federation",
     "build_federation",
     "device_clock",
-    "evaluate_global",
-    "evaluate_levels",
-    "evaluate_round",
     "learning_rate",
     "resolve_device",
     "tensor_bytes",
-    "train_client",
 ]
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,7 +111,7 @@ class Federation:
         Model dtype.
     client_states : ClientStates
         The per-client state of the method's clients (in memory until a run directory's
-        store replaces it: :func:`~raflora.engine.local.open_run`).
+        store replaces it: :func:`~raflora.engine.run_files.open_run`).
     """
 
     config: RunConfig
@@ -305,265 +290,15 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
     )
 
 
-@dataclass
-class ClientResult:
-    """One client's round: its update and how training went.
+_MOVED = {"train_client": "raflora.engine.client_round"}
 
-    Attributes
-    ----------
-    update : ClientUpdate
-        Effective factors, heads and sample count (validated by the server).
-    train_loss : float
-        Mean training loss over the client's local steps (``nan`` if it diverged).
-    steps : int
-        Optimizer steps taken.
-    compute_seconds : float
-        Time inside forward, backward and optimizer steps.
-    seconds : float
-        Whole local round, including loading the factors and reading them back.
-    state : dict[str, Tensor] or None
-        The client's new per-client state (``None``: the method keeps none for it).
+
+def __getattr__(name: str) -> Any:
+    """``train_client`` moved to :mod:`raflora.engine.client_round`; an import of it from here
+    still works, resolved on first use (that module imports this one, so not at load time).
     """
+    if name in _MOVED:
+        import importlib
 
-    update: ClientUpdate
-    train_loss: float
-    steps: int
-    compute_seconds: float
-    seconds: float
-    state: dict[str, Tensor] | None = None
-
-
-def train_client(
-    fed: Federation,
-    client_id: int,
-    rank: int,
-    received: ClientMessage,
-    dense: Mapping[str, Tensor],
-    round_index: int,
-    lr: float,
-    *,
-    state: Mapping[str, Tensor] | None = None,
-) -> ClientResult:
-    """Local training of one client on the shared base model (Algorithm 1 lines 5–7).
-
-    Parameters
-    ----------
-    fed : Federation
-        The federation (its base model is reused; only the rank's adapter changes).
-    client_id : int
-        The client.
-    rank : int
-        Its rank this round.
-    received : ClientMessage
-        What the server sent (effective factors of rank ``rank``, the method's extras).
-    dense : Mapping[str, Tensor]
-        Global head tensors.
-    round_index : int
-        1-based round (seeds the batch order and dropout).
-    lr : float
-        This round's learning rate.
-    state : Mapping[str, Tensor], optional
-        The client's per-client state from its last round (the method's, e.g. ILoRA's ``c_k``).
-    """
-    t0 = device_clock(fed.device)
-    client = fed.aggregator.client_round(received, rank=rank, round_index=round_index, state=state)
-    # Creating a rank's adapter (PEFT's init) and dropout draw from torch's global generator:
-    # all of it runs inside a fork, seeded for this client, so the caller's random state is
-    # left exactly as it was (nothing here reseeds or consumes the global RNG).
-    with torch.random.fork_rng(devices=_rng_devices(fed.device), device_type=fed.device.type):
-        losses, compute = _local_round(fed, client_id, client, dense, round_index, lr)
-    upload = client.finish(fed.bank.get_factors(rank))
-    head = {k: v.float() for k, v in fed.bank.get_dense(rank).items()} if dense else {}
-    update = ClientUpdate(
-        client_id=client_id,
-        rank=rank,
-        num_samples=len(fed.client_indices[client_id]),
-        factors=upload.factors,
-        dense=head,
-        extras=upload.extras,
-    )
-    mean_loss = sum(losses) / len(losses) if losses else math.nan
-    seconds = device_clock(fed.device) - t0
-    return ClientResult(update, mean_loss, len(losses), compute, seconds, upload.state)
-
-
-def _local_round(
-    fed: Federation,
-    client_id: int,
-    client: ClientRound,
-    dense: Mapping[str, Tensor],
-    round_index: int,
-    lr: float,
-) -> tuple[list[float], float]:
-    """Load the client's start, build its optimizer and run its local epochs.
-
-    Factors the method freezes this round (:attr:`ClientRound.trains`) get no gradient and
-    are left out of the optimizer; they are unfrozen again afterwards.
-    """
-    bank = fed.bank
-    rank = client.rank
-    adapter = bank.activate(rank)
-    # seeded after the adapter exists, so creating one never shifts this client's dropout
-    _seed_forked(fed.device, seeds.training_torch_seed(fed.seed, round_index, client_id))
-    bank.set_factors(rank, client.start())
-    if dense:
-        bank.set_dense(rank, dense)
-    model = bank.model
-    if not model.training:  # train() walks every module; evaluation is what switches it off
-        model.train()
-    lora = lora_parameters(model, adapter)
-    frozen = [
-        param
-        for pair in lora.values()
-        for kind, param in zip(("B", "A"), pair, strict=True)
-        if kind not in client.trains
-    ]
-    frozen_ids = {id(p) for p in frozen}
-    params = [p for p in bank.trainable_parameters() if id(p) not in frozen_ids]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=fed.config.train.weight_decay)
-    shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
-    for param in frozen:
-        param.requires_grad_(False)
-    try:
-        return _local_steps(fed, client_id, client, adapter, optimizer, params, lora, shuffle)
-    finally:
-        for param in frozen:
-            param.requires_grad_(True)
-
-
-def _seed_forked(device: torch.device, seed: int) -> None:
-    """Seed the CPU generator and, on CUDA, the run's device — exactly the generators that
-    :func:`train_client` forks (``torch.manual_seed`` would reseed every GPU of the host).
-    """
-    torch.default_generator.manual_seed(seed)
-    for index in _rng_devices(device):
-        with torch.cuda.device(index):
-            torch.cuda.manual_seed(seed)
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    """The accelerator indices whose random state a client's training forks (none on CPU)."""
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-def _local_steps(
-    fed: Federation,
-    client_id: int,
-    client: ClientRound,
-    adapter: str,
-    optimizer: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    lora: Mapping[str, tuple[torch.nn.Parameter, torch.nn.Parameter]],
-    shuffle: np.random.Generator,
-) -> tuple[list[float], float]:
-    """The client's local epochs; returns the per-step losses and the compute seconds."""
-    cfg, task, model = fed.config, fed.task, fed.bank.model
-    indices = fed.client_indices[client_id]
-    batch_size = cfg.train.batch_size
-    penalize = client.uses_penalty
-    losses: list[float] = []
-    compute = 0.0
-    for _ in range(cfg.train.local_epochs):
-        order = shuffle.permutation(indices)
-        for lo in range(0, len(order), batch_size):
-            batch = move_batch(
-                task.train_batch(order[lo : lo + batch_size].tolist()), fed.device, fed.dtype
-            )
-            c0 = device_clock(fed.device)
-            loss = task.loss(model, batch)
-            total = loss
-            if penalize:
-                penalty = client.penalty(live_factors(model, adapter))
-                total = loss if penalty is None else loss + penalty
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()  # type: ignore[no-untyped-call]
-            if client.corrects_gradients:
-                client.correct_gradients({k: (B.grad, A.grad) for k, (B, A) in lora.items()})
-            if cfg.train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            compute += device_clock(fed.device) - c0
-            losses.append(float(loss.detach()))
-    return losses, compute
-
-
-def load_global_model(fed: Federation, state: GlobalState) -> None:
-    """Put the global model on the base model's ``r_max`` adapter and activate it."""
-    _load_model(fed, fed.aggregator.model_factors(state), state.dense)
-
-
-def _load_model(fed: Federation, factors: Factors, dense: Mapping[str, Tensor]) -> None:
-    """Put ``factors`` (at ``r_max``) and the heads on the ``r_max`` adapter and activate it."""
-    r_max = fed.aggregator.r_max
-    fed.bank.activate(r_max)
-    fed.bank.set_factors(r_max, factors)
-    if dense:
-        fed.bank.set_dense(r_max, dense)
-
-
-def _evaluate_loaded(fed: Federation) -> dict[str, float]:
-    """The task's metrics of the model the bank holds now (deterministic, no RNG drawn)."""
-    model = fed.bank.model
-    model.eval()
-    with torch.no_grad():
-        metrics: dict[str, float] = fed.task.evaluate(model, fed.config.eval.batch_size, fed.device)
-    return metrics
-
-
-def evaluate_global(fed: Federation, state: GlobalState) -> dict[str, float]:
-    """The task's metrics (``accuracy``, ``eval_loss`` …) of the global model."""
-    load_global_model(fed, state)
-    return _evaluate_loaded(fed)
-
-
-def _same_factors(a: Factors, b: Factors) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a
-    )
-
-
-def evaluate_levels(
-    fed: Federation, state: GlobalState, full: Mapping[str, float] | None = None
-) -> dict[str, float]:
-    """The task's metrics of the model a client of each rank level holds (``eval.per_level``).
-
-    Level ``r`` gets the aggregator's :meth:`~raflora.methods.Aggregator.level_factors`
-    (the nested truncation of the global factors; FLoRA: the merged base, so every level
-    equals the global model) with the global heads; its metrics are keyed ``"{name}@{r}"``
-    (``accuracy@8``, ``eval_loss@8``). The global model is back on the ``r_max`` adapter
-    afterwards, and nothing draws from a random generator, so the run continues exactly as
-    without per-level evaluation.
-
-    Parameters
-    ----------
-    fed : Federation
-        The federation (its ``r_max`` adapter is used for every level).
-    state : GlobalState
-        The global state to evaluate.
-    full : Mapping[str, float], optional
-        The global model's metrics when already computed: a level whose factors are the global
-        model's (the top level; every level of FLoRA) reuses them instead of evaluating again.
-    """
-    aggregator = fed.aggregator
-    global_factors = aggregator.model_factors(state)
-    out: dict[str, float] = {}
-    for rank in aggregator.rank_levels:
-        factors = aggregator.level_factors(state, rank)
-        if full is not None and _same_factors(factors, global_factors):
-            metrics = dict(full)
-        else:
-            _load_model(fed, factors, state.dense)
-            metrics = _evaluate_loaded(fed)
-        out.update({f"{name}@{rank}": value for name, value in metrics.items()})
-    load_global_model(fed, state)  # what an evaluation leaves on the adapter, as without levels
-    return out
-
-
-def evaluate_round(fed: Federation, state: GlobalState) -> dict[str, float]:
-    """The global model's metrics, then each rank level's when ``eval.per_level`` is on."""
-    metrics = evaluate_global(fed, state)
-    if fed.config.eval.per_level:
-        metrics.update(evaluate_levels(fed, state, full=metrics))
-    return metrics
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 - :class:`~raflora.flower.strategy.RankStrategy` — a Flower ``Strategy`` wrapping any raflora
   aggregator (each node gets its own rank's factors; heterogeneous replies are validated and
-  aggregated by the local engine's :func:`~raflora.engine.local.complete_round`);
+  aggregated by the local engine's :func:`~raflora.engine.server_round.complete_round`);
 - :mod:`raflora.flower.app` — ``server_app`` and ``client_app`` (``flwr run`` entry points);
 - :func:`~raflora.flower.simulation.run_flower` — the simulation engine (``raflora run CONFIG
   engine=flower``).

@@ -9,7 +9,7 @@
   message, checks that the message is for its own partition, loads the received factors, extras
   and per-client state (and, for methods that merge into the base, the server's merged base
   weights), decoded onto its own federation's device, and calls
-  :func:`~raflora.engine.federation.train_client` — the one training loop of the package.
+  :func:`~raflora.engine.client_round.train_client` — the one training loop of the package.
 
 Clients therefore need no configuration file: only the package, and the model and data the task
 names. ``server_app`` reads its configuration from the Flower run config
@@ -39,8 +39,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from raflora.adapters import adapter_name, load_base_weights
 from raflora.config import RunConfig, config_from_dict, load_config
-from raflora.engine.federation import EngineError, Federation, build_federation, train_client
-from raflora.engine.local import RunResult, check_config, finish_run, lock_run_dir, open_run
+from raflora.engine.client_round import train_client
+from raflora.engine.federation import EngineError, Federation, build_federation
+from raflora.engine.run_files import RunResult, check_config, finish_run, lock_run_dir, open_run
 from raflora.flower.records import ARRAYS, CONFIG, METRICS, decode_arrays, encode_result
 from raflora.flower.strategy import QUERY_PARTITION, RankStrategy
 from raflora.methods import ClientMessage

@@ -36,7 +36,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 from torch import Tensor
 
-from raflora.engine.federation import ClientResult
+from raflora.engine.client_round import ClientResult
 from raflora.methods import ClientUpdate
 
 __all__ = [

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecordValues
 
 from raflora.config import RunConfig
 from raflora.engine.federation import EngineError, build_federation
-from raflora.engine.local import RunResult, check_config, lock_run_dir, prepare_run_dir
+from raflora.engine.run_files import RunResult, check_config, lock_run_dir, prepare_run_dir
 from raflora.report import progress_postfix
 
 __all__ = ["num_supernodes", "run_flower"]

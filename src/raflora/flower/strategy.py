@@ -4,15 +4,15 @@ Flower's built-in strategies send every node the same arrays and average equal s
 heterogeneous ranks each client needs the factors *of its own rank*, and the replies have
 different shapes, so this strategy drives the local engine's round bookkeeping instead:
 
-- :meth:`RankStrategy.configure_train` calls :func:`~raflora.engine.local.plan_round` (the run's
-  own sampling stream, so the same clients as the local engine), maps each sampled client id to the
-  SuperNode whose ``partition-id`` equals it, and sends that node
+- :meth:`RankStrategy.configure_train` calls :func:`~raflora.engine.server_round.plan_round` (the
+  run's own sampling stream, so the same clients as the local engine), maps each sampled client id
+  to the SuperNode whose ``partition-id`` equals it, and sends that node
   :meth:`~raflora.engine.federation.Federation.start_factors` for its rank plus the global heads.
 - :meth:`RankStrategy.aggregate_train` decodes the replies into
-  :class:`~raflora.engine.federation.ClientResult` s on the server's device, weighted by the sample
-  count of the partition the server assigned to each client (a reply reporting another count is
-  rejected as a ``sample count mismatch``), and calls
-  :func:`~raflora.engine.local.complete_round`, which validates (NaN, shapes, module set),
+  :class:`~raflora.engine.client_round.ClientResult` s on the server's device, weighted by the
+  sample count of the partition the server assigned to each client (a reply reporting another count
+  is rejected as a ``sample count mismatch``), and calls
+  :func:`~raflora.engine.server_round.complete_round`, which validates (NaN, shapes, module set),
   aggregates, merges into the base (FLoRA), evaluates and builds the same metrics row as the local
   engine. Replies carrying an error (the ``ClientApp`` raised), missing replies (timed out, node
   gone) and malformed replies are left out and counted in ``rejected`` with a reason; a round with
@@ -49,13 +49,10 @@ from torch import Tensor
 
 from raflora.adapters import adapter_name, base_weights
 from raflora.config import config_to_dict
-from raflora.engine.federation import ClientResult, EngineError, Federation
-from raflora.engine.local import (
-    RoundPlan,
-    complete_round,
-    plan_round,
-    record_round,
-)
+from raflora.engine.client_round import ClientResult
+from raflora.engine.federation import EngineError, Federation
+from raflora.engine.run_files import record_round
+from raflora.engine.server_round import RoundPlan, complete_round, plan_round
 from raflora.flower.records import (
     ARRAYS,
     CONFIG,
