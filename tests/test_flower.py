@@ -22,9 +22,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from raflora.config import RunConfig, load_config
 from raflora.engine import build_federation, load_checkpoint, run_local
+from raflora.engine.client_states import CLIENTS_DIR
 from raflora.flower import RankStrategy, run_flower
 from raflora.flower.records import ARRAYS, METRICS, encode_result
-from raflora.methods import ClientMessage
+from raflora.methods import ClientMessage, available_methods
+from raflora.methods.base import unsupported_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -78,10 +80,14 @@ def test_simulation_matches_local_engine(method: str, tmp_path: Path) -> None:
     assert flower.summary["adapter"] == local.summary["adapter"]
 
 
-def test_one_thread_everywhere_gives_bit_identical_engines(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method", [m for m in available_methods() if unsupported_reason(m, [4, 8]) is None]
+)
+def test_one_thread_everywhere_gives_bit_identical_engines(method: str, tmp_path: Path) -> None:
+    """Every method (client halves included) gives the local engine's numbers bit for bit."""
     threads = torch.get_num_threads()
     try:
-        config = tiny("raflora", "threads=1")
+        config = tiny(method, "threads=1")
         local = run_local(config, tmp_path / "local", progress=False)
         flower = run_flower(config, tmp_path / "flower", progress=False)
     finally:
@@ -91,9 +97,50 @@ def test_one_thread_everywhere_gives_bit_identical_engines(tmp_path: Path) -> No
     assert all(r["transport_bytes"] > r["upload_bytes"] for r in flower.metrics)
     skip = {"time", "transport_bytes"}
     assert [{k: v for k, v in r.items() if k not in skip} for r in flower.metrics] == strip
-    a, b = load_checkpoint(local.run_dir).state, load_checkpoint(flower.run_dir).state
+    ca, cb = load_checkpoint(local.run_dir), load_checkpoint(flower.run_dir)
+    a, b = ca.state, cb.state
     for name, (B, A) in a.factors.items():
         assert torch.equal(b.factors[name][0], B) and torch.equal(b.factors[name][1], A)
+    assert all(torch.equal(w, cb.base_weights[k]) for k, w in ca.base_weights.items())
+    assert_same_client_states(local.run_dir, flower.run_dir)
+
+
+def assert_same_client_states(a: Path, b: Path) -> None:
+    """The per-client state files of two runs (ILoRA's c_k): same names, same tensors."""
+    files = sorted(p.name for p in (a / CLIENTS_DIR).glob("*.pt"))
+    assert files == sorted(p.name for p in (b / CLIENTS_DIR).glob("*.pt"))
+    for name in files:
+        x = torch.load(a / CLIENTS_DIR / name, weights_only=True)
+        y = torch.load(b / CLIENTS_DIR / name, weights_only=True)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+class StopRunError(Exception):
+    pass
+
+
+def test_flower_resumes_a_run_with_per_client_state_bit_identically(tmp_path: Path) -> None:
+    """ILoRA with control variates and plain SGD: stopped after round 2, resumed on Flower (the
+    server sends each client its c_k from the run directory), equal to an uninterrupted run."""
+    threads = torch.get_num_threads()
+
+    def stop_after_two(row: dict[str, object]) -> None:
+        if row["round"] == 2:
+            raise StopRunError
+
+    try:
+        config = tiny("ilora", "threads=1", "train.optimizer=sgd", "fl.rounds=4")
+        full = run_local(config, tmp_path / "full", progress=False)
+        with pytest.raises(StopRunError):
+            run_local(config, tmp_path / "cut", progress=False, on_round=stop_after_two)
+        assert any((tmp_path / "cut" / CLIENTS_DIR).iterdir())
+        resumed = run_flower(config, tmp_path / "cut", resume=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    skip = {"time", "transport_bytes"}
+    strip = [{k: v for k, v in r.items() if k not in skip} for r in full.metrics]
+    assert [{k: v for k, v in r.items() if k not in skip} for r in resumed.metrics] == strip
+    assert_same_client_states(full.run_dir, resumed.run_dir)
 
 
 def test_failing_nan_and_inflating_clients_are_left_out(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from conftest import config_with
 from method_cases import SYNTHETIC, first_module
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.checkpoint import CHECKPOINT_FILE, CheckpointError
+from raflora.engine.client_round import train_client
 from raflora.engine.client_states import CLIENTS_DIR, ClientStates
-from raflora.engine.federation import train_client
 from raflora.methods import base as methods_base
 from raflora.methods.base import ClientMessage, ClientRound, ClientUpload, Factors, GlobalState
 from raflora.methods.flexlora import FlexLoRA

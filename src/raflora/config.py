@@ -60,6 +60,7 @@ Engine = Literal["local", "flower"]
 Device = Literal["cpu", "cuda", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 LRSchedule = Literal["linear", "constant"]
+Optimizer = Literal["adamw", "sgd"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -151,7 +152,13 @@ class TrainConfig:
     lr: float = field(default=5e-4, metadata=_help("Client learning rate (> 0)."))
     batch_size: int = field(default=32, metadata=_help("Local training batch size."))
     local_epochs: int = field(default=1, metadata=_help("Local epochs per round."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (≥ 0)."))
+    weight_decay: float = field(
+        default=0.0, metadata=_help("Weight decay (≥ 0): decoupled under AdamW, L2 under SGD.")
+    )
+    optimizer: Optimizer = field(
+        default="adamw",
+        metadata=_help("Client optimizer: 'adamw' (the paper's) or 'sgd' (plain, no momentum)."),
+    )
     lr_schedule: LRSchedule = field(
         default="linear",
         metadata=_help("'linear' (lr·(1 − (t−1)/T) in round t of T) or 'constant'."),

@@ -146,7 +146,7 @@ def _local_round(
     ]
     frozen_ids = {id(p) for p in frozen}
     params = [p for p in bank.trainable_parameters() if id(p) not in frozen_ids]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=fed.config.train.weight_decay)
+    optimizer = _optimizer(fed, params, lr)
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
     for param in frozen:
         param.requires_grad_(False)
@@ -155,6 +155,16 @@ def _local_round(
     finally:
         for param in frozen:
             param.requires_grad_(True)
+
+
+def _optimizer(
+    fed: Federation, params: list[torch.nn.Parameter], lr: float
+) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW (the paper's, Appendix E) or plain SGD (no momentum)."""
+    decay = fed.config.train.weight_decay
+    if fed.config.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
 
 
 def _seed_forked(device: torch.device, seed: int) -> None:

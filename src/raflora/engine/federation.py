@@ -156,7 +156,20 @@ class Federation:
             dtype=torch.float32,
             device=self.device,
             base_weights=base,
+            client_ranks=self.client_ranks,
         )
+
+    def merge_initial_residual(self, state: GlobalState) -> GlobalState:
+        """Merge the method's :meth:`~raflora.methods.Method.initial_residual` of the round-0
+        ``state`` into the base model (ILoRA's base shift) and record it in ``base_delta``;
+        ``state`` unchanged for the methods that merge none. Call it once, when a run starts.
+        """
+        residual = self.aggregator.initial_residual(state)
+        if residual is None:
+            return state
+        state = self.aggregator.with_residual(state, residual)
+        self.bank.merge_into_base(residual, state.base_delta)
+        return state
 
     @property
     def wire_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -277,6 +290,9 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
                 f"lora.modules_to_save: no module named {missing[0]!r} in the model "
                 f"(modules trained in full: {', '.join(heads) or 'none'})"
             )
+    problem = aggregator.module_shape_problem(bank.module_shapes())
+    if problem is not None:
+        raise EngineError(f"method {config.method!r}: {problem}")
     return Federation(
         config=config,
         task=task,
@@ -288,17 +304,3 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
         device=device,
         dtype=dtype,
     )
-
-
-_MOVED = {"train_client": "raflora.engine.client_round"}
-
-
-def __getattr__(name: str) -> Any:
-    """``train_client`` moved to :mod:`raflora.engine.client_round`; an import of it from here
-    still works, resolved on first use (that module imports this one, so not at load time).
-    """
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

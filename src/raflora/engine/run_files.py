@@ -289,7 +289,7 @@ def open_run(
         metrics = checkpoint.metrics
         wall_before = checkpoint.wall_seconds
     else:
-        state = fed.initial_state()
+        state = fed.merge_initial_residual(fed.initial_state())
         metrics = []
         wall_before = 0.0
     with writing(run_dir, lambda: len(metrics)):

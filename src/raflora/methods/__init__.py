@@ -103,6 +103,7 @@ METHOD_MODULES = (
     "rolora",
     "fedrot",
     "lora_fair",
+    "ilora",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 

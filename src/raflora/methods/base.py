@@ -385,12 +385,14 @@ class Method(ABC):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         base_weights: Mapping[str, Tensor] | None = None,
+        client_ranks: Sequence[int] = (),
     ) -> GlobalState:
         """Initial global state: ``B_g = 0`` and PEFT's default ``A_g`` init at ``r_max`` (SPEC §2).
 
         Modules are initialised in sorted name order from ``generator``, so the same seed gives
         the same state whatever order the model lists its modules in. ``base_weights`` (module →
-        ``W_0 (d, n)``) is given when :attr:`reads_base_weights` is set.
+        ``W_0 (d, n)``) is given when :attr:`reads_base_weights` is set; ``client_ranks`` is the
+        rank of every client of the federation (ILoRA's control variates count them).
         """
         factors: Factors = {}
         for name in sorted(module_shapes):
@@ -402,6 +404,27 @@ class Method(ABC):
             module_shapes={k: (int(d), int(n)) for k, (d, n) in module_shapes.items()},
             dense={k: v.detach().clone() for k, v in (dense or {}).items()},
         )
+
+    def module_shape_problem(self, module_shapes: Mapping[str, tuple[int, int]]) -> str | None:
+        """Why the method cannot adapt modules of these ``(d, n)`` shapes (``None``: it can).
+
+        The engines ask before the first round and stop with the message.
+        """
+        return None
+
+    def initial_residual(self, state: GlobalState) -> Factors | None:
+        """A factored delta merged into the base weights before round 1 (ILoRA's base shift),
+        given the round-0 ``state``; ``None`` (the default) for a method that merges none.
+        """
+        return None
+
+    def with_residual(self, state: GlobalState, residual: Factors) -> GlobalState:
+        """``state`` with ``residual`` added to ``base_delta`` (every residual merged so far)."""
+        delta = dict(state.base_delta)
+        for name, (B_r, A_r) in residual.items():
+            step = B_r @ A_r  # (d, n): the residual merged into the base
+            delta[name] = delta[name] + step if name in delta else step
+        return replace(state, base_delta=delta)
 
     def client_rank(self, state: GlobalState, client_id: int, declared_rank: int) -> int:
         """The rank client ``client_id`` trains at this round (HetLoRA may have pruned it)."""
@@ -609,11 +632,7 @@ class Method(ABC):
         }
         new_state = replace(state, factors=new_factors, dense=dense, round=state.round + 1)
         if residual is not None:
-            delta = dict(state.base_delta)
-            for name, (B_r, A_r) in residual.items():
-                step = B_r @ A_r  # (d, n): the residual merged into the base this round
-                delta[name] = delta[name] + step if name in delta else step
-            new_state.base_delta = delta
+            new_state = self.with_residual(new_state, residual)
         new_state = self.finish_state(state, new_state, accepted)
         return AggregationResult(
             new_state, tuple(u.client_id for u in accepted), rejected, residual=residual

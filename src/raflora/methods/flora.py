@@ -46,6 +46,7 @@ class FLoRA(Aggregator):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         base_weights: Mapping[str, Tensor] | None = None,
+        client_ranks: Sequence[int] = (),
     ) -> GlobalState:
         """No global factors yet: an empty stack ``(d, 0)``, ``(0, n)`` per module."""
         state = super().init_state(
