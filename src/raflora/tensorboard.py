@@ -58,6 +58,7 @@ _TAGS = {
     "higher_rank_energy": "energy/higher_rank_energy",
     "upload_bytes": "traffic/upload_bytes",
     "download_bytes": "traffic/download_bytes",
+    "transport_bytes": "traffic/transport_bytes",  # Flower: what the transport moved
     "accepted": "clients/accepted",
     "rejected": "clients/rejected",
 }
