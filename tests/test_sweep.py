@@ -329,9 +329,14 @@ def test_a_failed_run_does_not_stop_the_sweep_and_the_exit_code_says_so(
 def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
     config_file: Path, tmp_path: Path
 ) -> None:
-    """A real interruption (SIGINT to the sweep process) at whatever point it reaches."""
+    """A real interruption (SIGINT to the sweep process) at whatever point it reaches.
+
+    Ten rounds per run leave the sweep busy for a while after its first saved round, so the
+    signal lands mid-sweep even when a loaded machine notices that round late (with four, a
+    sweep could finish between the check and the signal, and rightly exit 0).
+    """
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "raflora.cli", "sweep", str(config_file), "fl.rounds=4"]
+    cmd = [sys.executable, "-m", "raflora.cli", "sweep", str(config_file), "fl.rounds=10"]
     cmd += ["task.options.num_train=1500", "--grid", "train.lr=0.005", "--seeds", "0,1"]
     cmd += ["--methods", "raflora", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -358,7 +363,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
     assert "resumed" in done.stdout or "skipped" in done.stdout
     for seed in (0, 1):
         run = out / "train.lr=0.005" / "raflora" / f"seed-{seed}"
-        assert len(read_metrics(run / "metrics.jsonl")) == 4
+        assert len(read_metrics(run / "metrics.jsonl")) == 10
         assert not (run / "run.lock").exists()
 
 
