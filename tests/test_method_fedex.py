@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from hypothesis import given
 from torch import Tensor
 
 import raflora
+from conftest import config_with
 from method_cases import (
+    SYNTHETIC,
     Case,
     Update,
     assert_close,
@@ -19,6 +23,8 @@ from method_cases import (
     pad_rows,
 )
 from raflora.adapters import adapter_name, base_weights
+from raflora.diagnostics import energy_report
+from raflora.engine import run_local
 
 
 def ref_fedex(
@@ -89,3 +95,16 @@ def test_fedex_downloads_factors_plus_last_rounds_residual() -> None:
         assert first.fed.aggregator.download_numel(second.before, r) == sum(
             (d + n) * (r + residual) for d, n in shapes
         )
+
+
+def test_rows_report_the_energy_of_the_merged_residual_too(tmp_path: Path) -> None:
+    fedex = run_local(config_with(SYNTHETIC, method="fedex", **{"fl.rounds": 2}), tmp_path / "x")
+    flora = run_local(config_with(SYNTHETIC, method="flora", **{"fl.rounds": 2}), tmp_path / "y")
+    for row in fedex.metrics:
+        assert 0.0 <= row["residual_higher_rank_energy"] <= 1.0
+    assert all("residual_higher_rank_energy" not in row for row in flora.metrics)  # its stack
+    step = engine_rounds("fedex", 1)[0]
+    assert step.outcome.residual is not None
+    expected = energy_report(step.outcome.residual, [2, 4, 8]).higher_rank_energy
+    got = run_local(config_with(SYNTHETIC, method="fedex", **{"fl.rounds": 1}), tmp_path / "z")
+    assert got.metrics[0]["residual_higher_rank_energy"] == expected

@@ -56,6 +56,7 @@ _TAGS = {
     "train_loss": "train/loss",
     "lr": "train/lr",
     "higher_rank_energy": "energy/higher_rank_energy",
+    "residual_higher_rank_energy": "energy/residual_higher_rank_energy",  # FedEx-LoRA
     "upload_bytes": "traffic/upload_bytes",
     "download_bytes": "traffic/download_bytes",
     "transport_bytes": "traffic/transport_bytes",  # Flower: what the transport moved

@@ -144,6 +144,11 @@ def complete_round(
         if result.state is not None and result.update.client_id in outcome.accepted:
             fed.client_states.put(result.update.client_id, plan.round_index, result.state)
     energy, report = energy_metrics(new_state, list(cfg.fl.rank_levels))
+    if outcome.residual is not None and fed.aggregator.reports_residual_energy:
+        # SPEC §9: a method merging a residual besides its global factors (FedEx-LoRA) also
+        # reports the spectrum of the round's merged residual
+        residual = energy_report(outcome.residual, list(cfg.fl.rank_levels))
+        energy["residual_higher_rank_energy"] = residual.higher_rank_energy
     t2 = device_clock(fed.device)
     row: dict[str, Any] = {
         "round": plan.round_index,

@@ -349,6 +349,9 @@ class Method(ABC):
     single_rank_level: ClassVar[bool] = False
     #: Whether :meth:`init_state` reads the base weights (the engine then passes them).
     reads_base_weights: ClassVar[bool] = False
+    #: Whether rows also report the energy of the round's merged residual
+    #: (``residual_higher_rank_energy``): FedEx-LoRA, whose global factors are not the residual.
+    reports_residual_energy: ClassVar[bool] = False
     #: The method's typed options (a frozen :class:`MethodOptions` dataclass); none by default.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: The client half (:class:`ClientRound`: plain LoRA by default).

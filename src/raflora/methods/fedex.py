@@ -11,6 +11,8 @@ the start of the round, so the global model is exactly ``W + Σ_k p_k B_k A_k``.
 kept factored, ``[B_1 … B_M, −B_g] [p_1 A_1; …; p_M A_M; A_g]`` (rank ``Σ r_k + r_max``), and
 merged through the same mechanism as FLoRA's stack (:meth:`Method.module_residual`); the
 exported adapter is the SVD of every merged residual plus the global product, as FLoRA's is.
+Metrics rows report the energy of the global product (``higher_rank_energy``) and of the
+round's residual (``residual_higher_rank_energy``, SPEC §9).
 
 Exact aggregation, not freedom from rank collapse: the factors themselves are diluted by zero
 padding; the residual absorbs the difference, so the *model* is exact (SPEC §9).
@@ -42,6 +44,7 @@ class FedExLoRA(Method):
     """Zero-padded factor averaging with uncovered indices carried, plus the exact residual."""
 
     name = "fedex"
+    reports_residual_energy = True
 
     def aggregate_module(
         self,
