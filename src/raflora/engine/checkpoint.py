@@ -5,7 +5,9 @@ A checkpoint holds everything a run needs to continue bit-for-bit on the CPU: th
 merges into them, the rounds done (which fixes the learning-rate schedule position) and the
 metrics so far. Every random stream is derived from ``(seed, round, client)``
 (:mod:`raflora.engine.seeds`), so no generator state needs saving: the next round draws exactly
-what it would have drawn without the interruption.
+what it would have drawn without the interruption. A method's per-client state (ILoRA's
+``c_k``) lives beside it, one file per client (:mod:`raflora.engine.client_states`), so a round
+rewrites only the files of its own clients.
 
 The file is written to a unique temporary name, flushed to disk and renamed over the previous
 one, so a kill (or a full disk) at any moment leaves either the old or the new checkpoint, never a
