@@ -58,6 +58,9 @@ def test_state_check_names_tensors_off_the_device() -> None:
     assert state_problems(_state(), torch.device("cpu")) == []
     meta = _state(delta=torch.zeros(4, 3, device="meta"))
     assert state_problems(meta, torch.device("cpu")) == ["base_delta[layer.q] on meta, not cpu"]
+    extras = _state()
+    extras.extras = {"c": {"layer.q": (torch.zeros(4, 2), torch.zeros(2, 3, device="meta"))}}
+    assert state_problems(extras, torch.device("cpu")) == ["extras on meta, not cpu"]
 
 
 @pytest.mark.parametrize("where", ["B", "head", "delta"])

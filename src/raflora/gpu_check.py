@@ -289,6 +289,17 @@ def _state_tensors(state: GlobalState) -> Iterable[tuple[str, Tensor]]:
         yield f"dense[{name}]", value
     for name, value in state.base_delta.items():
         yield f"base_delta[{name}]", value
+    from raflora.methods.base import map_tensors
+
+    found: list[Tensor] = []
+
+    def keep(tensor: Tensor) -> Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_tensors(state.extras, keep)  # the method's own state: ILoRA's control variate …
+    for tensor in found:
+        yield "extras", tensor
 
 
 def state_problems(state: GlobalState, device: torch.device | None, where: str = "") -> list[str]:
