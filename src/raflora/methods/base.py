@@ -7,7 +7,7 @@ typed options. Its **server half** answers, for a whole model (a dict of modules
 * what a client of rank ``r`` is sent (:meth:`Method.client_message`: factors and named extras);
 * how the accepted client updates become the next global state (:meth:`Method.aggregate`, per
   module :meth:`Method.aggregate_module`), and the residual merged into the base weights
-  (:meth:`Method.base_residual`: FLoRA's stack, FedEx-LoRA's residual);
+  (:meth:`Method.module_residual`: FLoRA's stack, FedEx-LoRA's residual);
 * the algorithmic traffic (:meth:`Method.download_numel`, :meth:`Method.upload_bytes`, SPEC §8).
 
 Its **client half** is a :class:`ClientRound` (:meth:`Method.client_round`): the local factors
@@ -103,7 +103,7 @@ class GlobalState:
     round : int
         Number of aggregations performed so far.
     base_delta : dict[str, Tensor]
-        Methods that merge a residual into the base weights (:meth:`Method.base_residual`:
+        Methods that merge a residual into the base weights (:meth:`Method.module_residual`:
         FLoRA, FedEx-LoRA): every residual merged so far, ``Σ_t B_t A_t`` (``(d, n)`` per
         module); empty for the others.
     extras : dict[str, Any]
@@ -180,7 +180,7 @@ class AggregationResult:
 
     ``rejected`` maps client id → the reason its update was left out. When no update was
     accepted, ``state`` is the previous state, unchanged. ``residual`` is the factored delta to
-    merge into the base weights this round (:meth:`Method.base_residual`: FLoRA's stack,
+    merge into the base weights this round (:meth:`Method.module_residual`: FLoRA's stack,
     FedEx-LoRA's residual), else ``None``.
     """
 
