@@ -31,7 +31,11 @@ def test_the_shift_variant_keeps_the_model_and_needs_one_rank_level() -> None:
     W = randn(0, 6, 5)
     method = get_aggregator("ilora", [3], qr_init="shift")
     state = method.init_state(
-        {"m": (6, 5)}, generator=torch.Generator(), base_weights={"m": W}, dtype=torch.float64
+        {"m": (6, 5)},
+        generator=torch.Generator(),
+        base_weights={"m": W},
+        client_ranks=[3, 3],
+        dtype=torch.float64,
     )
     B_s, A_s = method.initial_residual(state)["m"]  # type: ignore[index]
     B, A = state.factors["m"]
@@ -40,6 +44,8 @@ def test_the_shift_variant_keeps_the_model_and_needs_one_rank_level() -> None:
     torch.testing.assert_close(W + B_s @ A_s + B @ A, W)  # shifted base + adapter = W_0
     with pytest.raises(ValueError, match="single rank level"):
         get_aggregator("ilora", [2, 4], qr_init="shift")
+    with pytest.raises(ValueError, match="need client_ranks"):
+        method.init_state({"m": (6, 5)}, generator=torch.Generator(), base_weights={"m": W})
 
 
 @given(cases())

@@ -201,9 +201,15 @@ class ILoRA(Method):
         base_weights: Mapping[str, Tensor] | None = None,
         client_ranks: Sequence[int] = (),
     ) -> GlobalState:
-        """QR initialisation from ``base_weights`` (required); zero control variates."""
+        """QR initialisation from ``base_weights`` (required); zero control variates, with the
+        federation's ``client_ranks`` (required with them) counted per rank index."""
         if base_weights is None:
             raise ValueError("ilora's QR initialisation needs the base weights")
+        if self.options.control_variates and not client_ranks:
+            raise ValueError(
+                "ilora's control variates need client_ranks (every client's rank: K_j counts "
+                "the clients holding index j)"
+            )
         problem = self.module_shape_problem(module_shapes)
         if problem is not None:
             raise ValueError(problem)
