@@ -202,7 +202,8 @@ class ILoRA(Method):
         client_ranks: Sequence[int] = (),
     ) -> GlobalState:
         """QR initialisation from ``base_weights`` (required); zero control variates, with the
-        federation's ``client_ranks`` (required with them) counted per rank index."""
+        federation's ``client_ranks`` (required with them) counted per rank index.
+        """
         if base_weights is None:
             raise ValueError("ilora's QR initialisation needs the base weights")
         if self.options.control_variates and not client_ranks:
