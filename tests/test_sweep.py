@@ -350,12 +350,20 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
             time.sleep(0.02)
         if proc.poll() is not None:
             pytest.skip("the sweep finished before it could be interrupted")
-        proc.send_signal(signal.SIGINT)
+        # CPython drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored in
+        # …"), so one Ctrl-C can be lost: like a user, press it again if the sweep goes on
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=3)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (proc.returncode, err)
     assert "run the same command again to continue" in err
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
