@@ -236,3 +236,13 @@ def test_a_checkpoint_written_by_0_1_is_migrated_and_an_unknown_version_refused(
     with pytest.raises(CheckpointError, match="version 7"):
         load_checkpoint(tmp_path)
     json.dumps(migrated.extras)  # plain ints: printable, comparable
+
+
+def test_an_unreadable_client_state_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / CLIENTS_DIR).mkdir()
+    bad = tmp_path / CLIENTS_DIR / "client-3.r2.pt"
+    bad.write_bytes(b"not a torch file")
+    store = ClientStates(tmp_path, rounds_done=2)
+    with pytest.raises(CheckpointError, match="client-3.r2.pt: cannot read client 3's state"):
+        store.get(3)
+    assert store.get(4) is None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from raflora.engine.checkpoint import CheckpointError
 from raflora.engine.rundir import atomic_write_bytes, remove_leftovers
 
 __all__ = ["CLIENTS_DIR", "ClientStates"]
@@ -74,7 +75,13 @@ class ClientStates:
             state = self._memory[client_id]
         elif self._files.get(client_id):
             path = self._files[client_id][-1][1]
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # any unreadable file gets the same message
+                raise CheckpointError(
+                    f"{path}: cannot read client {client_id}'s state ({err}); the run cannot "
+                    "continue without it"
+                ) from None
         else:
             return None
         return {k: v.to(device) for k, v in state.items()}
