@@ -243,6 +243,6 @@ def test_an_unreadable_client_state_is_a_checkpoint_error_naming_the_file(tmp_pa
     bad = tmp_path / CLIENTS_DIR / "client-3.r2.pt"
     bad.write_bytes(b"not a torch file")
     store = ClientStates(tmp_path, rounds_done=2)
-    with pytest.raises(CheckpointError, match="client-3.r2.pt: cannot read client 3's state"):
+    with pytest.raises(CheckpointError, match=r"client-3\.r2\.pt: cannot read client 3's state"):
         store.get(3)
     assert store.get(4) is None
