@@ -326,6 +326,12 @@ def test_a_failed_run_does_not_stop_the_sweep_and_the_exit_code_says_so(
     assert len(json.loads((out / "sweep.json").read_text())["failed"]) == 2
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT handled by default and not blocked."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
     config_file: Path, tmp_path: Path
 ) -> None:
@@ -339,8 +345,21 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
     cmd = [sys.executable, "-m", "raflora.cli", "sweep", str(config_file), "fl.rounds=10"]
     cmd += ["task.options.num_train=1500", "--grid", "train.lr=0.005", "--seeds", "0,1"]
     cmd += ["--methods", "raflora", "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the sweep starts as from a shell: Ray (earlier tests in this process) adds its own paths
+    # to PYTHONPATH and a PYTHONBREAKPOINT; SIGINT at its default disposition and unblocked,
+    # whatever this process inherited or set (an ignored SIGINT is inherited across exec)
+    polluted = ("PYTHONPATH", "PYTHONBREAKPOINT")
+    env = {k: v for k, v in os.environ.items() if k not in polluted}
+    env["PYTHONUNBUFFERED"] = "1"
+    here = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     first = out / "train.lr=0.005" / "raflora" / "seed-0"
     try:
         deadline = time.monotonic() + 120
@@ -363,7 +382,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues_it(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, (proc.returncode, err)
+    assert proc.returncode == 130, (proc.returncode, err, here)
     assert "run the same command again to continue" in err
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
