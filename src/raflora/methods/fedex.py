@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from raflora.methods.base import GlobalState, Method, register
-from raflora.methods.padding import carried_factor_average, weights_of
+from raflora.methods.padding import carried_factor_average, stacked_factors
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["FedExLoRA"]
@@ -65,12 +65,8 @@ class FedExLoRA(Method):
         round_index: int = 1,
     ) -> tuple[Tensor, Tensor] | None:
         """``[B_1 … B_M, −B_g] [p_1 A_1; …; p_M A_M; A_g]`` (rank ``Σ r_k + r_max``)."""
-        p = weights_of(updates).tolist()
-        B_res = torch.cat([B for B, _, _ in updates] + [-new[0]], dim=-1)
-        A_res = torch.cat(
-            [A * w for (_, A, _), w in zip(updates, p, strict=True)] + [new[1]], dim=-2
-        )
-        return B_res, A_res
+        B_s, A_s = stacked_factors(updates)
+        return torch.cat([B_s, -new[0]], dim=-1), torch.cat([A_s, new[1]], dim=-2)
 
     def finish_state(
         self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]

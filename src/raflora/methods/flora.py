@@ -25,8 +25,8 @@ from raflora.methods.base import (
     GlobalState,
     lora_a_init,
     register,
-    sample_weights,
 )
+from raflora.methods.padding import stacked_factors
 
 __all__ = ["FLoRA"]
 
@@ -98,10 +98,7 @@ class FLoRA(Aggregator):
         round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """The stack ``B_s (…, d, Σ r_k)``, ``A_s (…, Σ r_k, n)``: ``B_s A_s = Σ p_k B_k A_k``."""
-        p = sample_weights([n for _, _, n in updates], like=updates[0][0])
-        B_s = torch.cat([B for B, _, _ in updates], dim=-1)
-        A_s = torch.cat([A * w for (_, A, _), w in zip(updates, p.tolist(), strict=True)], dim=-2)
-        return B_s, A_s
+        return stacked_factors(updates)
 
     def module_residual(
         self,

@@ -57,7 +57,7 @@ from raflora.methods.base import (
     register,
 )
 from raflora.methods.options import MethodOptions, option
-from raflora.methods.padding import weights_of
+from raflora.methods.padding import stacked_factors
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["ILoRA", "ILoRAOptions", "qr_aggregate"]
@@ -290,9 +290,7 @@ class ILoRA(Method):
         round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """The reduced QR of ``Σ p_k B_k A_k`` truncated to ``r_max`` (from factors)."""
-        p = weights_of(updates).tolist()
-        B_cat = torch.cat([B for B, _, _ in updates], dim=-1)
-        A_cat = torch.cat([A * w for (_, A, _), w in zip(updates, p, strict=True)], dim=-2)
+        B_cat, A_cat = stacked_factors(updates)
         Q, R = qr_aggregate(B_cat, A_cat, self.r_max)
         dtype = updates[0][0].dtype
         return Q.to(dtype), R.to(dtype)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from raflora.methods.base import Method, register
 from raflora.methods.options import MethodOptions, option
-from raflora.methods.padding import carried_factor_average, weights_of
+from raflora.methods.padding import carried_factor_average, stacked_factors
 
 __all__ = ["LoRAFAIR", "LoRAFAIROptions", "fair_objective", "refine_b"]
 
@@ -121,9 +121,7 @@ class LoRAFAIR(Method):
     ) -> tuple[Tensor, Tensor]:
         """``(B̄ + ΔB, Ā)``."""
         B_bar, A_bar = carried_factor_average(updates, previous, self.r_max)
-        p = weights_of(updates).tolist()
-        B_cat = torch.cat([B for B, _, _ in updates], dim=-1)
-        A_cat = torch.cat([A * w for (_, A, _), w in zip(updates, p, strict=True)], dim=-2)
+        B_cat, A_cat = stacked_factors(updates)
         opts = self.options
         B = refine_b(
             B_bar,

@@ -21,6 +21,7 @@ __all__ = [
     "pad_rank",
     "padded_average",
     "rank_index_average",
+    "stacked_factors",
     "weights_of",
 ]
 
@@ -110,3 +111,14 @@ def carried_factor_average(
     B = padded_average([B for B, _, _ in updates], p, rank, -1)
     A = padded_average([A for _, A, _ in updates], p, rank, -2)
     return carry_uncovered((B, A), previous, covered_rank(updates))
+
+
+def stacked_factors(updates: Sequence[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """FLoRA's stack ``B_s = [B_1 … B_M]`` (…, d, Σ r_k), ``A_s = [p_1 A_1; …; p_M A_M]``
+    (…, Σ r_k, n): ``B_s A_s = Σ p_k B_k A_k`` exactly, without forming it (FLoRA, FedEx-LoRA's
+    residual, ILoRA's and LoRA-FAIR's ``ΔW*``).
+    """
+    p = weights_of(updates).tolist()
+    B_s = torch.cat([B for B, _, _ in updates], dim=-1)
+    A_s = torch.cat([A * w for (_, A, _), w in zip(updates, p, strict=True)], dim=-2)
+    return B_s, A_s
