@@ -1,8 +1,8 @@
 """The shape of the paper's Figures 2, 6, 7a–d and 9a on the offline ``digits`` task, FlexLoRA vs
 raFLoRA over 3 seeds, written up claim by claim in ``docs/reproduction.md``.
 
-Every run is an ordinary run directory of :mod:`raflora.sweep` (one sweep per study under
-``--out``, each with its ``sweep.md`` / ``sweep.json`` / plots), so rerunning the same command
+Every run is an ordinary run directory of :mod:`raflora.experiments.sweep` (one sweep per study
+under ``--out``, each with its ``sweep.md`` / ``sweep.json`` / plots), so rerunning the same command
 skips the finished runs and resumes an interrupted one. The studies (:data:`STUDIES`) start from
 ``configs/quickstart.yaml`` (50 clients, 10 a round, ``dir-a0.5``, 40 rounds) with the paper's
 default ranks ``{8, 16, 32, 48, 64}`` (``dist-1``):
@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raflora.sweep import RunOutcome, RunSpec, Setting, SweepError, parse_grid, settings_of
+from raflora.experiments.sweep import (
+    RunOutcome,
+    RunSpec,
+    Setting,
+    SweepError,
+    parse_grid,
+    settings_of,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -199,7 +206,7 @@ def build_plan(out: Path, *, quick: bool, seeds: Sequence[int]) -> Plan:
     SweepError
         With the problems of every study, each prefixed by the study.
     """
-    from raflora.sweep import plan_runs
+    from raflora.experiments.sweep import plan_runs
 
     plan = Plan()
     problems: list[str] = []
@@ -242,7 +249,7 @@ class Results:
 
     def values(self, study: str, value: str, method: str, metric: str) -> dict[int, float]:
         """Seed → the metric of one method at one setting (finished runs only)."""
-        from raflora.experiments_report import metric_value
+        from raflora.experiments.report import metric_value
 
         out: dict[int, float] = {}
         for seed, summary in self.cells[study].get(value, {}).get(method, {}).items():
@@ -269,8 +276,8 @@ def collect(plan: Plan, outcomes: Sequence[RunOutcome]) -> Results:
 
 
 def write_sweep_reports(out: Path, plan: Plan, results: Results, seeds: Sequence[int]) -> None:
-    """Each study's ``sweep.md``, ``sweep.json`` and plots (:mod:`raflora.experiments_report`)."""
-    from raflora.experiments_report import write_sweep_report
+    """Each study's ``sweep.md``, ``sweep.json`` and plots (:mod:`raflora.experiments.report`)."""
+    from raflora.experiments.report import write_sweep_report
 
     for key, settings in plan.studies.items():
         cells = {s.label: results.cells[key][s.choices[0][1]] for s in settings}
@@ -301,7 +308,7 @@ class Gain:
 
 def gain(results: Results, study: str, value: str, metric: str = ACC) -> Gain:
     """Both methods' statistics and their paired difference at one setting."""
-    from raflora.stats import describe, paired
+    from raflora.experiments.stats import describe, paired
 
     flex = results.values(study, value, BASELINE, metric)
     ra = results.values(study, value, METHOD, metric)
@@ -322,7 +329,7 @@ def gain_per_seed(results: Results, study: str, value: str, metric: str = ACC) -
 
 def compare_seeds(a: Mapping[int, float], b: Mapping[int, float]) -> Any:
     """``a − b`` paired over the seeds both have (``None`` without any)."""
-    from raflora.stats import paired
+    from raflora.experiments.stats import paired
 
     return paired(a, b) if set(a) & set(b) else None
 
@@ -675,7 +682,7 @@ def preset_label(name: str) -> str:
     """A rank preset's name and levels, or its probabilities when they are not uniform."""
     import yaml
 
-    from raflora.sweep import resolve_preset
+    from raflora.experiments.sweep import resolve_preset
 
     fl = yaml.safe_load(resolve_preset(name).read_text(encoding="utf-8"))["fl"]
     probs = fl.get("rank_probs")
@@ -936,8 +943,8 @@ def write_doc(
         "models and datasets: what can be reproduced is the *shape* of each figure (which "
         "method is ahead, how the gap moves), not its numbers. Statistics: mean ± sample std "
         "over seeds; differences are raFLoRA − FlexLoRA paired by seed, with their Student-t "
-        "95 % confidence interval (`raflora.stats`) and wins/ties/losses over the seeds. "
-        "Accuracy is the final evaluation's (round "
+        "95 % confidence interval (`raflora.experiments.stats`) and wins/ties/losses over "
+        "the seeds. Accuracy is the final evaluation's (round "
         f"{QUICK_ROUNDS if quick else ROUNDS}); HRE is the final higher-rank energy "
         "`1 − ρ_r1` of the global update (averaged over the adapted layers).",
         "",
@@ -1062,7 +1069,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) every study, then write the sweep reports, the figures and the doc."""
     from raflora.cli.sweep import progress_printer
-    from raflora.sweep import run_plan
+    from raflora.experiments.sweep import run_plan
 
     args = parse_args(argv)
     # transformers' deprecation warnings would repeat once per run in every worker process

@@ -8,7 +8,7 @@
 #                        [--dtypes float32,bfloat16] [--no-resume] [--keep DIR]
 #
 # --device cuda is the default; --device cpu rehearses the same checks without a GPU.
-# Details of each check: python -m raflora.gpu_check --help, and src/raflora/gpu_check.py.
+# Details of each check: python -m raflora.experiments.gpu_check --help, and src/raflora/experiments/gpu_check.py.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,4 +20,4 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # Deterministic cuBLAS for every run (the resume check compares runs bit for bit).
 export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
-exec "$PYTHON" -m raflora.gpu_check "$@"
+exec "$PYTHON" -m raflora.experiments.gpu_check "$@"

@@ -20,7 +20,6 @@ from transformers import (
 from raflora.adapters import (
     PEFT_PREFIX,
     AdapterBank,
-    export_peft_adapter,
     get_dense,
     get_factors,
     lora_scaling,
@@ -29,6 +28,7 @@ from raflora.adapters import (
     trainable_parameters,
     wrap_model,
 )
+from raflora.engine.export import export_peft_adapter
 from raflora.methods.base import Factors
 
 VIT_TARGETS = ["q_proj", "v_proj", "fc1"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from raflora.cli import main
-from raflora.experiments_report import (
+from raflora.experiments.report import (
     default_metrics,
     metric_problems,
     metric_value,

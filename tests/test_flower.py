@@ -26,7 +26,7 @@ from raflora.engine.client_states import CLIENTS_DIR
 from raflora.flower import RankStrategy, run_flower
 from raflora.flower.records import ARRAYS, METRICS, encode_result
 from raflora.methods import ClientMessage, available_methods
-from raflora.methods.base import unsupported_reason
+from raflora.methods.registry import unsupported_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -1,4 +1,4 @@
-"""The device checks of ``scripts/gpu_check.sh`` (:mod:`raflora.gpu_check`).
+"""The device checks of ``scripts/gpu_check.sh`` (:mod:`raflora.experiments.gpu_check`).
 
 Tests marked ``gpu`` run the script's checks on CUDA and are skipped without it; the others run
 its pieces on the CPU so the check cannot rot on machines without a GPU.
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from raflora.config import config_from_dict
 from raflora.engine import build_federation
-from raflora.gpu_check import (
+from raflora.experiments.gpu_check import (
     DTYPES,
     MODELS,
     Assets,

@@ -15,7 +15,7 @@ from raflora.config import ConfigError, RunConfig
 from raflora.engine import build_federation, run_local
 from raflora.engine import client_round as client_round_module
 from raflora.engine.client_round import train_client
-from raflora.engine.federation import device_clock
+from raflora.engine.metering import device_clock
 from raflora.engine.run_files import open_run
 from raflora.methods import ClientUpdate, get_aggregator
 from raflora.methods.validation import DeviceMismatchError, DTypeError

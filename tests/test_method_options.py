@@ -20,7 +20,6 @@ from raflora.methods import (
     get_aggregator,
     register,
 )
-from raflora.methods.base import options_for, resolve_method_options
 from raflora.methods.hetlora import HetLoRAOptions
 from raflora.methods.options import (
     MethodOptions,
@@ -30,6 +29,7 @@ from raflora.methods.options import (
     parse_options,
 )
 from raflora.methods.raflora import RaFLoRAOptions
+from raflora.methods.registry import options_for, resolve_method_options
 
 BOTH = {"raflora": {"empty_partition": "drop"}, "hetlora": {"weighting": "samples"}}
 
@@ -288,7 +288,7 @@ def test_compare_all_runs_every_method_that_supports_the_ranks_and_lists_the_oth
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from raflora.methods import available_methods
-    from raflora.methods.base import unsupported_reason
+    from raflora.methods.registry import unsupported_reason
 
     assert unsupported_reason("fedit", [2, 4]) is not None
     assert unsupported_reason("fedit", [4]) is None

@@ -16,7 +16,7 @@ import torch
 import raflora
 from conftest import config_with
 from raflora.engine import run_local
-from raflora.provenance import add_session, git_revision, package_versions
+from raflora.report.provenance import add_session, git_revision, package_versions
 
 SYNTHETIC: dict[str, Any] = {
     "method": "raflora",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from raflora.stats import describe, paired, t_quantile
+from raflora.experiments.stats import describe, paired, t_quantile
 
 # two-sided 95 % critical values t_{0.975, df} from a printed table
 T_TABLE = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 30: 2.0423}

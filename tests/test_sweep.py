@@ -19,8 +19,7 @@ from raflora.cli.sweep import keep_going_hint
 from raflora.config import load_config
 from raflora.engine import load_checkpoint, run_local
 from raflora.engine.run_files import saved_rounds
-from raflora.report import read_metrics
-from raflora.sweep import (
+from raflora.experiments.sweep import (
     SweepError,
     parse_grid,
     plan_runs,
@@ -28,6 +27,7 @@ from raflora.sweep import (
     settings_of,
     split_values,
 )
+from raflora.report import read_metrics
 
 CONFIG = {
     "method": "raflora",

@@ -17,7 +17,7 @@ from raflora.config import ConfigError, environment_problems, validate
 from raflora.diagnostics import energy_report
 from raflora.engine import run_local
 from raflora.report import read_metrics
-from raflora.tensorboard import (
+from raflora.report.tensorboard import (
     TensorBoardMissingError,
     round_scalars,
     session_files,

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from raflora.methods import available_methods, get_aggregator
-from raflora.methods.base import unsupported_reason
+from raflora.methods.registry import unsupported_reason
 from raflora.methods.validation import (
     ClientUpdate,
     InvalidUpdateError,

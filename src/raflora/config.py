@@ -657,7 +657,7 @@ def validate(config: RunConfig, *, methods: Sequence[str] | None = None) -> list
     """
     from raflora.data import parse_partition
     from raflora.methods import available_methods
-    from raflora.methods.base import unsupported_reason
+    from raflora.methods.registry import unsupported_reason
 
     problems: list[str] = []
     if not isinstance(config, RunConfig):
@@ -807,8 +807,8 @@ def _method_problems(
     (its own checks against the rank levels) only when ``method_ok`` and it is among them.
     """
     from raflora.methods import available_methods, get_aggregator
-    from raflora.methods.base import resolve_method_options
     from raflora.methods.options import OptionsError
+    from raflora.methods.registry import resolve_method_options
 
     known = available_methods()
     problems = [
@@ -861,8 +861,8 @@ def describe_config() -> str:
         One entry per key: dotted name, type, default and help text; then one section per
         method with each option's name, type or allowed values, default and help text.
     """
-    from raflora.methods.base import method_options_classes
     from raflora.methods.options import describe_options
+    from raflora.methods.registry import method_options_classes
 
     lines: list[str] = ["Configuration keys (set in YAML or override as section.key=value):"]
     _describe(RunConfig, "", lines)

@@ -35,8 +35,8 @@ import torch
 
 from raflora.diagnostics import energy_spectrum
 from raflora.methods import get_aggregator
-from raflora.methods.base import method_options_classes
 from raflora.methods.options import option_specs
+from raflora.methods.registry import method_options_classes
 
 __all__ = [
     "TheoryResult",

@@ -17,8 +17,9 @@ Only ``nn.Linear``-style LoRA layers (``peft.tuners.lora.Linear``) are supported
 Submodules: :mod:`~raflora.adapters.factors` (effective factors, LoRA scaling),
 :mod:`~raflora.adapters.heads` (``modules_to_save`` tensors, trainable parameters),
 :mod:`~raflora.adapters.merge` (base weights, FLoRA merge), :mod:`~raflora.adapters.bank`
-(:class:`AdapterBank`, :func:`wrap_model`) and :mod:`~raflora.adapters.peft_export`
-(:func:`export_peft_adapter`).
+(:class:`AdapterBank`, :func:`wrap_model`). Writing a PEFT adapter directory
+(:func:`~raflora.engine.export.export_peft_adapter`) is in :mod:`raflora.engine.export`, the one
+place for export.
 """
 
 from raflora.adapters.bank import AdapterBank, wrap_model
@@ -41,14 +42,12 @@ from raflora.adapters.merge import (
     merge_into_base,
     set_merged_base,
 )
-from raflora.adapters.peft_export import export_peft_adapter
 
 __all__ = [
     "PEFT_PREFIX",
     "AdapterBank",
     "adapter_name",
     "base_weights",
-    "export_peft_adapter",
     "get_dense",
     "get_factors",
     "live_factors",

@@ -27,7 +27,7 @@ from raflora.cli.sweep import (
     write_failure,
 )
 from raflora.config import validate
-from raflora.sweep import method_config
+from raflora.experiments.sweep import method_config
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_METHODS", "method_config", "register", "run"]
 
@@ -110,7 +110,7 @@ def _every_method(
     import sys
 
     from raflora.methods import available_methods
-    from raflora.methods.base import unsupported_reason
+    from raflora.methods.registry import unsupported_reason
 
     every = available_methods()
     base = load_run_config(config_path, overrides, methods=every)
@@ -176,9 +176,9 @@ def _run_seeds(
     seeds: list[int],
 ) -> int:
     """Several seeds: every method × seed in ``OUT/<method>/seed-<s>/``, then statistics."""
-    from raflora.experiments_report import default_metrics, write_seed_comparison
+    from raflora.experiments.report import default_metrics, write_seed_comparison
+    from raflora.experiments.sweep import SweepError, plan_runs, run_plan, settings_of
     from raflora.report import read_metrics
-    from raflora.sweep import SweepError, plan_runs, run_plan, settings_of
 
     baseline = args.baseline if args.baseline is not None else DEFAULT_BASELINE
     metrics, problems = parse_metrics(args.metrics)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora export``."""
     from raflora.engine import load_checkpoint, write_adapter
     from raflora.methods import get_aggregator
-    from raflora.methods.base import options_for
+    from raflora.methods.registry import options_for
 
     saved = args.run_dir / "config.yaml"
     if not saved.is_file():

@@ -14,7 +14,7 @@ from raflora.cli.common import CLIError, parse_int_list
 from raflora.cli.runs import split_config_args
 
 if TYPE_CHECKING:
-    from raflora.sweep import GridAxis, RunOutcome
+    from raflora.experiments.sweep import GridAxis, RunOutcome
 
 __all__ = [
     "DEFAULT_SWEEP_METHODS",
@@ -101,7 +101,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse_metrics(text: str | None) -> tuple[list[str] | None, list[str]]:
     """``--metrics`` as names (``None`` when not given) and the problems with them."""
-    from raflora.experiments_report import metric_problems
+    from raflora.experiments.report import metric_problems
 
     if text is None:
         return None, []
@@ -214,7 +214,7 @@ def _tally(outcomes: Sequence[RunOutcome]) -> str:
 
 
 def _axes(specs: Sequence[str]) -> tuple[list[GridAxis], list[str]]:
-    from raflora.sweep import SweepError, parse_grid
+    from raflora.experiments.sweep import SweepError, parse_grid
 
     axes: list[GridAxis] = []
     problems: list[str] = []
@@ -228,8 +228,8 @@ def _axes(specs: Sequence[str]) -> tuple[list[GridAxis], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora sweep``."""
-    from raflora.experiments_report import default_metrics, write_sweep_report
-    from raflora.sweep import SweepError, plan_runs, run_plan, settings_of
+    from raflora.experiments.report import default_metrics, write_sweep_report
+    from raflora.experiments.sweep import SweepError, plan_runs, run_plan, settings_of
 
     files, overrides = split_config_args(args.config, args.overrides)
     if files is None:

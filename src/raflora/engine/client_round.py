@@ -23,7 +23,8 @@ from torch import Tensor
 
 from raflora.adapters import live_factors, lora_parameters
 from raflora.engine import seeds
-from raflora.engine.federation import Federation, device_clock
+from raflora.engine.federation import Federation
+from raflora.engine.metering import device_clock
 from raflora.methods import ClientUpdate
 from raflora.methods.base import ClientMessage, ClientRound
 from raflora.tasks import move_batch

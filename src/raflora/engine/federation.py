@@ -4,8 +4,9 @@ A :class:`Federation` holds the one base model in memory (wrapped by an
 :class:`~raflora.adapters.AdapterBank` with one adapter per client rank), the task, the
 aggregator, each client's fixed rank and data indices; :func:`build_federation` builds it from a
 run configuration (the task, the data split, the client ranks, the wrapped base model). The
-helpers here (:func:`resolve_device`, :func:`learning_rate`, :func:`device_clock`,
-:func:`tensor_bytes`) are shared by both halves of a round.
+helpers here (:func:`resolve_device`, :func:`learning_rate`) are shared by both halves of a
+round; what a round measures (time on the device, bytes on the wire) is in
+:mod:`raflora.engine.metering`.
 
 A client's local training is in :mod:`raflora.engine.client_round`, evaluation in
 :mod:`raflora.engine.evaluation`; neither is imported here (they import this module).
@@ -13,8 +14,6 @@ A client's local training is in :mod:`raflora.engine.client_round`, evaluation i
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,17 +27,16 @@ from raflora.engine import seeds
 from raflora.engine.client_states import ClientStates
 from raflora.engine.errors import EngineError
 from raflora.methods import Aggregator, GlobalState, get_aggregator
-from raflora.methods.base import ClientMessage, options_for
+from raflora.methods.base import ClientMessage
+from raflora.methods.registry import options_for
 from raflora.tasks import Task, TaskError, build_task
 
 __all__ = [
     "EngineError",
     "Federation",
     "build_federation",
-    "device_clock",
     "learning_rate",
     "resolve_device",
-    "tensor_bytes",
 ]
 
 
@@ -63,26 +61,6 @@ def learning_rate(config: RunConfig, round_index: int) -> float:
     if config.train.lr_schedule == "constant":
         return float(config.train.lr)
     return float(config.train.lr) * (1.0 - (round_index - 1) / config.fl.rounds)
-
-
-def device_clock(device: torch.device) -> float:
-    """``time.perf_counter()`` after the device's queued work is done.
-
-    CUDA kernels run asynchronously: without synchronising, a time split taken on the host
-    books the kernels' time to whatever happens to wait for them next.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def tensor_bytes(tensors: Mapping[str, Any]) -> int:
-    """Bytes of every tensor in a mapping of tensors or ``(B, A)`` pairs (SPEC §8)."""
-    total = 0
-    for value in tensors.values():
-        parts = value if isinstance(value, tuple) else (value,)
-        total += sum(t.numel() * t.element_size() for t in parts)
-    return total
 
 
 @dataclass

@@ -39,7 +39,6 @@ from raflora.engine.export import write_adapter
 from raflora.engine.federation import EngineError, Federation, build_federation
 from raflora.engine.rundir import RunLock, atomic_write_bytes, remove_leftovers, writing
 from raflora.methods import GlobalState
-from raflora.provenance import ENVIRONMENT_FILE, add_session, session_info
 from raflora.report import (
     ENERGY_FILE,
     append_energy,
@@ -48,7 +47,8 @@ from raflora.report import (
     truncate_jsonl,
     write_run_plots,
 )
-from raflora.tensorboard import TENSORBOARD_DIR, spectrum_shares, start_session, write_round
+from raflora.report.provenance import ENVIRONMENT_FILE, add_session, session_info
+from raflora.report.tensorboard import TENSORBOARD_DIR, spectrum_shares, start_session, write_round
 
 __all__ = [
     "METRICS_FILE",
@@ -311,7 +311,7 @@ def open_run(
 
 
 def _record_environment(fed: Federation, run_dir: Path, *, first_round: int, resume: bool) -> None:
-    """Add this session to ``environment.json`` (see :mod:`raflora.provenance`)."""
+    """Add this session to ``environment.json`` (see :mod:`raflora.report.provenance`)."""
     path = run_dir / ENVIRONMENT_FILE
     session = session_info(
         device=fed.device,

@@ -19,7 +19,8 @@ from raflora.diagnostics import EnergyReport, energy_report
 from raflora.engine import seeds
 from raflora.engine.client_round import ClientResult, train_client
 from raflora.engine.evaluation import evaluate_round
-from raflora.engine.federation import Federation, device_clock, learning_rate, tensor_bytes
+from raflora.engine.federation import Federation, learning_rate
+from raflora.engine.metering import device_clock, tensor_bytes
 from raflora.methods import GlobalState
 
 __all__ = [

@@ -17,12 +17,7 @@ from raflora.methods.base import (
     Factors,
     GlobalState,
     Method,
-    available_methods,
-    get_aggregator,
     lora_a_init,
-    options_for,
-    register,
-    resolve_method_options,
     sample_weights,
     weighted_average,
 )
@@ -36,6 +31,13 @@ from raflora.methods.raflora import (
     RaFLoRAOptions,
     partition_bounds,
     partition_weights,
+)
+from raflora.methods.registry import (
+    available_methods,
+    get_aggregator,
+    options_for,
+    register,
+    resolve_method_options,
 )
 from raflora.methods.validation import (
     BadSampleCountError,

@@ -32,8 +32,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raflora.methods.base import GlobalState, Method, register
+from raflora.methods.base import GlobalState, Method
 from raflora.methods.padding import carried_factor_average, stacked_factors
+from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["FedExLoRA"]

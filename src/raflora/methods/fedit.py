@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from raflora.methods.base import Aggregator, register, sample_weights, weighted_average
+from raflora.methods.base import Aggregator, sample_weights, weighted_average
 from raflora.methods.options import MethodOptions
+from raflora.methods.registry import register
 
 __all__ = ["FedIT"]
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raflora.methods.base import ClientRound, ClientUpload, Factors, Method, register
+from raflora.methods.base import ClientRound, ClientUpload, Factors, Method
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import carried_factor_average
+from raflora.methods.registry import register
 
 __all__ = ["FedRotLoRA", "FedRotOptions", "procrustes_rotation"]
 

@@ -27,8 +27,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from raflora.methods.base import ClientRound, GlobalState, Method, register
+from raflora.methods.base import ClientRound, GlobalState, Method
 from raflora.methods.padding import padded_average, weights_of
+from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["FFALoRA"]

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from raflora.linalg import svd_to_factors
-from raflora.methods.base import Aggregator, register, sample_weights
+from raflora.methods.base import Aggregator, sample_weights
+from raflora.methods.registry import register
 
 __all__ = ["FlexLoRA"]
 

@@ -19,14 +19,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from raflora.methods.base import (
-    Aggregator,
-    Factors,
-    GlobalState,
-    lora_a_init,
-    register,
-)
+from raflora.methods.base import Aggregator, Factors, GlobalState, lora_a_init
 from raflora.methods.padding import stacked_factors
+from raflora.methods.registry import register
 
 __all__ = ["FLoRA"]
 

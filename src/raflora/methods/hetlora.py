@@ -25,15 +25,10 @@ import torch
 from torch import Tensor
 
 from raflora.linalg import frobenius_norm
-from raflora.methods.base import (
-    ClientRound,
-    GlobalState,
-    Method,
-    register,
-    sample_weights,
-)
+from raflora.methods.base import ClientRound, GlobalState, Method, sample_weights
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import pad_rank
+from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["HetLoRA", "HetLoRAOptions", "tail_norm"]

@@ -54,10 +54,10 @@ from raflora.methods.base import (
     Factors,
     GlobalState,
     Method,
-    register,
 )
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import stacked_factors
+from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["ILoRA", "ILoRAOptions", "qr_aggregate"]

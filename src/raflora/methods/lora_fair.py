@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raflora.methods.base import Method, register
+from raflora.methods.base import Method
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import carried_factor_average, stacked_factors
+from raflora.methods.registry import register
 
 __all__ = ["LoRAFAIR", "LoRAFAIROptions", "fair_objective", "refine_b"]
 

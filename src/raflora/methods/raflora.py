@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from raflora.linalg import svd_to_factors
-from raflora.methods.base import Aggregator, register
+from raflora.methods.base import Aggregator
 from raflora.methods.options import MethodOptions, option
+from raflora.methods.registry import register
 
 __all__ = ["RaFLoRA", "RaFLoRAOptions", "partition_bounds", "partition_weights"]
 

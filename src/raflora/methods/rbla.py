@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from raflora.methods.base import Method, register
+from raflora.methods.base import Method
 from raflora.methods.padding import carry_uncovered, covered_rank, rank_index_average
+from raflora.methods.registry import register
 
 __all__ = ["RBLA"]
 

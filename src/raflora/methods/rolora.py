@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from raflora.methods.base import ClientRound, Method, register
+from raflora.methods.base import ClientRound, Method
 from raflora.methods.padding import padded_average, weights_of
+from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
 __all__ = ["RoLoRA", "trained_factor"]

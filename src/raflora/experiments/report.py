@@ -3,7 +3,7 @@
 
 Metrics are keys of the runs' ``summary.json`` (:func:`raflora.report.summarize`) plus
 ``traffic`` (``total_upload_bytes + total_download_bytes``); statistics over seeds come from
-:mod:`raflora.stats`. The single-seed ``comparison.md`` stays
+:mod:`raflora.experiments.stats`. The single-seed ``comparison.md`` stays
 :func:`raflora.report.write_comparison`.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 
 from matplotlib.ticker import AutoLocator
 
+from raflora.experiments.stats import CONFIDENCE, PairedStats, SeedStats, describe, paired
 from raflora.report import (
     _DPI,
     MetricsRow,
@@ -29,7 +30,6 @@ from raflora.report import (
     format_bytes,
     summarize,
 )
-from raflora.stats import CONFIDENCE, PairedStats, SeedStats, describe, paired
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -195,7 +195,9 @@ def _fmt(name: str, value: float, *, signed: bool = False) -> str:
 
 
 def seed_stats(summaries: Summaries, name: str) -> SeedStats | None:
-    """:func:`~raflora.stats.describe` of a metric over the seeds that have it (``None``: none)."""
+    """:func:`~raflora.experiments.stats.describe` of a metric over the seeds that have it
+    (``None``: none).
+    """
     values = [v for s in summaries.values() if (v := metric_value(s, name)) is not None]
     return describe(values) if values else None
 

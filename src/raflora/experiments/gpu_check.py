@@ -1,8 +1,9 @@
 """End-to-end checks of the engine on a device and in each dtype (``scripts/gpu_check.sh``).
 
-``python -m raflora.gpu_check [--device cuda|cpu]`` builds a tiny random Llama (byte-level BPE
-tokenizer trained in-process, GSM8K-style data) and a tiny random ViT (coloured-noise images) in
-a temporary directory — fully offline, nothing read from the network or from ``tests/`` — and
+``python -m raflora.experiments.gpu_check [--device cuda|cpu]`` builds a tiny random Llama
+(byte-level BPE tokenizer trained in-process, GSM8K-style data) and a tiny random ViT
+(coloured-noise images) in a temporary directory — fully offline, nothing read from the network or
+from ``tests/`` — and
 prints one ``PASS name (details)`` or ``FAIL name (reason)`` line per check:
 
 ``run MODEL/METHOD/DTYPE``
@@ -244,7 +245,7 @@ def run_config(
     rank 4), so raFLoRA's top partition (4, 8] is empty and carried over from the state: the
     case that mixes the carried state with new updates.
     """
-    from raflora.methods.base import unsupported_reason
+    from raflora.methods.registry import unsupported_reason
 
     if model == "llama":
         task: dict[str, Any] = {

@@ -397,7 +397,7 @@ def method_config(base: RunConfig, method: str, methods: Sequence[str]) -> RunCo
     run's saved ``config.yaml`` holds what the run used and ``--resume`` / ``raflora export`` of
     its directory reproduce it. ``base`` must have been validated with ``methods``.
     """
-    from raflora.methods.base import options_for
+    from raflora.methods.registry import options_for
 
     cfg = copy.deepcopy(base)
     cfg.method = method
