@@ -11,6 +11,7 @@ import yaml
 from raflora.config import (
     ConfigError,
     FLConfig,
+    LoRAConfig,
     RunConfig,
     config_from_dict,
     config_to_dict,
@@ -59,10 +60,14 @@ def test_defaults_are_valid() -> None:
     assert config_from_dict(None) == cfg
 
 
-def test_default_lists_are_not_shared() -> None:
+def test_configs_and_their_lists_are_frozen() -> None:
     a, b = RunConfig(), RunConfig()
-    a.fl.rank_levels.append(128)
-    a.method_options["x"] = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.fl.rounds = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="immutable"):
+        a.fl.rank_levels.append(128)
+    with pytest.raises(TypeError, match="immutable"):
+        a.method_options["x"] = 1  # type: ignore[index]
     assert b.fl.rank_levels == [8, 16, 32, 48, 64]
     assert b.method_options == {}
 
@@ -354,9 +359,8 @@ def test_good_partition(spec: str) -> None:
 
 
 def test_validate_flags_wrong_types_set_in_python() -> None:
-    cfg = RunConfig()
-    cfg.fl.rounds = "ten"  # type: ignore[assignment]
-    cfg.lora.use_rslora = 1  # type: ignore[assignment]
+    # a frozen config built directly holds what it was given; validation names it
+    cfg = RunConfig(fl=FLConfig(rounds="ten"), lora=LoRAConfig(use_rslora=1))  # type: ignore[arg-type]
     problems = validate(cfg)
     assert "fl.rounds: expected int, got str 'ten'" in problems
     assert "lora.use_rslora: expected bool, got int 1" in problems

@@ -11,7 +11,7 @@ import torch
 
 from conftest import config_with
 from raflora.adapters import adapter_name, base_weights
-from raflora.config import ConfigError, RunConfig
+from raflora.config import ConfigError, RunConfig, validated
 from raflora.engine import build_federation, run_local
 from raflora.engine import client_round as client_round_module
 from raflora.engine.client_round import train_client
@@ -228,14 +228,16 @@ def test_narrow_merges_round_once_where_sequential_merges_lose_small_deltas() ->
     assert kept > 1.5 * lost
 
 
-def test_the_engines_validate_their_config(tmp_path: Path) -> None:
-    cfg = tiny_config()
-    cfg.fl.rounds = 0
-    cfg.method = "nope"
-    with pytest.raises(ConfigError) as err:
+def test_the_engines_take_only_validated_configs(tmp_path: Path) -> None:
+    good = tiny_config()
+    # derived by dataclasses.replace, not by with_changes: never validated
+    cfg = dataclasses.replace(good, method="nope", fl=dataclasses.replace(good.fl, rounds=0))
+    with pytest.raises(ConfigError, match="not validated"):
         run_local(cfg, tmp_path / "run", progress=False)
-    assert len(err.value.problems) >= 2
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError) as err:  # validating it names every problem
+        validated(cfg)
+    assert len(err.value.problems) >= 2
 
 
 # -------------------------------------------------------------------- per-module diagnostics

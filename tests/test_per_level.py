@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import config_with, randn
-from raflora.config import load_config, validate
+from raflora.config import EvalConfig, RunConfig, load_config, validate
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.evaluation import evaluate_global, evaluate_levels
 from raflora.engine.server_round import run_round
@@ -161,6 +161,5 @@ def test_summary_and_progress_of_per_level_rows() -> None:
 
 def test_per_level_is_off_by_default_and_a_bool() -> None:
     assert load_config(None, []).eval.per_level is False
-    bad = load_config(None, []).__class__()
-    bad.eval.per_level = 1  # type: ignore[assignment]
+    bad = RunConfig(eval=EvalConfig(per_level=1))  # type: ignore[arg-type]
     assert "eval.per_level: expected bool, got int 1" in validate(bad)

@@ -53,9 +53,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def config(
     name: str, model: Path | str, dataset: Path | str, seed: int = 0, **task: object
 ) -> RunConfig:
-    cfg = RunConfig(seed=seed)
-    cfg.task = TaskConfig(name=name, model=str(model), dataset=str(dataset), **task)  # type: ignore[arg-type]
-    return cfg
+    task_config = TaskConfig(name=name, model=str(model), dataset=str(dataset), **task)  # type: ignore[arg-type]
+    return RunConfig(seed=seed, task=task_config)
 
 
 def image_task(files: dict[str, Path], seed: int = 0, **task: object) -> Task:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -16,7 +17,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from raflora.adapters import PEFT_PREFIX, wrap_model
-from raflora.config import config_from_dict
+from raflora.config import config_from_dict, with_changes
 from raflora.tasks import Task, TaskError, available_tasks, build_task
 from raflora.tasks.digits import DigitsTask
 from raflora.tasks.synthetic import SyntheticTask
@@ -296,8 +297,8 @@ def test_digits_bad_options(options: dict[str, Any], match: str, tmp_path: Path)
 
 
 def test_unknown_task_is_a_task_error() -> None:
-    config = config_from_dict({"task": {"name": "synthetic"}})
-    config.task.name = "nope"  # type: ignore[assignment]
+    good = config_from_dict({"task": {"name": "synthetic"}})
+    config = dataclasses.replace(good, task=dataclasses.replace(good.task, name="nope"))
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         build_task(config)
 
@@ -335,7 +336,9 @@ def test_paper_figures_reports_ranks_wider_than_the_vit(tmp_path: Path) -> None:
     figures = _paper_figures()
     plan = figures.build_plan(tmp_path, quick=True, seeds=[0])
     spec = next(s for s in plan.specs if max(s.config.fl.rank_levels) == 256)
-    spec.config.task.options = {}  # the default 64-wide ViT
+    spec = dataclasses.replace(  # the default 64-wide ViT
+        spec, config=with_changes(spec.config, {"task.options": {}})
+    )
     (problem,) = figures.rank_width_problems([spec])
     assert problem == (
         "preset=conf-8: rank 256 exceeds the ViT width 64 (set task.options.hidden_dim)"

@@ -26,7 +26,7 @@ from raflora.cli.sweep import (
     progress_printer,
     write_failure,
 )
-from raflora.config import validate
+from raflora.config import ConfigError
 from raflora.experiments.sweep import method_config
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_METHODS", "method_config", "register", "run"]
@@ -140,10 +140,12 @@ def _run_one_seed(
     configs = {}
     problems: list[str] = []
     for method in methods:
-        cfg = method_config(base, method, methods)
-        cfg.output.dir = str(out / method)
-        problems += [f"[{method}] {p}" for p in validate(cfg)]
-        configs[method] = cfg
+        try:  # each run's config validated once, here
+            configs[method] = method_config(
+                base, method, methods, {"output.dir": str(out / method)}
+            )
+        except ConfigError as err:
+            problems += [f"[{method}] {p}" for p in err.problems]
     if problems:
         raise CLIError("invalid configuration:\n  " + "\n  ".join(problems))
     if base.engine != "local":

@@ -1,14 +1,18 @@
-"""``raflora config``: every configuration key with its help, or a resolved configuration."""
+"""``raflora config``: every configuration key with its help, a resolved configuration, the
+JSON Schema of config files, or the configuration reference (``docs/configuration.md``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import yaml
 
+from raflora.cli.common import CLIError
 from raflora.cli.runs import load_run_config, split_config_args
-from raflora.config import config_to_dict, describe_config
+from raflora.config import config_markdown, config_schema, config_to_dict, describe_config
 
 __all__ = ["register", "run"]
 
@@ -21,17 +25,32 @@ def register(sub: Any) -> None:
         description=(
             "Without arguments: every configuration key with its default and help, then every "
             "method's options. With CONFIG and/or key=value overrides: the resolved "
-            "configuration as YAML (after validation)."
+            "configuration as YAML (after validation). --schema: the JSON Schema (draft "
+            "2020-12) of config files, for editors and checkers; --markdown: the configuration "
+            "reference (docs/configuration.md)."
         ),
     )
     p.add_argument("config", nargs="?", help="YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--schema", action="store_true", help="print the JSON Schema of run config files"
+    )
+    what.add_argument(
+        "--markdown", action="store_true", help="print the configuration reference as Markdown"
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora config``."""
     path, overrides = split_config_args(args.config, args.overrides)
+    if args.schema or args.markdown:
+        if path is not None or overrides:
+            raise CLIError("--schema and --markdown take no CONFIG or overrides")
+        text = json.dumps(config_schema(), indent=2) + "\n" if args.schema else config_markdown()
+        print(text, end="")
+        return 0
     if path is None and not overrides:
         print(describe_config())
         return 0

@@ -61,6 +61,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora run``."""
+    from raflora.config import with_changes
     from raflora.engine import run_local
 
     config_path, overrides = split_config_args(args.config, args.overrides)
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(config_path, overrides)
     if args.resume is None:
         run_dir = args.out if args.out is not None else default_run_dir(config, config.method)
-    config.output.dir = str(run_dir)
+    config = with_changes(config, {"output.dir": str(run_dir)})
     with user_errors():
         try:
             if config.engine == "flower":

@@ -21,14 +21,13 @@ import numpy as np
 import torch
 
 from raflora.adapters import AdapterBank, adapter_name, base_weights, wrap_model
-from raflora.config import RunConfig
+from raflora.config import RunConfig, method_options_of
 from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
 from raflora.engine.client_states import ClientStates
 from raflora.engine.errors import EngineError
 from raflora.methods import Aggregator, GlobalState, get_aggregator
 from raflora.methods.base import ClientMessage
-from raflora.methods.registry import options_for
 from raflora.tasks import Task, TaskError, build_task
 
 __all__ = [
@@ -227,8 +226,8 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
         config.seed, config.fl.num_clients, config.fl.rank_levels, config.fl.rank_probs
     )
     summary["client_ranks"] = ranks
-    aggregator = get_aggregator(
-        config.method, config.fl.rank_levels, **options_for(config.method, config.method_options)
+    aggregator = get_aggregator(  # the options parsed once, when the config was validated
+        config.method, config.fl.rank_levels, method_options_of(config)
     )
     lo = config.lora
     target = task.target_modules if lo.target_modules == "all-linear" else lo.target_modules

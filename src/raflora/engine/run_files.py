@@ -24,8 +24,8 @@ from raflora.config import (
     config_to_dict,
     environment_problems,
     load_config,
+    require_validated,
     save_config,
-    validate,
 )
 from raflora.diagnostics import EnergyReport, module_energy_row
 from raflora.engine.checkpoint import (
@@ -215,17 +215,17 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> 
 
 
 def check_config(config: RunConfig) -> None:
-    """Validate ``config`` as the CLI does (API users reach the engines without it), and check
-    that this installation can run it (:func:`~raflora.config.environment_problems`).
+    """Check that ``config`` was validated (it is not validated again: that happened once,
+    when it was loaded) and that this installation can run it
+    (:func:`~raflora.config.environment_problems`).
 
     Raises
     ------
     ConfigError
-        With every problem found.
+        ``config`` was not validated (:func:`~raflora.config.require_validated`), or what this
+        installation lacks to run it.
     """
-    problems = validate(config)
-    if not problems:
-        problems = environment_problems(config)
+    problems = environment_problems(require_validated(config))
     if problems:
         raise ConfigError(problems)
 

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import multiprocessing
@@ -28,7 +27,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from raflora.config import ConfigError, RunConfig, load_config, validate
+from raflora.config import ConfigError, RunConfig, load_config, with_changes
 
 if TYPE_CHECKING:
     from raflora.engine.run_files import RunResult
@@ -389,20 +388,34 @@ def settings_of(axes: Sequence[GridAxis]) -> list[Setting]:
 # --------------------------------------------------------------------------- the run plan
 
 
-def method_config(base: RunConfig, method: str, methods: Sequence[str]) -> RunConfig:
+def method_config(
+    base: RunConfig,
+    method: str,
+    methods: Sequence[str],
+    changes: Mapping[str, Any] | None = None,
+) -> RunConfig:
     """``base`` for one method of a comparison, with only that method's own options.
 
     ``method_options`` becomes the options ``method`` takes from ``base`` (a plain key only
     where ``method`` declares it, a key named after a method only for that method), so each
     run's saved ``config.yaml`` holds what the run used and ``--resume`` / ``raflora export`` of
-    its directory reproduce it. ``base`` must have been validated with ``methods``.
+    its directory reproduce it. ``base`` must have been validated with ``methods``. ``changes``
+    are further dotted keys (``{"output.dir": …}``).
+
+    Returns
+    -------
+    RunConfig
+        A new config, validated once (:func:`~raflora.config.with_changes`).
+
+    Raises
+    ------
+    ConfigError
+        With every problem of the method's config (its rank levels, its options).
     """
     from raflora.methods.registry import options_for
 
-    cfg = copy.deepcopy(base)
-    cfg.method = method
-    cfg.method_options = options_for(method, base.method_options, methods_in_run=list(methods))
-    return cfg
+    options = options_for(method, base.method_options, methods_in_run=list(methods))
+    return with_changes(base, {"method": method, "method_options": options, **(changes or {})})
 
 
 @dataclass(frozen=True)
@@ -489,25 +502,21 @@ def plan_runs(
         base, found = _setting_base(files, overrides, setting, methods)
         if base is not None:
             for method in methods:
-                cfg = method_config(base, method, methods)
-                cfg.threads = threads if threads is not None else cfg.threads
-                found += [f"[{method}] {p}" for p in validate(cfg)]
+                changes = {"threads": threads if threads is not None else base.threads}
                 for seed in seeds if seeds is not None else [base.seed]:
-                    specs.append(_spec(setting, method, seed, cfg, out))
+                    run_dir = out / setting.name / method / f"seed-{seed}"
+                    changes |= {"seed": seed, "output.dir": str(run_dir)}
+                    try:  # each run's config validated once, here
+                        cfg = method_config(base, method, methods, changes)
+                    except ConfigError as err:
+                        found += [f"[{method}] {p}" for p in err.problems]
+                        break  # the method's problems once, not once per seed
+                    specs.append(RunSpec(setting, method, seed, run_dir, cfg))
         per_setting.append((setting, found))
     problems = _merge_problems(per_setting)
     if problems:
         raise SweepError(problems)
     return specs
-
-
-def _spec(setting: Setting, method: str, seed: int, cfg: RunConfig, out: Path) -> RunSpec:
-    """The run of ``cfg`` (one setting's method) with ``seed``, in its directory under ``out``."""
-    run_dir = out / setting.name / method / f"seed-{seed}"
-    seeded = copy.deepcopy(cfg)
-    seeded.seed = seed
-    seeded.output.dir = str(run_dir)
-    return RunSpec(setting, method, seed, run_dir, seeded)
 
 
 def _list_problems(methods: Sequence[str], seeds: Sequence[int] | None) -> list[str]:

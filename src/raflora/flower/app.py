@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from raflora.adapters import adapter_name, load_base_weights
-from raflora.config import RunConfig, config_from_dict, load_config
+from raflora.config import RunConfig, config_from_dict, load_config, with_changes
 from raflora.engine.client_round import train_client
 from raflora.engine.federation import EngineError, Federation, build_federation
 from raflora.engine.run_files import RunResult, check_config, finish_run, lock_run_dir, open_run
@@ -292,14 +292,13 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Pa
     if not Path(path).is_file():
         raise EngineError(f"config-file {path!r} does not exist (cwd: {Path.cwd()})")
     config = load_config(path, shlex.split(str(run_config.get("overrides", ""))))
-    config.engine = "flower"
     run_dir_value = str(run_config.get("run-dir", "")) or config.output.dir
     run_dir = (
         Path(run_dir_value)
         if run_dir_value
         else Path("runs") / f"flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    config.output.dir = str(run_dir)
+    config = with_changes(config, {"engine": "flower", "output.dir": str(run_dir)})
     return (
         config,
         run_dir,

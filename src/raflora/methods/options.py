@@ -17,20 +17,31 @@ A run's ``method_options`` mapping is resolved for the methods of a run (or comp
 :func:`resolve_options`: a key that is a method's name holds that method's options; any other
 key applies to every method of the run that declares it, and is an error when none does.
 
-The type helpers (:func:`check_type`, :func:`coerce`, :func:`type_name`) are shared with
-:mod:`raflora.config`, so method options and config keys follow the same rules.
+The checker, the bounds and the error type come from :mod:`raflora.schema`, shared with the run
+configuration and the tasks' options, so every key follows the same rules; :class:`OptionsError`
+is a :class:`~raflora.schema.ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, Union
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from raflora.schema import (
+    Bounds,
+    ConfigError,
+    check_type,
+    coerce,
+    did_you_mean,
+    setting,
+    type_name,
+    type_problem,
+    value_type,
+    yaml_scalar,
+)
 
 __all__ = [
     "Bounds",
@@ -54,138 +65,8 @@ _O = TypeVar("_O", bound="MethodOptions")
 
 
 # --------------------------------------------------------------------------------------------
-# Types (shared with raflora.config)
-# --------------------------------------------------------------------------------------------
-
-
-def _union_args(tp: Any) -> tuple[Any, ...] | None:
-    origin = typing.get_origin(tp)
-    if origin is Union or origin is types.UnionType:
-        return typing.get_args(tp)
-    return None
-
-
-def type_name(tp: Any) -> str:
-    """A type annotation as a user reads it: ``int``, ``list[str] | null``, ``'a' | 'b'``."""
-    args = _union_args(tp)
-    if args is not None:
-        return " | ".join(type_name(a) for a in args)
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{type_name(typing.get_args(tp)[0])}]"
-    if origin is dict:
-        return "mapping"
-    if tp is Any:
-        return "any"
-    return str(getattr(tp, "__name__", tp))
-
-
-def value_type(value: object) -> str:
-    """The YAML-facing name of ``value``'s type (``null`` for ``None``)."""
-    return "null" if value is None else type(value).__name__
-
-
-def check_type(value: object, tp: Any) -> bool:
-    """Whether ``value`` is an instance of the annotation ``tp`` (strict: no bool-as-int)."""
-    args = _union_args(tp)
-    if args is not None:
-        return any(check_type(value, a) for a in args)
-    if tp is Any:
-        return True
-    if tp is type(None):
-        return value is None
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return isinstance(value, str) and value in typing.get_args(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(check_type(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, float)
-    return isinstance(value, tp)
-
-
-def _accepts_float(tp: Any) -> bool:
-    args = _union_args(tp)
-    return tp is float or (args is not None and float in args)
-
-
-def coerce(value: object, tp: Any) -> object:
-    """Lenient conversions YAML needs: ints and float-like strings into float fields."""
-    if _accepts_float(tp) and not isinstance(value, bool):
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value
-    args = _union_args(tp)
-    list_types = [a for a in (args or (tp,)) if typing.get_origin(a) is list]
-    if list_types and isinstance(value, (list, tuple)):
-        (item,) = typing.get_args(list_types[0])
-        return [coerce(v, item) for v in value]
-    return value
-
-
-def did_you_mean(key: object, valid: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``valid``, or ``""`` when none is close."""
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# --------------------------------------------------------------------------------------------
 # Declaring options
 # --------------------------------------------------------------------------------------------
-
-
-def _num(x: float) -> str:
-    return f"{x:g}"
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """Numeric bounds of an option: ``gt``/``ge`` below, ``lt``/``le`` above (``None``: open)."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-
-    def contains(self, x: float) -> bool:
-        """Whether ``x`` is finite and within every bound."""
-        return (
-            math.isfinite(x)
-            and (self.gt is None or x > self.gt)
-            and (self.ge is None or x >= self.ge)
-            and (self.lt is None or x < self.lt)
-            and (self.le is None or x <= self.le)
-        )
-
-    def describe(self) -> str:
-        """The bounds as text: ``in (0, 1)``, ``≥ 0``, ``> 0``."""
-        low = self.gt if self.gt is not None else self.ge
-        high = self.lt if self.lt is not None else self.le
-        if low is not None and high is not None:
-            left = "(" if self.gt is not None else "["
-            right = ")" if self.lt is not None else "]"
-            return f"in {left}{_num(low)}, {_num(high)}{right}"
-        parts = []
-        if low is not None:
-            parts.append(f"{'>' if self.gt is not None else '≥'} {_num(low)}")
-        if high is not None:
-            parts.append(f"{'<' if self.lt is not None else '≤'} {_num(high)}")
-        return " and ".join(parts)
 
 
 def option(
@@ -209,11 +90,7 @@ def option(
         Bounds of a numeric option (greater than, at least, less than, at most); a value
         outside them, or not finite, is refused.
     """
-    metadata: dict[str, Any] = {"help": help}
-    bounds = Bounds(gt, ge, lt, le)
-    if bounds != Bounds():
-        metadata["bounds"] = bounds
-    out: _T = field(default=default, metadata=metadata)
+    out: _T = setting(default, help, gt=gt, ge=ge, lt=lt, le=le)
     return out
 
 
@@ -236,51 +113,34 @@ class OptionSpec:
 
     def problem(self, value: object) -> str | None:
         """Why ``value`` is not a valid value of this option, or ``None``."""
-        if not check_type(value, self.type):
-            if self.choices is not None:
-                allowed = ", ".join(repr(c) for c in self.choices)
-                return f"must be one of {allowed}, got {value!r}"
-            return f"expected {type_name(self.type)}, got {value_type(value)} {value!r}"
-        if (
-            self.bounds is not None
-            and isinstance(value, int | float)
-            and not self.bounds.contains(value)
-        ):
-            return f"must be a finite number {self.bounds.describe()}, got {value!r}"
-        return None
+        reason = type_problem(value, self.type)
+        if reason is None and self.bounds is not None:
+            reason = self.bounds.problem(value, integer=isinstance(value, int))
+        return reason
 
     def describe(self) -> list[str]:
         """Two lines for ``raflora config``: name, type or allowed values, default; help."""
         kind = type_name(self.type)  # a Literal lists its values: 'carry' | 'drop'
         if self.bounds is not None:
             kind += f" {self.bounds.describe()}"
-        return [f"  {self.name} ({kind}, default {_scalar(self.default)})", f"      {self.help}"]
+        return [
+            f"  {self.name} ({kind}, default {yaml_scalar(self.default)})",
+            f"      {self.help}",
+        ]
 
 
-def _scalar(value: object) -> str:
-    """A scalar as YAML writes it (``true``, ``null``, ``carry``, ``0.001``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "null" if value is None else str(value)
-
-
-class OptionsError(ValueError):
-    """One or more problems with method options, each a self-contained message.
+class OptionsError(ConfigError):
+    """Problems with method options: a :class:`~raflora.schema.ConfigError` whose text is the
+    problems joined by ``"; "`` (one line, as a method's constructor reports them).
 
     Parameters
     ----------
     problems : Sequence[str]
         Every problem found (``"self_pruning: expected bool, got str 'no'"``).
-
-    Attributes
-    ----------
-    problems : list of str
-        The problems, in the order they were found.
     """
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems: list[str] = list(problems)
-        super().__init__("; ".join(self.problems))
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,26 @@ def options_for(
     return resolve_method_options(method_options, run)[method]
 
 
-def get_aggregator(method: str, rank_levels: Sequence[int], **options: Any) -> Method:
-    """Build the aggregator registered as ``method`` with its options as keyword arguments.
+def get_aggregator(
+    method: str, rank_levels: Sequence[int], typed: MethodOptions | None = None, /, **options: Any
+) -> Method:
+    """Build the aggregator registered as ``method``, from its typed options or from keyword
+    arguments.
 
-    Unknown method names list the known ones; options are checked by the method's
-    :attr:`Method.Options` (an :class:`OptionsError`, a ``ValueError``, lists every
-    problem).
+    ``typed`` is an instance of the method's :attr:`Method.Options` (parsed once when a run
+    config was validated, :func:`~raflora.config.method_options_of`): used as is, not checked
+    again. Otherwise the keyword ``options`` are checked by :attr:`Method.Options` (an
+    :class:`OptionsError`, a ``ValueError``, lists every problem). Unknown method names list the
+    known ones.
     """
     cls = _lookup(method)
     factory: Callable[..., Method] = cls
+    if typed is not None:
+        if options:
+            raise TypeError("get_aggregator: pass typed options or keyword options, not both")
+        if type(typed) is not cls.Options:
+            raise TypeError(
+                f"get_aggregator: {method} takes {cls.Options.__name__}, got {type(typed).__name__}"
+            )
+        return factory(rank_levels, typed)
     return factory(rank_levels, parse_options(cls.Options, options, owner=method))

@@ -37,6 +37,7 @@ __all__ = [
     "move_batch",
     "parse_options",
     "register_task",
+    "task_options_classes",
 ]
 
 Batch = dict[str, Tensor]
@@ -77,6 +78,9 @@ class Task(ABC):
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type | None] = None
+    """The frozen dataclass of the task's ``task.options`` (``None``: it takes none); the JSON
+    Schema and ``docs/configuration.md`` are generated from it."""
 
     model: nn.Module
     model_id: str
@@ -246,6 +250,15 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
         return cls
 
     return deco
+
+
+def task_options_classes() -> dict[str, type | None]:
+    """Every registered task → its options dataclass (:attr:`Task.Options`), in name order."""
+    out: dict[str, type | None] = {}
+    for name in available_tasks():
+        factory = _TASKS[name]
+        out[name] = getattr(factory, "Options", None)
+    return out
 
 
 def available_tasks() -> list[str]:
