@@ -8,7 +8,7 @@ difference is what training and evaluation add on top of the loaded model.
 
 Usage::
 
-    .venv/bin/python benchmarks/memory.py            # the settings in docs/memory.md
+    .venv/bin/python benchmarks/memory.py            # the table in docs/usage.md#memory
     .venv/bin/python benchmarks/memory.py --quick    # tiny model only
 """
 

@@ -199,3 +199,27 @@ def test_no_reference_to_documents_outside_the_repository() -> None:
                 line = text.count("\n", 0, match.start()) + 1
                 problems.append(f"{path}:{line}: {needle!r}")
     assert not problems, f"{len(problems)} references:\n" + "\n".join(problems)
+
+
+def _fences_after(path: str, heading: str) -> list[Token]:
+    """The fenced code blocks of ``path`` under the heading whose text is ``heading``."""
+    tokens = _MD.parse((ROOT / path).read_text(encoding="utf-8"))
+    fences: list[Token] = []
+    inside = False
+    for i, token in enumerate(tokens):
+        if token.type == "heading_open":
+            inside = _inline_text(tokens[i + 1]) == heading
+        elif inside and token.type == "fence":
+            fences.append(token)
+    return fences
+
+
+def test_readme_example_prints_what_the_readme_shows(capsys: pytest.CaptureFixture[str]) -> None:
+    # The front page's example is run as written and its output compared with the block under it.
+    fences = _fences_after("README.md", "Example")
+    code = [f.content for f in fences if f.info.strip() == "python"]
+    shown = [f.content for f in fences if f.info.strip() == "text"]
+    assert len(code) == 1 and len(shown) == 1
+    assert len([line for line in code[0].splitlines() if line.strip()]) <= 12
+    exec(compile(code[0], "README.md:Example", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out == shown[0]
