@@ -21,6 +21,7 @@ from raflora.methods import (
     get_aggregator,
     partition_weights,
 )
+from raflora.methods.context import RoundContext
 
 Update = tuple[Tensor, Tensor, int]
 METHODS = ("fedit", "hetlora", "flora", "flexlora", "raflora")
@@ -326,12 +327,8 @@ def model_updates(method: str, seed: int) -> list[ClientUpdate]:
 
 def init(method: str, seed: int = 0) -> tuple[raflora.Aggregator, GlobalState]:
     agg = get_aggregator(method, levels_for(method), **OPTIONS.get(method, {}))
-    state = agg.init_state(
-        SHAPES,
-        generator=torch.Generator().manual_seed(seed),
-        dense={"head": torch.zeros(3, 2, dtype=torch.float64)},
-        dtype=torch.float64,
-    )
+    ctx = RoundContext(generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    state = agg.init_state(ctx, SHAPES, {"head": torch.zeros(3, 2, dtype=torch.float64)})
     return agg, state
 
 
@@ -406,7 +403,7 @@ def test_init_state_does_not_depend_on_module_order() -> None:
     agg = get_aggregator("flexlora", [2, 4])
     shuffled = dict(reversed(list(SHAPES.items())))
     states = [
-        agg.init_state(shapes, generator=torch.Generator().manual_seed(3))
+        agg.init_state(RoundContext(generator=torch.Generator().manual_seed(3)), shapes)
         for shapes in (SHAPES, shuffled)
     ]
     for name in SHAPES:
@@ -415,7 +412,9 @@ def test_init_state_does_not_depend_on_module_order() -> None:
 
 def test_init_state_is_uniform_in_peft_bounds() -> None:
     agg = get_aggregator("flexlora", [64])
-    state = agg.init_state({"m": (2, 400)}, generator=torch.Generator().manual_seed(0))
+    state = agg.init_state(
+        RoundContext(generator=torch.Generator().manual_seed(0)), {"m": (2, 400)}
+    )
     A = state.factors["m"][1] * math.sqrt(400)  # U(-1, 1): mean 0, variance 1/3
     assert abs(float(A.mean())) < 0.02
     assert abs(float(A.var()) - 1 / 3) < 0.02
@@ -426,27 +425,32 @@ def test_client_factors_are_nested_truncation(method: str) -> None:
     agg, state = init(method)
     state = agg.aggregate(state, model_updates(method, 7)).state
     for r in agg.rank_levels:
-        sent = agg.client_factors(state, r)
+        sent = agg.client_factors(RoundContext(rank=r), state)
         for name, (B_g, A_g) in state.factors.items():
             assert torch.equal(sent[name][0], B_g[:, :r])
             assert torch.equal(sent[name][1], A_g[:r, :])
-        assert agg.download_numel(state, r) == sum((d + n) * r for d, n in SHAPES.values())
+        ctx = RoundContext(rank=r)
+        assert agg.download_numel(ctx, state) == sum((d + n) * r for d, n in SHAPES.values())
     with pytest.raises(ValueError):
-        agg.client_factors(state, agg.r_max + 1)
+        agg.client_factors(RoundContext(rank=agg.r_max + 1), state)
 
 
 def test_flora_client_factors_are_fresh_init() -> None:
     agg, state = init("flora")
     state = agg.aggregate(state, model_updates("flora", 3)).state
-    sent = agg.client_factors(state, 2, generator=torch.Generator().manual_seed(5))
-    again = agg.client_factors(state, 2, generator=torch.Generator().manual_seed(5))
+    sent = agg.client_factors(
+        RoundContext(rank=2, generator=torch.Generator().manual_seed(5)), state
+    )
+    again = agg.client_factors(
+        RoundContext(rank=2, generator=torch.Generator().manual_seed(5)), state
+    )
     for name, (d, n) in SHAPES.items():
         B, A = sent[name]
         assert B.shape == (d, 2) and bool((B == 0).all())
         assert A.shape == (2, n) and 0 < float(A.abs().max()) <= 1 / math.sqrt(n)
         assert torch.equal(A, again[name][1])
     with pytest.raises(ValueError, match="generator"):
-        agg.client_factors(state, 2)
+        agg.client_factors(RoundContext(rank=2), state)
 
 
 def test_flora_accumulates_base_delta_and_downloads_the_stack() -> None:
@@ -467,7 +471,8 @@ def test_flora_accumulates_base_delta_and_downloads_the_stack() -> None:
                 state.base_delta[name], expected[name], rtol=1e-10, atol=1e-10
             )
     stack = sum(u.rank for u in updates)
-    assert agg.download_numel(state, 2) == sum((d + n) * stack for d, n in SHAPES.values())
+    stacked = sum((d + n) * stack for d, n in SHAPES.values())
+    assert agg.download_numel(RoundContext(rank=2), state) == stacked
 
 
 @pytest.mark.parametrize("method", ["fedit", "hetlora", "flexlora", "raflora"])
@@ -504,12 +509,13 @@ def test_hetlora_self_pruning_prunes_clients_whose_tail_shrank() -> None:
     gamma, r = 0.6, 8  # ⌊4.8⌋ = 4
     agg = get_aggregator("hetlora", [4, 8], self_pruning=True, pruning_gamma=gamma)
     shapes = {"m": (6, 5)}
-    state = agg.init_state(shapes, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ctx = RoundContext(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    state = agg.init_state(ctx, shapes)
     first = [ClientUpdate(c, r, 10, {"m": (randn(c, 6, r), randn(c + 9, r, 5))}) for c in (0, 1)]
     state = agg.aggregate(state, first).state
     assert HetLoRA.pruned_ranks(state) == {}  # B_g was 0: nothing could shrink in round 1
     p = math.floor(gamma * r)
-    B_g, A_g = agg.client_factors(state, r)["m"]
+    B_g, A_g = agg.client_factors(RoundContext(rank=r), state)["m"]
 
     def returned(scale: float) -> dict[str, tuple[Tensor, Tensor]]:
         B, A = B_g.clone(), A_g.clone()
@@ -519,10 +525,10 @@ def test_hetlora_self_pruning_prunes_clients_whose_tail_shrank() -> None:
     second = [ClientUpdate(0, r, 10, returned(0.5)), ClientUpdate(1, r, 10, returned(2.0))]
     state = agg.aggregate(state, second).state
     assert HetLoRA.pruned_ranks(state) == {0: p}
-    assert agg.client_rank(state, 0, r) == p
-    assert agg.client_rank(state, 1, r) == r
+    assert agg.client_rank(RoundContext(client_id=0), state, r) == p
+    assert agg.client_rank(RoundContext(client_id=1), state, r) == r
     # Pruning happens once, from r_k: a pruned client whose tail shrinks again keeps ⌊γ r_k⌋.
-    B_p, A_p = agg.client_factors(state, p)["m"]
+    B_p, A_p = agg.client_factors(RoundContext(rank=p), state)["m"]
     B_p = B_p.clone()
     B_p[:, math.floor(gamma * p) :] *= 0.1
     third = [ClientUpdate(0, p, 10, {"m": (B_p, A_p)})]

@@ -18,6 +18,7 @@ from raflora.engine.client_round import train_client
 from raflora.engine.metering import device_clock
 from raflora.engine.run_files import open_run
 from raflora.methods import ClientUpdate, get_aggregator
+from raflora.methods.context import RoundContext
 from raflora.methods.validation import DeviceMismatchError, DTypeError
 
 SHAPES = {"a": (5, 4), "b": (3, 6)}
@@ -52,12 +53,8 @@ def update(cid: int, rank: int, dtype: torch.dtype, device: str = "cpu") -> Clie
 
 def state_for(method: str, device: str = "cpu") -> Any:
     agg = get_aggregator(method, [2, 4])
-    state = agg.init_state(
-        SHAPES,
-        generator=torch.Generator().manual_seed(0),
-        dense={"head": torch.zeros(2, 3, device=device)},
-        device=device,
-    )
+    ctx = RoundContext(generator=torch.Generator().manual_seed(0), device=device)
+    state = agg.init_state(ctx, SHAPES, {"head": torch.zeros(2, 3, device=device)})
     return agg, state
 
 
@@ -127,9 +124,8 @@ def test_the_clients_time_split_is_read_from_the_device_clock(
 def test_the_state_stays_float32_when_a_bf16_update_is_accepted(method: str) -> None:
     levels = [4] if method == "fedit" else [2, 4]
     agg = get_aggregator(method, levels)
-    state = agg.init_state(
-        SHAPES, generator=torch.Generator().manual_seed(0), dense={"head": torch.zeros(2, 3)}
-    )
+    ctx = RoundContext(generator=torch.Generator().manual_seed(0))
+    state = agg.init_state(ctx, SHAPES, {"head": torch.zeros(2, 3)})
     updates = [update(1, 4, torch.bfloat16), update(2, levels[0], torch.float32)]
     outcome = agg.aggregate(state, updates, wire_dtypes=(torch.bfloat16,))
     assert outcome.accepted == (1, 2)

@@ -9,7 +9,7 @@ zeroes the gradient of ``A`` (so ``A`` must come back exactly as sent).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.checkpoint import CHECKPOINT_FILE, CheckpointError
 from raflora.engine.client_round import train_client
 from raflora.engine.client_states import CLIENTS_DIR, ClientStates
-from raflora.methods import base as methods_base
+from raflora.methods import registry as methods_registry
 from raflora.methods.base import ClientMessage, ClientRound, ClientUpload, Factors, GlobalState
+from raflora.methods.context import RoundContext
 from raflora.methods.flexlora import FlexLoRA
 from raflora.methods.validation import ClientUpdate
 
@@ -48,26 +49,26 @@ class Visits(FlexLoRA):
     name = "visits-test"
     ClientRoundType = VisitsClientRound
 
-    def client_message(
-        self,
-        state: GlobalState,
-        rank: int,
-        *,
-        client_id: int,
-        round_index: int,
-        generator: torch.Generator | None = None,
-    ) -> ClientMessage:
-        factors = self.client_factors(state, rank)
-        return ClientMessage(factors, {"round": torch.tensor([float(round_index)])})
+    def client_message(self, ctx: RoundContext, state: GlobalState) -> ClientMessage:
+        factors = self.client_factors(ctx, state)
+        return ClientMessage(factors, {"round": torch.tensor([float(ctx.round_index)])})
 
-    def upload_extra_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
+    def upload_extra_shapes(
+        self, ctx: RoundContext, state: GlobalState
+    ) -> dict[str, tuple[int, ...]]:
         return {"visits": (1,)}
 
-    def client_state_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
+    def client_state_shapes(
+        self, ctx: RoundContext, state: GlobalState
+    ) -> dict[str, tuple[int, ...]]:
         return {"visits": (1,)}
 
     def finish_state(
-        self, previous: GlobalState, state: GlobalState, accepted: list[ClientUpdate]
+        self,
+        ctx: RoundContext,
+        previous: GlobalState,
+        state: GlobalState,
+        accepted: Sequence[ClientUpdate],
     ) -> GlobalState:
         seen = dict(previous.extras.get("visits", {}))
         for update in accepted:
@@ -78,7 +79,7 @@ class Visits(FlexLoRA):
 
 @pytest.fixture(autouse=True)
 def _visits_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(methods_base._REGISTRY, Visits.name, Visits)
+    monkeypatch.setitem(methods_registry._REGISTRY, Visits.name, Visits)
 
 
 def visits_config(**over: Any) -> Any:

@@ -25,6 +25,7 @@ from method_cases import (
 from raflora.adapters import adapter_name, base_weights
 from raflora.diagnostics import energy_report
 from raflora.engine import run_local
+from raflora.methods.context import RoundContext
 
 
 def ref_fedex(
@@ -89,10 +90,11 @@ def test_fedex_downloads_factors_plus_last_rounds_residual() -> None:
     shapes = second.before.module_shapes.values()
     residual = sum(r.update.rank for r in first.results) + first.fed.aggregator.r_max
     for r in (2, 8):
-        assert first.fed.aggregator.download_numel(first.before, r) == sum(
+        ctx = RoundContext(rank=r)
+        assert first.fed.aggregator.download_numel(ctx, first.before) == sum(
             (d + n) * r for d, n in shapes
         )
-        assert first.fed.aggregator.download_numel(second.before, r) == sum(
+        assert first.fed.aggregator.download_numel(ctx, second.before) == sum(
             (d + n) * (r + residual) for d, n in shapes
         )
 

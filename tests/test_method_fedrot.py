@@ -14,6 +14,7 @@ from torch import Tensor
 from conftest import randn
 from method_cases import engine_rounds, first_module
 from raflora.methods import ClientMessage, get_aggregator
+from raflora.methods.context import RoundContext
 from raflora.methods.fedrot import FedRotClientRound, procrustes_rotation
 from raflora.methods.validation import ClientUpdate
 
@@ -23,10 +24,8 @@ def rotate(
 ) -> tuple[Tensor, Tensor]:
     client = FedRotClientRound(
         method,  # type: ignore[arg-type]
+        RoundContext(t).for_client(0, received[0].shape[1]),
         ClientMessage({"m": received}),
-        rank=received[0].shape[1],
-        round_index=t,
-        state=None,
     )
     return client.finish({"m": trained}).factors["m"]
 
@@ -104,9 +103,8 @@ def test_a_whole_round_matches_the_dense_reference() -> None:
         updates.append(ClientUpdate(cid, r, samples, {"m": (B, A)}))
         R = ref_rotation(trained[1].T.numpy(), received[1].T.numpy())  # even round: A side
         reference.append((trained[0].numpy() @ R, R.T @ trained[1].numpy(), samples))
-    state = method.init_state(
-        {"m": (d, n)}, generator=torch.Generator().manual_seed(0), dtype=torch.float64
-    )
+    ctx = RoundContext(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    state = method.init_state(ctx, {"m": (d, n)})
     state.factors = {"m": (B_g, A_g)}
     B_new, A_new = method.aggregate(state, updates).state.factors["m"]
     total = sum(s for *_, s in reference)

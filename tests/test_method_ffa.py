@@ -80,5 +80,6 @@ def test_ffa_traffic_is_b_only_each_way() -> None:
     shapes = state.module_shapes.values()
     for result in step.results:
         r = result.update.rank
-        assert fed.aggregator.download_numel(state, r) == sum(d * r for d, _ in shapes)
-        assert fed.aggregator.upload_bytes(result.update, 1) == sum(d * r * 4 for d, _ in shapes)
+        ctx = fed.context(1).for_client(result.update.client_id, r)
+        assert fed.aggregator.download_numel(ctx, state) == sum(d * r for d, _ in shapes)
+        assert fed.aggregator.upload_bytes(ctx, result.update) == sum(d * r * 4 for d, _ in shapes)

@@ -4,6 +4,8 @@ SCAFFOLD written here."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -13,6 +15,7 @@ from conftest import config_with, randn
 from method_cases import SYNTHETIC, Case, cases, exact_delta
 from raflora.engine import build_federation
 from raflora.methods import ClientUpdate, get_aggregator
+from raflora.methods.context import RoundContext
 from raflora.methods.ilora import qr_aggregate
 
 
@@ -21,7 +24,9 @@ def test_every_ranks_round_zero_model_is_the_base_model() -> None:
     state = fed.initial_state()
     assert fed.aggregator.initial_residual(state) is None  # the base is not shifted
     for rank in fed.aggregator.rank_levels:
-        for name, (B, A) in fed.aggregator.level_factors(state, rank).items():
+        for name, (B, A) in fed.aggregator.level_factors(
+            fed.context(0).at_rank(rank), state
+        ).items():
             assert not (B @ A).any(), (rank, name)  # A_g = 0: W_0 itself
     for B, _ in state.factors.values():  # B_g = Q[:, :r_max]: orthonormal columns
         torch.testing.assert_close(B.T @ B, torch.eye(B.shape[1]), rtol=0, atol=1e-5)
@@ -30,13 +35,13 @@ def test_every_ranks_round_zero_model_is_the_base_model() -> None:
 def test_the_shift_variant_keeps_the_model_and_needs_one_rank_level() -> None:
     W = randn(0, 6, 5)
     method = get_aggregator("ilora", [3], qr_init="shift")
-    state = method.init_state(
-        {"m": (6, 5)},
+    ctx = RoundContext(
         generator=torch.Generator(),
-        base_weights={"m": W},
-        client_ranks=[3, 3],
+        base_weights=lambda: {"m": W},
+        client_ranks=(3, 3),
         dtype=torch.float64,
     )
+    state = method.init_state(ctx, {"m": (6, 5)})
     B_s, A_s = method.initial_residual(state)["m"]  # type: ignore[index]
     B, A = state.factors["m"]
     Q, R = torch.linalg.qr(W)
@@ -45,7 +50,7 @@ def test_the_shift_variant_keeps_the_model_and_needs_one_rank_level() -> None:
     with pytest.raises(ValueError, match="single rank level"):
         get_aggregator("ilora", [2, 4], qr_init="shift")
     with pytest.raises(ValueError, match="need client_ranks"):
-        method.init_state({"m": (6, 5)}, generator=torch.Generator(), base_weights={"m": W})
+        method.init_state(replace(ctx, client_ranks=()), {"m": (6, 5)})
 
 
 @given(cases())
@@ -56,7 +61,7 @@ def test_concatenated_qr_equals_the_qr_of_the_dense_average(case: Case) -> None:
     dW = exact_delta(case.updates)
     assume(torch.linalg.matrix_rank(dW[:, :r]) == r)  # QR unique up to signs
     method = get_aggregator("ilora", case.levels)
-    B, A = method.aggregate_module(case.updates)
+    B, A = method.aggregate_module(RoundContext(1), case.updates)
     Q, R = torch.linalg.qr(dW)
     scale = max(float(dW.norm()), 1.0)
     assert float((B @ A - Q[:, :r] @ R[:r]).norm()) <= 1e-9 * scale
@@ -84,20 +89,21 @@ def loss(k: int, step: int, t: int, B: Tensor, A: Tensor, W: Tensor) -> Tensor:
 def raflora_rounds(W: Tensor, rounds: int) -> tuple[dict, list[dict], list[float]]:
     """ILoRA's real client and server halves, driven by a plain SGD loop."""
     method = get_aggregator("ilora", list(RANKS))
-    state = method.init_state(
-        {"m": (D, N)},
+    ctx = RoundContext(
         generator=torch.Generator(),
-        base_weights={"m": W},
-        client_ranks=list(RANKS),
+        base_weights=lambda: {"m": W},
+        client_ranks=RANKS,
         dtype=torch.float64,
     )
+    state = method.init_state(ctx, {"m": (D, N)})
     own: list[dict | None] = [None, None]
     corrections = []
     for t in range(1, rounds + 1):
         updates = []
         for k, r in enumerate(RANKS):
-            message = method.client_message(state, r, client_id=k, round_index=t)
-            client = method.client_round(message, rank=r, round_index=t, state=own[k])
+            client_ctx = replace(ctx, round_index=t, generator=None).for_client(k, r)
+            message = method.client_message(client_ctx, state)
+            client = method.client_round(client_ctx, message, own[k])
             B, A = (x.clone().requires_grad_() for x in client.start()["m"])
             for s in range(STEPS):
                 g_B, g_A = torch.autograd.grad(loss(k, s, t, B, A, W), (B, A))

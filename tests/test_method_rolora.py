@@ -19,6 +19,7 @@ from method_cases import (
     pad_cols,
     pad_rows,
 )
+from raflora.methods.context import RoundContext
 
 
 def ref_rolora(
@@ -75,7 +76,7 @@ def test_rolora_uploads_the_trained_factor_only() -> None:
         for result in step.results:
             r = result.update.rank
             size = sum((d if t % 2 else n) * r * 4 for d, n in shapes)
-            assert step.fed.aggregator.upload_bytes(result.update, t) == size
-            assert step.fed.aggregator.download_numel(step.before, r) == sum(
+            assert step.fed.aggregator.upload_bytes(RoundContext(t), result.update) == size
+            assert step.fed.aggregator.download_numel(RoundContext(rank=r), step.before) == sum(
                 (d + n) * r for d, n in shapes
             )

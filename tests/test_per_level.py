@@ -14,6 +14,7 @@ from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.evaluation import evaluate_global, evaluate_levels
 from raflora.engine.server_round import run_round
 from raflora.methods import GlobalState, get_aggregator
+from raflora.methods.context import RoundContext
 from raflora.report import progress_postfix, summarize
 
 LEVELS = [2, 4, 8]
@@ -37,7 +38,7 @@ def per_level_config(**over: Any) -> Any:
 def random_state(method: str) -> GlobalState:
     shapes = {"a": (5, 7), "b": (6, 3)}
     agg = get_aggregator(method, LEVELS)
-    state = agg.init_state(shapes, generator=torch.Generator().manual_seed(0))
+    state = agg.init_state(RoundContext(generator=torch.Generator().manual_seed(0)), shapes)
     state.factors = {
         k: (randn(i, d, 8, dtype=torch.float32), randn(10 + i, 8, n, dtype=torch.float32))
         for i, (k, (d, n)) in enumerate(shapes.items())
@@ -50,14 +51,14 @@ def test_level_factors_are_the_nested_truncation_padded_with_zeros(method: str) 
     agg = get_aggregator(method, LEVELS)
     state = random_state(method)
     for rank in LEVELS:
-        got = agg.level_factors(state, rank)
+        got = agg.level_factors(RoundContext(rank=rank), state)
         assert got.keys() == state.factors.keys()
         for name, (B, A) in state.factors.items():
             B_r, A_r = got[name]
             assert B_r.shape == B.shape and A_r.shape == A.shape  # (d, r_max), (r_max, n)
             assert torch.equal(B_r[:, :rank], B[:, :rank]) and torch.equal(A_r[:rank], A[:rank])
             assert not B_r[:, rank:].any() and not A_r[rank:].any()
-    top = agg.level_factors(state, LEVELS[-1])
+    top = agg.level_factors(RoundContext(rank=LEVELS[-1]), state)
     assert all(
         torch.equal(top[k][0], B) and torch.equal(top[k][1], A)
         for k, (B, A) in state.factors.items()
@@ -66,13 +67,13 @@ def test_level_factors_are_the_nested_truncation_padded_with_zeros(method: str) 
 
 def test_flora_clients_of_every_rank_hold_the_merged_model() -> None:
     agg = get_aggregator("flora", LEVELS)
-    state = agg.init_state({"a": (5, 7)}, generator=torch.Generator().manual_seed(0))
+    state = agg.init_state(RoundContext(generator=torch.Generator().manual_seed(0)), {"a": (5, 7)})
     model = agg.model_factors(state)
     for rank in LEVELS:
-        got = agg.level_factors(state, rank)
+        got = agg.level_factors(RoundContext(rank=rank), state)
         assert torch.equal(got["a"][0], model["a"][0]) and torch.equal(got["a"][1], model["a"][1])
     with pytest.raises(ValueError, match="rank must be in"):
-        agg.level_factors(state, 9)
+        agg.level_factors(RoundContext(rank=9), state)
 
 
 def test_top_level_equals_the_global_model_and_a_lower_level_differs() -> None:

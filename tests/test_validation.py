@@ -22,6 +22,7 @@ from raflora.methods import (
     get_aggregator,
     validate_update,
 )
+from raflora.methods.context import RoundContext
 
 METHODS = ("fedit", "hetlora", "flora", "flexlora", "raflora")
 SHAPES = {"a": (5, 4), "b": (3, 6)}
@@ -34,12 +35,8 @@ def levels_for(method: str) -> tuple[int, ...]:
 
 def setup(method: str) -> tuple[Aggregator, GlobalState]:
     agg = get_aggregator(method, levels_for(method))
-    state = agg.init_state(
-        SHAPES,
-        generator=torch.Generator().manual_seed(0),
-        dense={"head": torch.zeros(HEAD, dtype=torch.float64)},
-        dtype=torch.float64,
-    )
+    ctx = RoundContext(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    state = agg.init_state(ctx, SHAPES, {"head": torch.zeros(HEAD, dtype=torch.float64)})
     return agg, state
 
 

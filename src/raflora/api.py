@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from raflora.methods import available_methods, get_aggregator
+from raflora.methods import RoundContext, available_methods, get_aggregator
 from raflora.methods.registry import unsupported_reason
 from raflora.methods.validation import (
     ClientUpdate,
@@ -124,26 +124,24 @@ def aggregate_round(
     aggregator = get_aggregator(method, rank_levels, **options)
     # the same checks as a whole-model round (validate_update), with the update's index as id
     shapes = {"module": (int(updates[0][0].shape[0]), int(updates[0][1].shape[-1]))}
+    levels_only = aggregator.capabilities.ranks_must_be_levels
     for i, (B, A, n_k) in enumerate(updates):
         rank = int(B.shape[-1]) if B.ndim else 0
         try:
             validate_update(
                 ClientUpdate(i, rank, n_k, {"module": (B, A)}),
                 shapes,
-                allowed_ranks=aggregator.rank_levels if aggregator.ranks_must_be_levels else None,
+                allowed_ranks=aggregator.rank_levels if levels_only else None,
                 max_rank=aggregator.r_max,
             )
         except RankError as err:
             mixed = [m for m in available_methods() if unsupported_reason(m, [1, 2]) is None]
-            hint = (
-                f" (methods for heterogeneous ranks: {', '.join(mixed)})"
-                if aggregator.ranks_must_be_levels
-                else ""
-            )
+            hint = f" (methods for heterogeneous ranks: {', '.join(mixed)})" if levels_only else ""
             raise ValueError(f"update {i}: {err.reason} for {method}{hint}") from None
         except InvalidUpdateError as err:
             raise ValueError(f"update {i}: {err.reason}") from None
     batch = [(B, A, int(n_k)) for B, A, n_k in updates]
-    B, A = aggregator.aggregate_module(batch, previous, round_index=round_index)
-    residual = aggregator.module_residual(batch, (B, A), previous, round_index=round_index)
+    ctx = RoundContext(round_index=round_index, dtype=batch[0][0].dtype, device=batch[0][0].device)
+    B, A = aggregator.aggregate_module(ctx, batch, previous)
+    residual = aggregator.module_residual(ctx, batch, (B, A), previous)
     return RoundAggregate(B, A, residual)

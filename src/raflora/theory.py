@@ -1,4 +1,5 @@
-"""Theorem 4.4 as a calculator, and its Monte Carlo check (SPEC §5; paper Section 4, Appendix A).
+"""Theorem 4.4 as a calculator, and its Monte Carlo check (docs/methods.md#theory; paper Section 4,
+Appendix A).
 
 Closed form (Appendix A, Eqs. 9–20) for vanilla FedLoRA (FlexLoRA's aggregation):
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from raflora.diagnostics import energy_spectrum
-from raflora.methods import get_aggregator
+from raflora.methods import RoundContext, get_aggregator
 from raflora.methods.options import option_specs
 from raflora.methods.registry import method_options_classes
 
@@ -280,7 +281,7 @@ def simulate(
         for t in range(1, rounds + 1):
             sampled = torch.randperm(K, generator=gen)[:M]
             updates = [(setup.beta * B_g[:, :r], A_g[:r, :], 1) for r in ranks[sampled].tolist()]
-            B_g, A_g = aggregator.aggregate_module(updates, previous=(B_g, A_g))
+            B_g, A_g = aggregator.aggregate_module(RoundContext(t), updates, (B_g, A_g))
             spectrum = energy_spectrum(B_g, A_g).numpy()
             out[s, t, : spectrum.shape[0]] = spectrum[:r_max]
     return out

@@ -93,7 +93,8 @@ def train_client(
         The client's per-client state from its last round (the method's, e.g. ILoRA's ``c_k``).
     """
     t0 = device_clock(fed.device)
-    client = fed.aggregator.client_round(received, rank=rank, round_index=round_index, state=state)
+    ctx = fed.context(round_index).for_client(client_id, rank)
+    client = fed.aggregator.client_round(ctx, received, state)
     # Creating a rank's adapter (PEFT's init) and dropout draw from torch's global generator:
     # all of it runs inside a fork, seeded for this client, so the caller's random state is
     # left exactly as it was (nothing here reseeds or consumes the global RNG).

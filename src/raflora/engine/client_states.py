@@ -1,9 +1,9 @@
 """Per-client state kept across the rounds a client takes part in (ILoRA's ``c_k`` …).
 
-The server side of an engine owns it, whichever engine runs (DESIGN layer 6): the local engine
-hands a client its state and keeps what the client's round returns; the Flower engine sends the
-state with the train message (a Flower client is stateless across a resume) and keeps what the
-reply carries. Only accepted clients' states are kept.
+The server side of an engine owns it, whichever engine runs (docs/design.md#layers): the local
+engine hands a client its state and keeps what the client's round returns; the Flower engine
+sends the state with the train message (a Flower client is stateless across a resume) and keeps
+what the reply carries. Only accepted clients' states are kept.
 
 In a run directory each client's state is one file, ``clients/client-<k>.r<round>.pt``, written
 only in the rounds the client took part in (a 3B model's ``c_k`` at rank 64 is ~70 MB: rewriting

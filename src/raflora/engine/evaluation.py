@@ -59,7 +59,7 @@ def evaluate_levels(
 ) -> dict[str, float]:
     """The task's metrics of the model a client of each rank level holds (``eval.per_level``).
 
-    Level ``r`` gets the aggregator's :meth:`~raflora.methods.Aggregator.level_factors`
+    Level ``r`` gets the method's :meth:`~raflora.methods.Method.level_factors`
     (the nested truncation of the global factors; FLoRA: the merged base, so every level
     equals the global model) with the global heads; its metrics are keyed ``"{name}@{r}"``
     (``accuracy@8``, ``eval_loss@8``). The global model is back on the ``r_max`` adapter
@@ -78,9 +78,10 @@ def evaluate_levels(
     """
     aggregator = fed.aggregator
     global_factors = aggregator.model_factors(state)
+    ctx = fed.context(state.round)  # the round just aggregated
     out: dict[str, float] = {}
     for rank in aggregator.rank_levels:
-        factors = aggregator.level_factors(state, rank)
+        factors = aggregator.level_factors(ctx.at_rank(rank), state)
         if full is not None and _same_factors(factors, global_factors):
             metrics = dict(full)
         else:

@@ -2,9 +2,9 @@
 
 For the methods that keep global factors (FedIT, HetLoRA, FlexLoRA, raFLoRA) the adapter is
 ``B_g, A_g`` (truncated to ``B_g[:, :r]``, ``A_g[:r, :]`` for a client of rank ``r`` — exactly what
-such a client is sent, SPEC §2). FLoRA merges every round into the base weights, so its result is
-the merged delta ``Σ_t B_s A_s``: the adapter is that delta's SVD (all singular directions for
-the full export, the top ``r`` for a truncated one).
+such a client is sent, docs/methods.md#global-state-and-broadcast). FLoRA merges every round into
+the base weights, so its result is the merged delta ``Σ_t B_s A_s``: the adapter is that delta's
+SVD (all singular directions for the full export, the top ``r`` for a truncated one).
 """
 
 from __future__ import annotations

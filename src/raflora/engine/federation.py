@@ -14,7 +14,7 @@ A client's local training is in :mod:`raflora.engine.client_round`, evaluation i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
 from raflora.engine.client_states import ClientStates
 from raflora.engine.errors import EngineError
-from raflora.methods import Aggregator, GlobalState, get_aggregator
+from raflora.methods import Aggregator, GlobalState, RoundContext, get_aggregator
 from raflora.methods.base import ClientMessage
 from raflora.tasks import Task, TaskError, build_task
 
@@ -121,20 +121,37 @@ class Federation:
             k: v.to(device=self.device, dtype=torch.float32)
             for k, v in self.bank.get_dense(self.aggregator.r_max).items()
         }
-        method = self.aggregator
-        base = None
-        if method.reads_base_weights:
-            weights = base_weights(self.bank.model, adapter_name(method.r_max))
-            base = {k: v.to(device=self.device, dtype=torch.float32) for k, v in weights.items()}
-        return method.init_state(
-            self.bank.module_shapes(),
-            generator=seeds.init_generator(self.seed),
-            dense=dense,
+        ctx = replace(self.context(0), generator=seeds.init_generator(self.seed))
+        return self.aggregator.init_state(ctx, self.bank.module_shapes(), dense)
+
+    def context(self, round_index: int) -> RoundContext:
+        """The context of round ``round_index`` (0: the round-0 state) for the method's hooks:
+        the federation's client ranks, float32 on the run's device, and the base weights when
+        the method declares it reads them.
+        """
+        reads = self.aggregator.capabilities.reads_base_weights
+        return RoundContext(
+            round_index=round_index,
+            client_ranks=tuple(self.client_ranks),
             dtype=torch.float32,
             device=self.device,
-            base_weights=base,
-            client_ranks=self.client_ranks,
+            base_weights=self._base_weights if reads else None,
         )
+
+    def client_context(self, state: GlobalState, client_id: int, round_index: int) -> RoundContext:
+        """The context of client ``client_id`` in round ``round_index``: its rank this round and
+        its own seeded generator (a fresh one each call, so each draw starts the same stream).
+        """
+        return self.context(round_index).for_client(
+            client_id,
+            self.rank_of(state, client_id),
+            generator=seeds.client_init_generator(self.seed, round_index, client_id),
+        )
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The current base weights of the adapted modules, float32 on the run's device."""
+        weights = base_weights(self.bank.model, adapter_name(self.aggregator.r_max))
+        return {k: v.to(device=self.device, dtype=torch.float32) for k, v in weights.items()}
 
     def merge_initial_residual(self, state: GlobalState) -> GlobalState:
         """Merge the method's :meth:`~raflora.methods.Method.initial_residual` of the round-0
@@ -158,16 +175,13 @@ class Federation:
         :meth:`~raflora.methods.Method.client_message`, with the client's seeded generator).
         """
         return self.aggregator.client_message(
-            state,
-            self.rank_of(state, client_id),
-            client_id=client_id,
-            round_index=round_index,
-            generator=seeds.client_init_generator(self.seed, round_index, client_id),
+            self.client_context(state, client_id, round_index), state
         )
 
     def rank_of(self, state: GlobalState, client_id: int) -> int:
         """Rank client ``client_id`` trains at (HetLoRA may have pruned it)."""
-        return self.aggregator.client_rank(state, client_id, self.client_ranks[client_id])
+        ctx = self.context(state.round + 1).for_client(client_id, 0)
+        return self.aggregator.client_rank(ctx, state, self.client_ranks[client_id])
 
 
 def _split(config: RunConfig, task: Task) -> tuple[list[np.ndarray], dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 :func:`plan_round` samples ``M`` clients with the run's own stream and counts what is sent to
 them; :func:`complete_round` validates and aggregates what they sent back, merges into the base
-when the method says so (FLoRA), records the energy diagnostics (SPEC §4), traffic (SPEC §8) and
+when the method says so (FLoRA), records the energy diagnostics
+(docs/methods.md#rank-collapse-diagnostics), traffic (docs/design.md#communication) and
 timings, and evaluates every ``eval.every`` rounds and at the last one. :func:`run_round` is a
 whole round in this process: the sampled clients are trained one after another
 (:func:`~raflora.engine.client_round.train_client`) between the two.
@@ -34,7 +35,8 @@ __all__ = [
 
 
 def energy_metrics(state: GlobalState, levels: list[int]) -> tuple[dict[str, Any], EnergyReport]:
-    """The round's rank-collapse diagnostics (SPEC §4), from one SVD per module.
+    """The round's rank-collapse diagnostics (docs/methods.md#rank-collapse-diagnostics), from
+    one SVD per module.
 
     Returns the metrics row's ``higher_rank_energy`` (1 − ρ_{r_1}, mean over modules) and
     ``energy_per_level`` (ρ at every rank level), and the report they come from (per-module
@@ -81,7 +83,7 @@ class RoundPlan:
     ranks : list[int]
         The rank each trains at.
     download_bytes : int
-        Bytes sent down to all of them (factors and heads, SPEC §8).
+        Bytes sent down to all of them (factors and heads, docs/design.md#communication).
     """
 
     round_index: int
@@ -100,7 +102,11 @@ def plan_round(fed: Federation, state: GlobalState, round_index: int) -> RoundPl
     ranks = [fed.rank_of(state, k) for k in clients]
     element = next(iter(state.factors.values()))[0].element_size()
     head = tensor_bytes(state.dense)
-    download = sum(fed.aggregator.download_numel(state, r) * element + head for r in ranks)
+    ctx = fed.context(round_index)
+    download = sum(
+        fed.aggregator.download_numel(ctx.for_client(k, r), state) * element + head
+        for k, r in zip(clients, ranks, strict=True)
+    )
     return RoundPlan(round_index, learning_rate(cfg, round_index), clients, ranks, download)
 
 
@@ -135,8 +141,9 @@ def complete_round(
     # Client order never changes the result: aggregate in client-id order whatever order the
     # clients trained or replied in (the local engine groups them by rank, Flower by arrival).
     results = sorted(results, key=lambda r: r.update.client_id)
+    ctx = fed.context(plan.round_index)
     outcome = fed.aggregator.aggregate(
-        state, [r.update for r in results], wire_dtypes=fed.wire_dtypes
+        state, [r.update for r in results], ctx=ctx, wire_dtypes=fed.wire_dtypes
     )
     new_state = outcome.state
     if outcome.residual is not None:
@@ -145,9 +152,9 @@ def complete_round(
         if result.state is not None and result.update.client_id in outcome.accepted:
             fed.client_states.put(result.update.client_id, plan.round_index, result.state)
     energy, report = energy_metrics(new_state, list(cfg.fl.rank_levels))
-    if outcome.residual is not None and fed.aggregator.reports_residual_energy:
-        # SPEC §9: a method merging a residual besides its global factors (FedEx-LoRA) also
-        # reports the spectrum of the round's merged residual
+    if outcome.residual is not None and fed.aggregator.capabilities.reports_residual_energy:
+        # a method merging a residual besides its global factors (FedEx-LoRA) also reports the
+        # spectrum of the round's merged residual (docs/methods.md#fedex)
         residual = energy_report(outcome.residual, list(cfg.fl.rank_levels))
         energy["residual_higher_rank_energy"] = residual.higher_rank_energy
     t2 = device_clock(fed.device)
@@ -164,7 +171,9 @@ def complete_round(
     row.update(
         {
             "upload_bytes": sum(
-                fed.aggregator.upload_bytes(r.update, plan.round_index)
+                fed.aggregator.upload_bytes(
+                    ctx.for_client(r.update.client_id, r.update.rank), r.update
+                )
                 + tensor_bytes(r.update.dense)
                 for r in results
             ),

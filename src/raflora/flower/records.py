@@ -3,7 +3,8 @@
 The server sends a client (issue 4, "sends each node the factors for its own rank"):
 
 - an :class:`~flwr.app.ArrayRecord` ``"arrays"`` with the effective factors of the client's rank
-  (``B/<module>`` ``(d, r)`` and ``A/<module>`` ``(r, n)``, SPEC §1), the global heads
+  (``B/<module>`` ``(d, r)`` and ``A/<module>`` ``(r, n)``,
+  docs/methods.md#notation-and-the-lora-convention), the global heads
   (``dense/<name>``), the method's extras (``extra/<name>``), the client's per-client state
   (``state/<name>``: a Flower client is stateless across a resume, the server keeps it) and, for
   methods that merge into the base model (FLoRA, FedEx-LoRA), the server's current base weights

@@ -334,7 +334,9 @@ class RankStrategy(Strategy):
         and sent back next time, so a malformed one must not be kept.
         """
         update = result.update
-        expected = self.fed.aggregator.client_state_shapes(self.state, update.rank)
+        assert self._plan is not None  # replies are checked within a round
+        ctx = self.fed.context(self._plan.round_index).for_client(update.client_id, update.rank)
+        expected = self.fed.aggregator.client_state_shapes(ctx, self.state)
         validate_named(
             update.client_id,
             "client state tensor",

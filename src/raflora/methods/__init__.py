@@ -2,25 +2,15 @@
 a name registry.
 
 A method registers itself when its module is imported (:func:`register`); :data:`METHOD_MODULES`
-is the registry's list of modules, one line per method. Writing a method: see the README's
-"Writing your own method".
+is the registry's list of modules, one line per method. Writing a method: ``examples/README.md``
+(the hooks table) and ``examples/custom_method.py``.
 """
 
 import importlib
 
-from raflora.methods.base import (
-    AggregationResult,
-    Aggregator,
-    ClientMessage,
-    ClientRound,
-    ClientUpload,
-    Factors,
-    GlobalState,
-    Method,
-    lora_a_init,
-    sample_weights,
-    weighted_average,
-)
+from raflora.methods.averaging import sample_weights, weighted_average
+from raflora.methods.base import Aggregator, ClientRound, Method, ModuleUpdates
+from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.fedit import FedIT
 from raflora.methods.flexlora import FlexLoRA
 from raflora.methods.flora import FLoRA
@@ -38,6 +28,15 @@ from raflora.methods.registry import (
     options_for,
     register,
     resolve_method_options,
+)
+from raflora.methods.state import (
+    AggregationResult,
+    ClientMessage,
+    ClientUpload,
+    Factors,
+    GlobalState,
+    lora_a_init,
+    map_tensors,
 )
 from raflora.methods.validation import (
     BadSampleCountError,
@@ -57,6 +56,7 @@ __all__ = [
     "AggregationResult",
     "Aggregator",
     "BadSampleCountError",
+    "Capabilities",
     "ClientMessage",
     "ClientRound",
     "ClientUpdate",
@@ -74,15 +74,18 @@ __all__ = [
     "Method",
     "MethodOptions",
     "ModuleSetError",
+    "ModuleUpdates",
     "NonFiniteUpdateError",
     "OptionsError",
     "RaFLoRA",
     "RaFLoRAOptions",
     "RankError",
+    "RoundContext",
     "ShapeMismatchError",
     "available_methods",
     "get_aggregator",
     "lora_a_init",
+    "map_tensors",
     "options_for",
     "partition_bounds",
     "partition_weights",

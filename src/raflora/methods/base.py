@@ -1,40 +1,53 @@
-"""The method interface shared by every method (both halves), and its name registry.
+"""The method interface: :class:`Method` (the server half) and :class:`ClientRound` (the client
+half) — docs/design.md#layers, and ``examples/README.md`` for the complete hooks table.
 
-A method (DESIGN layer 2) is one subclass of :class:`Method` in one file, registered by name, with
-typed options. Its **server half** answers, for a whole model (a dict of modules, SPEC §2–3, §9):
+A method is one subclass of :class:`Method` in one file, registered by name, with typed options
+and its :class:`~raflora.methods.context.Capabilities`. Every hook that depends on who or when
+takes a :class:`~raflora.methods.context.RoundContext` first, then its data. The hooks, grouped
+as a round uses them (Algorithm 1 of the paper; docs/design.md#one-round):
 
-* the round-0 state (:meth:`Method.init_state`; it may read the base weights, ILoRA's QR init);
-* what a client of rank ``r`` is sent (:meth:`Method.client_message`: factors and named extras);
-* how the accepted client updates become the next global state (:meth:`Method.aggregate`, per
-  module :meth:`Method.aggregate_module`), and the residual merged into the base weights
-  (:meth:`Method.module_residual`: FLoRA's stack, FedEx-LoRA's residual);
-* the algorithmic traffic (:meth:`Method.download_numel`, :meth:`Method.upload_bytes`, SPEC §8).
+* **server state** — the round-0 state (:meth:`Method.init_state`), the rank a client trains at
+  (:meth:`Method.client_rank`);
+* **what a client gets** — :meth:`Method.client_message` (line 5's broadcast), built from
+  :meth:`Method.client_factors`; what the global model and each rank level hold
+  (:meth:`Method.model_factors`, :meth:`Method.level_factors`);
+* **aggregation** — per module :meth:`Method.aggregate_module` (lines 8–17), the residual merged
+  into the base weights (:meth:`Method.module_residual`) and the method's own server state
+  (:meth:`Method.finish_state`), all driven by :meth:`Method.aggregate`;
+* **traffic** — :meth:`Method.download_numel`, :meth:`Method.upload_bytes`
+  (docs/design.md#communication);
+* **client half** — :meth:`Method.client_round` builds a :class:`ClientRound` (lines 6–7): the
+  factors training starts from, which train, a loss term, a gradient correction, the upload.
 
-Its **client half** is a :class:`ClientRound` (:meth:`Method.client_round`): the local factors
-from what was received, which factors train, a local loss term, a gradient correction applied
-before clipping and the optimizer step, the transform before upload, the extras uploaded and the
-per-client state kept across the rounds a client takes part in.
-
-Everything here is pure tensor code keyed by module name — no models, I/O or transport — so the
-local engine and the Flower engine call the same hooks and carry extras and per-client state
-generically. Per-module math works on tensors with leading batch dimensions; the whole-model
-:meth:`Method.aggregate` groups modules of one shape and aggregates each group in one batched
-call. ``Aggregator`` is the 0.1 name of :class:`Method`.
+Everything here is pure tensor code keyed by module name — no models, I/O or transport — so both
+engines call the same hooks. The data types live in :mod:`raflora.methods.state`, FedAvg's
+weights in :mod:`raflora.methods.averaging`; both are re-exported here. ``Aggregator`` is the 0.1
+name of :class:`Method`.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from raflora.methods.averaging import sample_weights, weighted_average
+from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions
+from raflora.methods.state import (
+    AggregationResult,
+    ClientMessage,
+    ClientUpload,
+    Factors,
+    GlobalState,
+    lora_a_init,
+    map_tensors,
+)
 from raflora.methods.validation import (
     ClientUpdate,
     InvalidUpdateError,
@@ -45,216 +58,27 @@ from raflora.methods.validation import (
 __all__ = [
     "AggregationResult",
     "Aggregator",
+    "Capabilities",
     "ClientMessage",
     "ClientRound",
     "ClientUpload",
     "Factors",
     "GlobalState",
     "Method",
+    "ModuleUpdates",
+    "RoundContext",
     "lora_a_init",
     "map_tensors",
     "sample_weights",
     "weighted_average",
 ]
 
-Factors = dict[str, tuple[Tensor, Tensor]]
-"""Module name → effective factors ``(B (d, r), A (r, n))``."""
-
-
-def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor in it (dicts, lists and tuples are walked;
-    anything else is kept as it is). Containers are rebuilt, so the result shares no dict.
-    """
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
-
-
-@dataclass
-class GlobalState:
-    """The server's state between rounds.
-
-    Attributes
-    ----------
-    factors : Factors
-        Global effective factors. FedIT/HetLoRA/FlexLoRA/raFLoRA: ``B_g (d, r_max)``,
-        ``A_g (r_max, n)`` with ``ΔW_g = B_g A_g`` the cumulative update. FLoRA: the last
-        round's stacked update ``(B_s, A_s)`` (already merged into ``base_delta``).
-    module_shapes : dict[str, tuple[int, int]]
-        Module name → ``(d, n)``.
-    dense : dict[str, Tensor]
-        Fully trained tensors (heads), FedAvg-aggregated.
-    round : int
-        Number of aggregations performed so far.
-    base_delta : dict[str, Tensor]
-        Methods that merge a residual into the base weights (:meth:`Method.module_residual`:
-        FLoRA, FedEx-LoRA): every residual merged so far, ``Σ_t B_t A_t`` (``(d, n)`` per
-        module); empty for the others.
-    extras : dict[str, Any]
-        The method's own server state (HetLoRA's pruned ranks, ILoRA's control variate …):
-        tensors, numbers, strings and nested dicts/lists of them, checkpointed as they are.
-    """
-
-    factors: Factors
-    module_shapes: dict[str, tuple[int, int]]
-    dense: dict[str, Tensor] = field(default_factory=dict)
-    round: int = 0
-    base_delta: dict[str, Tensor] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def state_dict(self, *, clone: bool = True) -> dict[str, Any]:
-        """Plain nested dict of tensors and ints (for ``torch.save`` checkpoints).
-
-        ``clone=False`` shares the tensors (enough for writing a checkpoint right away, and no
-        extra copy of FLoRA's dense deltas).
-        """
-
-        def c(t: Tensor) -> Tensor:
-            return t.clone() if clone else t
-
-        return {
-            "factors": {k: (c(B), c(A)) for k, (B, A) in self.factors.items()},
-            "module_shapes": dict(self.module_shapes),
-            "dense": {k: c(v) for k, v in self.dense.items()},
-            "round": self.round,
-            "base_delta": {k: c(v) for k, v in self.base_delta.items()},
-            "extras": map_tensors(self.extras, c),
-        }
-
-    @property
-    def device(self) -> torch.device:
-        """Where the state's tensors live (the run's device; the CPU for an empty state)."""
-        for B, _ in self.factors.values():
-            return B.device
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The state's floating-point dtype (float32 in every run, whatever the model's)."""
-        for B, _ in self.factors.values():
-            return B.dtype
-        return torch.float32
-
-    def to(self, device: torch.device | str) -> GlobalState:
-        """The same state with every tensor on ``device`` (no copy for tensors already there)."""
-        return replace(
-            self,
-            factors={k: (B.to(device), A.to(device)) for k, (B, A) in self.factors.items()},
-            dense={k: v.to(device) for k, v in self.dense.items()},
-            base_delta={k: v.to(device) for k, v in self.base_delta.items()},
-            extras=map_tensors(self.extras, lambda t: t.to(device)),
-        )
-
-    @classmethod
-    def from_state_dict(cls, data: Mapping[str, Any]) -> GlobalState:
-        """Inverse of :meth:`state_dict`."""
-        return cls(
-            factors={k: (B, A) for k, (B, A) in data["factors"].items()},
-            module_shapes={k: (int(d), int(n)) for k, (d, n) in data["module_shapes"].items()},
-            dense=dict(data["dense"]),
-            round=int(data["round"]),
-            base_delta=dict(data["base_delta"]),
-            extras=dict(data["extras"]),
-        )
-
-
-@dataclass(frozen=True)
-class AggregationResult:
-    """Outcome of one round's aggregation.
-
-    ``rejected`` maps client id → the reason its update was left out. When no update was
-    accepted, ``state`` is the previous state, unchanged. ``residual`` is the factored delta to
-    merge into the base weights this round (:meth:`Method.module_residual`: FLoRA's stack,
-    FedEx-LoRA's residual), else ``None``.
-    """
-
-    state: GlobalState
-    accepted: tuple[int, ...]
-    rejected: dict[int, str]
-    residual: Factors | None = None
-
-    @property
-    def base_update(self) -> Factors | None:
-        """The 0.1 name of :attr:`residual`."""
-        return self.residual
-
-
-@dataclass(frozen=True)
-class ClientMessage:
-    """What the server sends a client for one round (besides the global heads).
-
-    Attributes
-    ----------
-    factors : Factors
-        Effective factors at the client's rank (the nested truncation of the global factors for
-        most methods; FLoRA: a fresh init).
-    extras : dict[str, Tensor]
-        Named extra tensors of the method (ILoRA's control variate …); empty for most.
-    """
-
-    factors: Factors
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ClientUpload:
-    """What a client's round produced (:meth:`ClientRound.finish`).
-
-    Attributes
-    ----------
-    factors : Factors
-        The effective factors to upload.
-    extras : dict[str, Tensor]
-        Named extra tensors to upload (validated against :meth:`Method.upload_extra_shapes`).
-    state : dict[str, Tensor] or None
-        The client's new per-client state, kept until its next round (``None``: it keeps none;
-        the engine then keeps whatever it had).
-    """
-
-    factors: Factors
-    extras: dict[str, Tensor] = field(default_factory=dict)
-    state: dict[str, Tensor] | None = None
-
-
-def _as_dtype(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
-    """``update`` with every tensor in ``dtype`` (no copy for tensors already in it)."""
-    return replace(
-        update,
-        factors={k: (B.to(dtype), A.to(dtype)) for k, (B, A) in update.factors.items()},
-        dense={k: v.to(dtype) for k, v in update.dense.items()},
-        extras={k: v.to(dtype) for k, v in update.extras.items()},
-    )
-
-
-def lora_a_init(rows: int, cols: int, generator: torch.Generator) -> Tensor:
-    """PEFT's default ``lora_A`` init (``kaiming_uniform_(a=√5)``): ``U(-1/√n, 1/√n)``, ``(r, n)``.
-
-    Drawn from ``generator`` on the CPU in float32, so it is reproducible on every device.
-    """
-    bound = 1.0 / math.sqrt(cols)
-    return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
-
-
-def sample_weights(samples: Sequence[int], *, like: Tensor) -> Tensor:
-    """``p_k = n_k / Σ_j n_j`` as a 1-D tensor on ``like``'s device (float64 for accuracy)."""
-    n = torch.tensor([float(s) for s in samples], dtype=torch.float64, device=like.device)
-    return n / n.sum()
-
-
-def weighted_average(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
-    """``Σ_k w_k T_k`` for equally shaped tensors (FedAvg; weights are used as given)."""
-    out = torch.zeros_like(tensors[0], dtype=torch.promote_types(tensors[0].dtype, torch.float32))
-    for w, t in zip(weights.tolist(), tensors, strict=True):
-        out.add_(t.to(out.dtype), alpha=w)
-    return out.to(tensors[0].dtype)
+ModuleUpdates = Sequence[tuple[Tensor, Tensor, int]]
+"""One module's accepted updates: ``(B_k (…, d, r_k), A_k (…, r_k, n), n_k)`` per client."""
 
 
 class ClientRound:
-    """The client half of a method: one client's local round (DESIGN layer 2).
+    """The client half of a method: one client's local round (Algorithm 1 lines 6–7).
 
     The engine builds one per client and round (:meth:`Method.client_round`) and calls, in
     order: :meth:`start` (the factors put on the client's adapter), :attr:`trains` (which
@@ -267,12 +91,10 @@ class ClientRound:
     ----------
     method : Method
         The method (its options).
+    ctx : RoundContext
+        The round and the client (``ctx.client_id``, ``ctx.rank``, ``ctx.round_index``).
     received : ClientMessage
         What the server sent.
-    rank : int
-        The client's rank this round.
-    round_index : int
-        The 1-based round.
     state : Mapping[str, Tensor] or None
         The client's per-client state from its last round (``None`` before its first).
     """
@@ -287,17 +109,24 @@ class ClientRound:
     def __init__(
         self,
         method: Method,
+        ctx: RoundContext,
         received: ClientMessage,
-        *,
-        rank: int,
-        round_index: int,
-        state: Mapping[str, Tensor] | None,
+        state: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.method = method
+        self.ctx = ctx
         self.received = received
-        self.rank = rank
-        self.round_index = round_index
         self.state = state
+
+    @property
+    def rank(self) -> int:
+        """The client's rank this round (``ctx.rank``)."""
+        return self.ctx.rank
+
+    @property
+    def round_index(self) -> int:
+        """The 1-based round (``ctx.round_index``)."""
+        return self.ctx.round_index
 
     def start(self) -> Factors:
         """The effective factors local training starts from (default: those received)."""
@@ -319,31 +148,55 @@ class ClientRound:
         return ClientUpload(trained)
 
 
+class _FromCapabilities:
+    """A read-only view of one :class:`Capabilities` field under its 0.1 class-attribute name
+    (``Method.single_rank_level`` …), so code that reads the old flags keeps working.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> bool:
+        cls = owner if owner is not None else type(obj)
+        value: bool = getattr(getattr(cls, "capabilities"), self.name)  # noqa: B009
+        return value
+
+
 class Method(ABC):
-    """Base class of a method: one subclass per method, registered by name with :func:`register`.
+    """Base class of a method: one subclass per method, registered by name with ``register``.
 
     Parameters
     ----------
     rank_levels : Sequence[int]
         The configured rank levels ``R = {r_1 < … < r_max}``; the server keeps rank ``r_max``.
     options : MethodOptions, optional
-        The method's options, an instance of its :attr:`Options` (default: every default).
+        The method's options, an instance of its :attr:`Options` (default: every default);
+        hooks read them from ``self.options``.
     """
 
     name: ClassVar[str]
-    #: Whether client ranks must be one of the rank levels (raFLoRA's partitions need it).
-    ranks_must_be_levels: ClassVar[bool] = False
-    #: Whether every client must have the same rank (one rank level): FedIT's factor averaging.
-    single_rank_level: ClassVar[bool] = False
-    #: Whether :meth:`init_state` reads the base weights (the engine then passes them).
-    reads_base_weights: ClassVar[bool] = False
-    #: Whether rows also report the energy of the round's merged residual
-    #: (``residual_higher_rank_energy``): FedEx-LoRA, whose global factors are not the residual.
-    reports_residual_energy: ClassVar[bool] = False
+    #: What the method declares about itself (see :class:`Capabilities`); the only place.
+    capabilities: ClassVar[Capabilities] = Capabilities()
     #: The method's typed options (a frozen :class:`MethodOptions` dataclass); none by default.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: The client half (:class:`ClientRound`: plain LoRA by default).
     ClientRoundType: ClassVar[type[ClientRound]] = ClientRound
+
+    # the 0.1 flags, read-only views of ``capabilities``
+    ranks_must_be_levels = _FromCapabilities()
+    single_rank_level = _FromCapabilities()
+    reads_base_weights = _FromCapabilities()
+    reports_residual_energy = _FromCapabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a 0.1 flag set in a subclass would shadow the view and disagree with capabilities
+        legacy = sorted(n for n in vars(cls) if isinstance(vars(Method).get(n), _FromCapabilities))
+        if legacy:
+            raise TypeError(
+                f"{cls.__name__}: declare {', '.join(legacy)} in one place, e.g. "
+                f"capabilities = Capabilities({legacy[0]}=True)"
+            )
 
     def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
         if options is None:
@@ -369,27 +222,24 @@ class Method(ABC):
     # ----------------------------------------------------------------- server: state
     def init_state(
         self,
+        ctx: RoundContext,
         module_shapes: Mapping[str, tuple[int, int]],
-        *,
-        generator: torch.Generator,
         dense: Mapping[str, Tensor] | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        base_weights: Mapping[str, Tensor] | None = None,
-        client_ranks: Sequence[int] = (),
     ) -> GlobalState:
-        """Initial global state: ``B_g = 0`` and PEFT's default ``A_g`` init at ``r_max`` (SPEC §2).
+        """The round-0 state (Algorithm 1 line 1): ``B_g = 0`` and PEFT's default ``A_g`` at
+        ``r_max`` (docs/methods.md#global-state-and-broadcast), ``dense`` the initial heads.
 
-        Modules are initialised in sorted name order from ``generator``, so the same seed gives
-        the same state whatever order the model lists its modules in. ``base_weights`` (module →
-        ``W_0 (d, n)``) is given when :attr:`reads_base_weights` is set; ``client_ranks`` is the
-        rank of every client of the federation (ILoRA's control variates count them).
+        Modules are initialised in sorted name order from ``ctx.generator`` (required), in
+        ``ctx.dtype`` on ``ctx.device``, so the same seed gives the same state whatever order
+        the model lists its modules in.
         """
+        if ctx.generator is None:
+            raise ValueError(f"{self.name}: init_state needs ctx.generator (the init stream)")
         factors: Factors = {}
         for name in sorted(module_shapes):
             d, n = module_shapes[name]
-            A = lora_a_init(self.r_max, n, generator).to(device=device, dtype=dtype)
-            factors[name] = (torch.zeros(d, self.r_max, dtype=dtype, device=device), A)
+            A = lora_a_init(self.r_max, n, ctx.generator).to(device=ctx.device, dtype=ctx.dtype)
+            factors[name] = (torch.zeros(d, self.r_max, dtype=ctx.dtype, device=ctx.device), A)
         return GlobalState(
             factors=factors,
             module_shapes={k: (int(d), int(n)) for k, (d, n) in module_shapes.items()},
@@ -417,32 +267,24 @@ class Method(ABC):
             delta[name] = delta[name] + step if name in delta else step
         return replace(state, base_delta=delta)
 
-    def client_rank(self, state: GlobalState, client_id: int, declared_rank: int) -> int:
-        """The rank client ``client_id`` trains at this round (HetLoRA may have pruned it)."""
+    def client_rank(self, ctx: RoundContext, state: GlobalState, declared_rank: int) -> int:
+        """The rank client ``ctx.client_id`` trains at this round, given its declared rank
+        (default: that; HetLoRA's self-pruning lowers it).
+        """
         return declared_rank
 
     # ------------------------------------------------------- server: what a client gets
-    def client_message(
-        self,
-        state: GlobalState,
-        rank: int,
-        *,
-        client_id: int,
-        round_index: int,
-        generator: torch.Generator | None = None,
-    ) -> ClientMessage:
-        """What client ``client_id`` (rank ``rank``) is sent in round ``round_index``.
-
-        Default: :meth:`client_factors` and no extras.
+    def client_message(self, ctx: RoundContext, state: GlobalState) -> ClientMessage:
+        """What client ``ctx.client_id`` (rank ``ctx.rank``) is sent in round
+        ``ctx.round_index`` (Algorithm 1 line 5). Default: :meth:`client_factors`, no extras.
         """
-        return ClientMessage(self.client_factors(state, rank, generator=generator))
+        return ClientMessage(self.client_factors(ctx, state))
 
-    def client_factors(
-        self, state: GlobalState, rank: int, *, generator: torch.Generator | None = None
-    ) -> Factors:
-        """Effective factors a client of rank ``rank`` starts from: the nested truncation
-        ``B_g[:, :r]``, ``A_g[:r, :]`` (paper Algorithm 1 line 5).
+    def client_factors(self, ctx: RoundContext, state: GlobalState) -> Factors:
+        """Effective factors a client of rank ``r = ctx.rank`` starts from: the nested
+        truncation ``B_g[:, :r]``, ``A_g[:r, :]`` (Algorithm 1 line 5).
         """
+        rank = ctx.rank
         self._check_rank(rank)
         return {
             k: (B[:, :rank].clone(), A[:rank, :].clone()) for k, (B, A) in state.factors.items()
@@ -456,17 +298,19 @@ class Method(ABC):
         """
         return {k: (B.clone(), A.clone()) for k, (B, A) in state.factors.items()}
 
-    def level_factors(self, state: GlobalState, rank: int) -> Factors:
+    def level_factors(self, ctx: RoundContext, state: GlobalState) -> Factors:
         """Factors at ``r_max`` that, on the current base weights, give the model a client of
-        rank ``rank`` holds after receiving the global state (per-level evaluation).
+        rank ``r = ctx.rank`` holds after receiving the global state (per-level evaluation,
+        docs/methods.md#rank-collapse-diagnostics).
 
-        By default what :meth:`client_factors` sends it — the nested truncation ``B_g[:, :r]``,
-        ``A_g[:r, :]`` — zero-padded to ``r_max`` (the padded directions add nothing to
-        ``B A``). A method whose clients hold something other than what they start training
-        from overrides it (FLoRA: the merged base).
+        By default what :meth:`client_factors` sends it — ``B_g[:, :r]``, ``A_g[:r, :]`` —
+        zero-padded to ``r_max`` (the padded directions add nothing to ``B A``). A method whose
+        clients hold something other than what they start training from overrides it (FLoRA:
+        the merged base).
         """
+        rank = ctx.rank
         out: Factors = {}
-        for name, (B, A) in self.client_factors(state, rank).items():
+        for name, (B, A) in self.client_factors(ctx, state).items():
             d, n = state.module_shapes[name]
             B_pad = B.new_zeros(d, self.r_max)  # (d, r_max): columns ≥ r stay 0
             A_pad = A.new_zeros(self.r_max, n)  # (r_max, n): rows ≥ r stay 0
@@ -475,79 +319,34 @@ class Method(ABC):
             out[name] = (B_pad, A_pad)
         return out
 
-    # ------------------------------------------------------------- server: traffic
-    def download_numel(self, state: GlobalState, rank: int) -> int:
-        """Elements the method must send a client of rank ``rank`` for the adapted modules,
-        extras included (SPEC §8–9; the heads are counted by the engine).
-        """
-        return sum((d + n) * rank for d, n in state.module_shapes.values())
-
-    def upload_bytes(self, update: ClientUpdate, round_index: int) -> int:
-        """Bytes the method must receive from a client in round ``round_index`` for the adapted
-        modules, extras included (SPEC §8–9; the heads are counted by the engine). Default: both
-        factors and the extras.
-        """
-        total = sum(B.numel() * B.element_size() for B, _ in update.factors.values())
-        total += sum(A.numel() * A.element_size() for _, A in update.factors.values())
-        return total + sum(t.numel() * t.element_size() for t in update.extras.values())
-
-    # ------------------------------------------------------------------ client half
-    def client_round(
-        self,
-        received: ClientMessage,
-        *,
-        rank: int,
-        round_index: int,
-        state: Mapping[str, Tensor] | None = None,
-    ) -> ClientRound:
-        """The client half for one client's round (an instance of :attr:`ClientRoundType`)."""
-        return self.ClientRoundType(self, received, rank=rank, round_index=round_index, state=state)
-
-    def upload_extra_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
-        """Name → shape of every extra tensor a client of rank ``rank`` must upload (none)."""
-        return {}
-
-    def client_state_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
-        """Name → shape of a rank-``rank`` client's per-client state (none: it keeps none).
-
-        The Flower engine checks the state a client returns against it before keeping it.
-        """
-        return {}
-
     # ------------------------------------------------------------- server: aggregation
     @abstractmethod
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
-        """Aggregate one module (or a batch of same-shape modules).
+        """The new global factors of one module, or of a batch of same-shape modules
+        (Algorithm 1 lines 8–17; docs/methods.md#aggregation-rules).
 
         Parameters
         ----------
-        updates : Sequence[tuple[Tensor, Tensor, int]]
-            ``(B_k (..., d, r_k), A_k (..., r_k, n), n_k)`` effective factors and sample counts of
+        ctx : RoundContext
+            The round being aggregated (``ctx.round_index``: RoLoRA's phase depends on it).
+        updates : ModuleUpdates
+            ``(B_k (…, d, r_k), A_k (…, r_k, n), n_k)`` effective factors and sample counts of
             the accepted clients; leading dimensions (a batch of modules) are shared.
         previous : tuple[Tensor, Tensor], optional
             The previous global factors of these modules.
-        round_index : int
-            The 1-based round being aggregated (RoLoRA's phase depends on it).
-
-        Returns
-        -------
-        tuple[Tensor, Tensor]
-            The new global factors (see each method).
         """
 
     def module_residual(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         new: tuple[Tensor, Tensor],
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor] | None:
         """The factored residual of one module (batch) merged into the base weights after this
         aggregation, given the new global factors ``new``; ``None`` (the default) for a method
@@ -555,30 +354,46 @@ class Method(ABC):
         """
         return None
 
+    def finish_state(
+        self,
+        ctx: RoundContext,
+        previous: GlobalState,
+        state: GlobalState,
+        accepted: Sequence[ClientUpdate],
+    ) -> GlobalState:
+        """The method's own server state (``state.extras``: HetLoRA's pruned ranks, ILoRA's
+        control variate) after the factors are aggregated; default: ``state``.
+        """
+        return state
+
     def validate(
         self,
         state: GlobalState,
         update: ClientUpdate,
         *,
+        ctx: RoundContext | None = None,
         wire_dtypes: Sequence[torch.dtype] = (),
     ) -> None:
         """Raise an :class:`InvalidUpdateError` if ``update`` cannot be aggregated.
 
         Accepted dtypes are float32, the state's (float32 in a run) and ``wire_dtypes`` (the
         run's model dtype); every tensor must be on the state's device; the extras must be
-        those of :meth:`upload_extra_shapes`.
+        those of :meth:`upload_extra_shapes` (asked with ``ctx`` for the update's client).
         """
+        round_ctx = ctx if ctx is not None else self._round_context(state)
+        extra_shapes = None
+        if is_positive_int(update.rank) and update.rank <= self.r_max:
+            client_ctx = round_ctx.for_client(update.client_id, update.rank)
+            extra_shapes = self.upload_extra_shapes(client_ctx, state)
         validate_update(
             update,
             state.module_shapes,
             dense_shapes={k: tuple(v.shape) for k, v in state.dense.items()},
-            allowed_ranks=self.rank_levels if self.ranks_must_be_levels else None,
+            allowed_ranks=self.rank_levels if self.capabilities.ranks_must_be_levels else None,
             max_rank=self.r_max,
             dtypes={torch.float32, state.dtype, *wire_dtypes},
             device=state.device,
-            extra_shapes=self.upload_extra_shapes(state, update.rank)
-            if is_positive_int(update.rank) and update.rank <= self.r_max
-            else None,
+            extra_shapes=extra_shapes,
         )
 
     def aggregate(
@@ -586,17 +401,27 @@ class Method(ABC):
         state: GlobalState,
         updates: Sequence[ClientUpdate],
         *,
+        ctx: RoundContext | None = None,
         wire_dtypes: Sequence[torch.dtype] = (),
     ) -> AggregationResult:
         """Validate every update and aggregate the accepted ones into the next global state.
 
-        Rejected updates are reported in the result, not raised. With none accepted the state
-        is returned unchanged. Accepted updates are upcast to the state's dtype (float32) before
-        anything is averaged, so a bfloat16 update never demotes the state (see
-        :meth:`validate` for the dtypes accepted). A method's residual
+        ``ctx`` is the round's context (the engines pass theirs: the round being run, which is
+        later than ``state.round`` — later by more than one after a round with no update
+        accepted); by default the round after ``state.round``, the state's dtype and device.
+        Rejected updates are reported in the result, not raised. With none accepted the state is
+        returned unchanged. Accepted updates are upcast to the state's dtype (float32) before
+        anything is averaged, so a bfloat16 update never demotes the state. A method's residual
         (:meth:`module_residual`) is added to the state's ``base_delta`` and returned for the
         engine to merge into the base weights.
         """
+        if ctx is None:
+            ctx = self._round_context(state)
+        elif ctx.round_index <= state.round:
+            raise ValueError(
+                f"aggregate: ctx.round_index is {ctx.round_index}, but the state already has "
+                f"{state.round} aggregation(s)"
+            )
         accepted: list[ClientUpdate] = []
         rejected: dict[int, str] = {}
         counts = Counter(u.client_id for u in updates)
@@ -608,14 +433,14 @@ class Method(ABC):
                         update.client_id,
                         f"duplicate: {counts[update.client_id]} updates under one id this round",
                     )
-                self.validate(state, update, wire_dtypes=wire_dtypes)
+                self.validate(state, update, ctx=ctx, wire_dtypes=wire_dtypes)
             except InvalidUpdateError as err:
                 rejected[update.client_id] = err.reason
                 continue
             accepted.append(_as_dtype(update, state.dtype))
         if not accepted:
             return AggregationResult(state, (), rejected)
-        new_factors, residual = self._aggregate_factors(state, accepted)
+        new_factors, residual = self._aggregate_factors(ctx, state, accepted)
         weights = sample_weights([u.num_samples for u in accepted], like=torch.empty(0))
         dense = {
             name: weighted_average([u.dense[name] for u in accepted], weights)
@@ -624,21 +449,61 @@ class Method(ABC):
         new_state = replace(state, factors=new_factors, dense=dense, round=state.round + 1)
         if residual is not None:
             new_state = self.with_residual(new_state, residual)
-        new_state = self.finish_state(state, new_state, accepted)
+        new_state = self.finish_state(ctx, state, new_state, accepted)
         return AggregationResult(
             new_state, tuple(u.client_id for u in accepted), rejected, residual=residual
         )
 
-    def finish_state(
-        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
-    ) -> GlobalState:
-        """Hook for the method's own server state (``state.extras``: HetLoRA's pruned ranks,
-        ILoRA's control variate) after the factors are aggregated; default: ``state``.
+    # ------------------------------------------------------------- server: traffic
+    def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
+        """Elements the method must send a client of rank ``ctx.rank`` for the adapted modules,
+        extras included (docs/design.md#communication; the heads are counted by the engine).
         """
-        return state
+        return sum((d + n) * ctx.rank for d, n in state.module_shapes.values())
+
+    def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
+        """Bytes the method must receive from a client in round ``ctx.round_index`` for the
+        adapted modules, extras included (docs/design.md#communication; the heads are counted
+        by the engine). Default: both factors and the extras.
+        """
+        total = sum(B.numel() * B.element_size() for B, _ in update.factors.values())
+        total += sum(A.numel() * A.element_size() for _, A in update.factors.values())
+        return total + sum(t.numel() * t.element_size() for t in update.extras.values())
+
+    # ------------------------------------------------------------------ client half
+    def client_round(
+        self,
+        ctx: RoundContext,
+        received: ClientMessage,
+        state: Mapping[str, Tensor] | None = None,
+    ) -> ClientRound:
+        """The client half for client ``ctx.client_id``'s round (an :attr:`ClientRoundType`),
+        from what it ``received`` and its per-client ``state`` (``None`` before its first round).
+        """
+        return self.ClientRoundType(self, ctx, received, state)
+
+    def upload_extra_shapes(
+        self, ctx: RoundContext, state: GlobalState
+    ) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every extra tensor a client of rank ``ctx.rank`` must upload (none)."""
+        return {}
+
+    def client_state_shapes(
+        self, ctx: RoundContext, state: GlobalState
+    ) -> dict[str, tuple[int, ...]]:
+        """Name → shape of a rank-``ctx.rank`` client's per-client state (none: it keeps none).
+
+        The Flower engine checks the state a client returns against it before keeping it.
+        """
+        return {}
+
+    # ------------------------------------------------------------------ internals
+    def _round_context(self, state: GlobalState) -> RoundContext:
+        """The context of the round after ``state`` when the caller gave none."""
+        return RoundContext(round_index=state.round + 1, dtype=state.dtype, device=state.device)
 
     def _aggregate_factors(
-        self, state: GlobalState, accepted: Sequence[ClientUpdate]
+        self, ctx: RoundContext, state: GlobalState, accepted: Sequence[ClientUpdate]
     ) -> tuple[Factors, Factors | None]:
         """Run :meth:`aggregate_module` (and :meth:`module_residual`) once per group of
         same-shape modules (batched); the new factors and the residual (``None`` if none).
@@ -646,7 +511,6 @@ class Method(ABC):
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
         for name in sorted(state.module_shapes):
             groups[state.module_shapes[name]].append(name)
-        round_index = state.round + 1
         out: Factors = {}
         residual: Factors = {}
         for names in groups.values():
@@ -662,8 +526,8 @@ class Method(ABC):
                 torch.stack([state.factors[m][0] for m in names]),
                 torch.stack([state.factors[m][1] for m in names]),
             )
-            B, A = self.aggregate_module(batch, previous, round_index=round_index)
-            res = self.module_residual(batch, (B, A), previous, round_index=round_index)
+            B, A = self.aggregate_module(ctx, batch, previous)
+            res = self.module_residual(ctx, batch, (B, A), previous)
             for i, m in enumerate(names):
                 out[m] = (B[i], A[i])
                 if res is not None:
@@ -673,6 +537,16 @@ class Method(ABC):
     def _check_rank(self, rank: int) -> None:
         if rank <= 0 or rank > self.r_max:
             raise ValueError(f"rank must be in 1…{self.r_max} (r_max), got {rank}")
+
+
+def _as_dtype(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
+    """``update`` with every tensor in ``dtype`` (no copy for tensors already in it)."""
+    return replace(
+        update,
+        factors={k: (B.to(dtype), A.to(dtype)) for k, (B, A) in update.factors.items()},
+        dense={k: v.to(dtype) for k, v in update.dense.items()},
+        extras={k: v.to(dtype) for k, v in update.extras.items()},
+    )
 
 
 Aggregator = Method

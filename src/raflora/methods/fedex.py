@@ -1,4 +1,5 @@
-"""FedEx-LoRA: factor averaging plus the exact residual merged into the base weights (SPEC §9).
+"""FedEx-LoRA: factor averaging plus the exact residual merged into the base weights
+(docs/methods.md#fedex).
 
 Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of
 Foundation Models" (ACL 2025, https://arxiv.org/abs/2410.09432). The server averages the
@@ -12,17 +13,17 @@ kept factored, ``[B_1 … B_M, −B_g] [p_1 A_1; …; p_M A_M; A_g]`` (rank ``Σ
 merged through the same mechanism as FLoRA's stack (:meth:`Method.module_residual`); the
 exported adapter is the SVD of every merged residual plus the global product, as FLoRA's is.
 Metrics rows report the energy of the global product (``higher_rank_energy``) and of the
-round's residual (``residual_higher_rank_energy``, SPEC §9).
+round's residual (``residual_higher_rank_energy``, docs/methods.md#rank-collapse-diagnostics).
 
 Exact aggregation, not freedom from rank collapse: the factors themselves are diluted by zero
-padding; the residual absorbs the difference, so the *model* is exact (SPEC §9).
+padding; the residual absorbs the difference, so the *model* is exact.
 
-Traffic (SPEC §9): factors up; factors plus this round's factored residual down (a client that
-missed rounds also needs the earlier residuals; like FLoRA's stack in the paper's Table 5, only
-the round's own is counted). Departures: the paper uses equal ranks; zero padding for mixed ranks
-is the project's reading, and an index no accepted client reaches keeps the previous global
-column and row (SPEC §9's carry) instead of becoming zero — the residual keeps the model exact
-either way.
+Traffic (docs/design.md#communication): factors up; factors plus this round's factored residual
+down (a client that missed rounds also needs the earlier residuals; like FLoRA's stack in the
+paper's Table 5, only the round's own is counted). Departures: the paper uses equal ranks; zero
+padding for mixed ranks is the project's reading, and an index no accepted client reaches keeps
+the previous global column and row (the project's carry) instead of becoming zero — the residual
+keeps the model exact either way.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raflora.methods.base import GlobalState, Method
-from raflora.methods.padding import carried_factor_average, stacked_factors
+from raflora.methods.base import GlobalState, ModuleUpdates
+from raflora.methods.context import Capabilities, RoundContext
+from raflora.methods.padding import CarriedAverageMethod, stacked_factors
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -41,43 +43,36 @@ __all__ = ["FedExLoRA"]
 
 
 @register
-class FedExLoRA(Method):
+class FedExLoRA(CarriedAverageMethod):
     """Zero-padded factor averaging with uncovered indices carried, plus the exact residual."""
 
     name = "fedex"
-    reports_residual_energy = True
-
-    def aggregate_module(
-        self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
-        previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
-    ) -> tuple[Tensor, Tensor]:
-        """``(Σ p_k pad(B_k), Σ p_k pad(A_k))``, uncovered indices carried from ``previous``."""
-        return carried_factor_average(updates, previous, self.r_max)
+    capabilities = Capabilities(reports_residual_energy=True)
 
     def module_residual(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         new: tuple[Tensor, Tensor],
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor] | None:
         """``[B_1 … B_M, −B_g] [p_1 A_1; …; p_M A_M; A_g]`` (rank ``Σ r_k + r_max``)."""
         B_s, A_s = stacked_factors(updates)
         return torch.cat([B_s, -new[0]], dim=-1), torch.cat([A_s, new[1]], dim=-2)
 
     def finish_state(
-        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
+        self,
+        ctx: RoundContext,
+        previous: GlobalState,
+        state: GlobalState,
+        accepted: Sequence[ClientUpdate],
     ) -> GlobalState:
         """Record the rank of the round's residual (``Σ r_k + r_max``) for the download count."""
         rank = sum(u.rank for u in accepted) + self.r_max
         state.extras = {**state.extras, "residual_rank": rank}
         return state
 
-    def download_numel(self, state: GlobalState, rank: int) -> int:
+    def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
         """The client's factors plus the last round's factored residual, per module."""
         residual = int(state.extras.get("residual_rank", 0))
-        return sum((d + n) * (rank + residual) for d, n in state.module_shapes.values())
+        return sum((d + n) * (ctx.rank + residual) for d, n in state.module_shapes.values())

@@ -1,4 +1,4 @@
-"""FedIT: factor-wise FedAvg for homogeneous ranks (Zhang et al., 2024; SPEC §3).
+"""FedIT: factor-wise FedAvg for homogeneous ranks (Zhang et al., 2024; docs/methods.md#fedit).
 
 ``B_g = Σ_k p_k B_k``, ``A_g = Σ_k p_k A_k`` with ``p_k = n_k / Σ_j n_j``. Averaging the factors
 separately is biased (``Σ p_k B_k · Σ p_k A_k ≠ Σ p_k B_k A_k``) and only defined when every
@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from raflora.methods.base import Aggregator, sample_weights, weighted_average
+from raflora.methods.averaging import sample_weights, weighted_average
+from raflora.methods.base import Method, ModuleUpdates
+from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions
 from raflora.methods.registry import register
 
@@ -21,12 +23,11 @@ _MIXED = "fedit needs every client at the same rank; use method 'hetlora' for he
 
 
 @register
-class FedIT(Aggregator):
+class FedIT(Method):
     """Factor-wise FedAvg; requires a single rank level."""
 
     name = "fedit"
-    ranks_must_be_levels = True
-    single_rank_level = True
+    capabilities = Capabilities(ranks_must_be_levels=True, single_rank_level=True)
 
     def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
         super().__init__(rank_levels, options)
@@ -35,10 +36,9 @@ class FedIT(Aggregator):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(Σ p_k B_k, Σ p_k A_k)``, each ``(…, d, r)`` / ``(…, r, n)``."""
         ranks = {B.shape[-1] for B, _, _ in updates}

@@ -1,4 +1,5 @@
-"""FedRot-LoRA: client-side rotation of the trained factors before upload (SPEC §9).
+"""FedRot-LoRA: client-side rotation of the trained factors before upload
+(docs/methods.md#fedrot).
 
 FedRot-LoRA (2026, https://arxiv.org/abs/2602.23638). LoRA factors are defined only up to an
 invertible ``r × r`` matrix (``B A = (B R)(R⁻¹ A)``), so clients that trained from the same start
@@ -14,25 +15,25 @@ restricted to rotations (``det R = +1``, the Kabsch sign fix on the last singula
 uploads ``(B_k R, Rᵀ A_k)``, whose product is unchanged. No rotation in round 1 (everyone starts
 from the same factors). Soft variant (option ``soft_lambda < 1``): ``R ← polar((1 − λ) I + λ R)``,
 the orthogonal factor of the blend. The server averages the zero-padded factors with ``p_k``,
-the indices no accepted client reaches carried (SPEC §9).
+the indices no accepted client reaches carried (docs/methods.md#aggregation-rules).
 
 Departures and readings: only the abstract is available to us; the alternation by round parity,
-rotations only, the soft variant and the zero padding for mixed ranks are SPEC §9's readings.
+rotations only, the soft variant and the zero padding for mixed ranks are the project's
+readings (docs/methods.md#fedrot).
 When the cross-product ``A_k A_0ᵀ`` (or ``B_kᵀ B_0``) is zero the rotation is the identity.
-Traffic as FedIT (SPEC §8).
+Traffic as FedIT (docs/design.md#communication).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from raflora.methods.base import ClientRound, ClientUpload, Factors, Method
+from raflora.methods.base import ClientRound, ClientUpload, Factors
 from raflora.methods.options import MethodOptions, option
-from raflora.methods.padding import carried_factor_average
+from raflora.methods.padding import CarriedAverageMethod
 from raflora.methods.registry import register
 
 __all__ = ["FedRotLoRA", "FedRotOptions", "procrustes_rotation"]
@@ -100,20 +101,10 @@ class FedRotClientRound(ClientRound):
 
 
 @register
-class FedRotLoRA(Method):
+class FedRotLoRA(CarriedAverageMethod):
     """Client-side rotation before upload; zero-padded factor averaging with carry."""
 
     name = "fedrot"
     Options = FedRotOptions
     ClientRoundType = FedRotClientRound
     options: FedRotOptions
-
-    def aggregate_module(
-        self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
-        previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
-    ) -> tuple[Tensor, Tensor]:
-        """``(Σ p_k pad(B_k), Σ p_k pad(A_k))``, uncovered indices carried from ``previous``."""
-        return carried_factor_average(updates, previous, self.r_max)

@@ -1,4 +1,5 @@
-"""FFA-LoRA: ``A`` frozen at its initialisation, only ``B`` trained and averaged (SPEC §9).
+"""FFA-LoRA: ``A`` frozen at its initialisation, only ``B`` trained and averaged
+(docs/methods.md#ffa).
 
 Sun et al., "Improving LoRA in Privacy-preserving Federated Learning" (ICLR 2024,
 https://arxiv.org/abs/2403.12313). The global ``A_g`` is the round-0 init (PEFT's default ``A``
@@ -9,25 +10,24 @@ at ``r_max``, drawn from the run's seed) and never changes; a client of rank ``r
 
 Exact for any ranks: ``Σ_k p_k B_k A_g[:r_k] = B_g A_g`` (the padded columns meet rows of
 ``A_g`` that the client did not use, with zero weight) — exact *aggregation*, not freedom from
-rank collapse: a direction ``j`` is still shrunk by ``Σ_{r_k ≥ j} p_k`` each round (SPEC §9).
+rank collapse: a direction ``j`` is still shrunk by ``Σ_{r_k ≥ j} p_k`` each round.
 
-Traffic (SPEC §9): ``B`` only, each way — a client regenerates ``A`` exactly as the server's
-round-0 init draws it (same generator, module order, ``r_max``, float32). The engines still hand
-the client ``A`` (the local engine shares memory; Flower's message carries it, counted in
-``transport_bytes``), and the server ignores the ``A`` a client returns.
+Traffic (docs/design.md#communication): ``B`` only, each way — a client regenerates ``A`` exactly
+as the server's round-0 init draws it (same generator, module order, ``r_max``, float32). The
+engines still hand the client ``A`` (the local engine shares memory; Flower's message carries it,
+counted in ``transport_bytes``), and the server ignores the ``A`` a client returns.
 
 Departures: the paper studies equal ranks (with differential privacy); zero padding for mixed
-ranks is the project's reading (SPEC §9). Uncovered indices are zero-padded, not carried: the
-frozen, non-zero ``A`` keeps every direction trainable.
+ranks is the project's reading. Uncovered indices are zero-padded, not carried: the frozen,
+non-zero ``A`` keeps every direction trainable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
-from raflora.methods.base import ClientRound, GlobalState, Method
+from raflora.methods.base import ClientRound, GlobalState, Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 from raflora.methods.padding import padded_average, weights_of
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
@@ -50,10 +50,9 @@ class FFALoRA(Method):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(Σ p_k pad(B_k), A_g)`` with ``A_g`` the previous global ``A`` (required)."""
         if previous is None:
@@ -61,10 +60,10 @@ class FFALoRA(Method):
         B = padded_average([B for B, _, _ in updates], weights_of(updates), self.r_max, -1)
         return B, previous[1].clone()
 
-    def download_numel(self, state: GlobalState, rank: int) -> int:
+    def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
         """``B`` only: ``d r_k`` per module (the client regenerates ``A``)."""
-        return sum(d * rank for d, _ in state.module_shapes.values())
+        return sum(d * ctx.rank for d, _ in state.module_shapes.values())
 
-    def upload_bytes(self, update: ClientUpdate, round_index: int) -> int:
+    def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
         """``B`` only."""
         return sum(B.numel() * B.element_size() for B, _ in update.factors.values())

@@ -1,4 +1,5 @@
-"""FlexLoRA: unbiased full-size aggregation re-factored by truncated SVD (Bai et al., 2024).
+"""FlexLoRA: unbiased full-size aggregation re-factored by truncated SVD (Bai et al., 2024;
+docs/methods.md#flexlora).
 
 ``ΔW = Σ_k p_k B_k A_k`` (paper Eq. 2 with sample weights), then the truncated SVD to ``r_max``
 gives ``B_g = [σ_i u_i]``, ``A_g = [v_i]ᵀ`` (paper Eqs. 3–4). The SVD is computed exactly from the
@@ -8,30 +9,29 @@ stacked factors ``[p_1 B_1 … p_M B_M] [A_1; …; A_M]`` (:mod:`raflora.linalg`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from raflora.linalg import svd_to_factors
-from raflora.methods.base import Aggregator, sample_weights
+from raflora.methods.averaging import sample_weights
+from raflora.methods.base import Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 from raflora.methods.registry import register
 
 __all__ = ["FlexLoRA"]
 
 
 @register
-class FlexLoRA(Aggregator):
+class FlexLoRA(Method):
     """Sample-weighted aggregation of ``B_k A_k`` and rank-``r_max`` SVD re-factorisation."""
 
     name = "flexlora"
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Rank-``r_max`` factors ``(…, d, r_max)``, ``(…, r_max, n)`` of ``Σ p_k B_k A_k``."""
         p = sample_weights([n for _, _, n in updates], like=updates[0][0])

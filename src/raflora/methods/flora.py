@@ -1,4 +1,4 @@
-"""FLoRA: stacking-based aggregation (Wang et al., 2024; SPEC §3).
+"""FLoRA: stacking-based aggregation (Wang et al., 2024; docs/methods.md#flora).
 
 The server stacks the clients' factors,
 
@@ -9,17 +9,18 @@ so that ``B_s A_s = Σ_k p_k B_k A_k`` exactly. The stacked update is merged int
 own rank (``B = 0``, PEFT's default ``A``). Each client downloads the whole stack (to merge it),
 which is what makes FLoRA's traffic ``O((d+n) Σ r_k)`` (paper Table 1).
 
-The energy diagnostics of FLoRA are those of the round's update ``B_s A_s`` (SPEC §4).
+The energy diagnostics of FLoRA are those of the round's update ``B_s A_s``
+(docs/methods.md#rank-collapse-diagnostics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from raflora.methods.base import Aggregator, Factors, GlobalState, lora_a_init
+from raflora.methods.base import Factors, GlobalState, Method, ModuleUpdates, lora_a_init
+from raflora.methods.context import RoundContext
 from raflora.methods.padding import stacked_factors
 from raflora.methods.registry import register
 
@@ -27,33 +28,27 @@ __all__ = ["FLoRA"]
 
 
 @register
-class FLoRA(Aggregator):
+class FLoRA(Method):
     """Stacking aggregation, merge into the base, fresh client init each round."""
 
     name = "flora"
 
     def init_state(
         self,
+        ctx: RoundContext,
         module_shapes: Mapping[str, tuple[int, int]],
-        *,
-        generator: torch.Generator,
         dense: Mapping[str, Tensor] | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        base_weights: Mapping[str, Tensor] | None = None,
-        client_ranks: Sequence[int] = (),
     ) -> GlobalState:
         """No global factors yet: an empty stack ``(d, 0)``, ``(0, n)`` per module."""
-        state = super().init_state(
-            module_shapes, generator=generator, dense=dense, dtype=dtype, device=device
-        )
+        state = super().init_state(ctx, module_shapes, dense)
         state.factors = {k: (B[:, :0], A[:0, :]) for k, (B, A) in state.factors.items()}
         return state
 
-    def client_factors(
-        self, state: GlobalState, rank: int, *, generator: torch.Generator | None = None
-    ) -> Factors:
-        """A fresh LoRA init at ``rank`` (``B = 0``, PEFT's ``A``), in sorted module order."""
+    def client_factors(self, ctx: RoundContext, state: GlobalState) -> Factors:
+        """A fresh LoRA init at ``ctx.rank`` (``B = 0``, PEFT's ``A``) drawn from
+        ``ctx.generator`` (the client's stream), in sorted module order.
+        """
+        rank, generator = ctx.rank, ctx.generator
         self._check_rank(rank)
         if generator is None:
             raise ValueError("flora needs a generator for the fresh client init")
@@ -74,34 +69,32 @@ class FLoRA(Aggregator):
             out[name] = (B_ref.new_zeros(d, self.r_max), B_ref.new_zeros(self.r_max, n))
         return out
 
-    def level_factors(self, state: GlobalState, rank: int) -> Factors:
-        """The global model whatever ``rank``: a client merges the whole stack it downloads,
-        so every rank holds the merged base (its fresh init has ``B = 0``).
+    def level_factors(self, ctx: RoundContext, state: GlobalState) -> Factors:
+        """The global model whatever ``ctx.rank``: a client merges the whole stack it
+        downloads, so every rank holds the merged base (its fresh init has ``B = 0``).
         """
-        self._check_rank(rank)
+        self._check_rank(ctx.rank)
         return self.model_factors(state)
 
-    def download_numel(self, state: GlobalState, rank: int) -> int:
+    def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
         """The whole stack of the last round, ``(d + n) Σ r_k`` per module."""
         return sum(B.numel() + A.numel() for B, A in state.factors.values())
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """The stack ``B_s (…, d, Σ r_k)``, ``A_s (…, Σ r_k, n)``: ``B_s A_s = Σ p_k B_k A_k``."""
         return stacked_factors(updates)
 
     def module_residual(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         new: tuple[Tensor, Tensor],
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor] | None:
         """The stack just aggregated: ``B_s A_s`` is merged into the base weights."""
         return new

@@ -1,4 +1,5 @@
-"""HetLoRA: zero-padding aggregation of heterogeneous ranks (Cho et al., 2024; SPEC §3).
+"""HetLoRA: zero-padding aggregation of heterogeneous ranks (Cho et al., 2024;
+docs/methods.md#hetlora).
 
 Every client's factors are zero-padded to ``r_max`` and averaged factor-wise:
 
@@ -25,7 +26,9 @@ import torch
 from torch import Tensor
 
 from raflora.linalg import frobenius_norm
-from raflora.methods.base import ClientRound, GlobalState, Method, sample_weights
+from raflora.methods.averaging import sample_weights
+from raflora.methods.base import ClientRound, GlobalState, Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import pad_rank
 from raflora.methods.registry import register
@@ -124,9 +127,11 @@ class HetLoRA(Method):
         ranks: dict[int, int] = state.extras.get("client_ranks", {})
         return ranks
 
-    def client_rank(self, state: GlobalState, client_id: int, declared_rank: int) -> int:
+    def client_rank(self, ctx: RoundContext, state: GlobalState, declared_rank: int) -> int:
         """``⌊γ r_k⌋`` for a client that pruned, else its declared rank."""
-        return self.pruned_ranks(state).get(client_id, declared_rank)
+        if ctx.client_id is None:
+            return declared_rank
+        return self.pruned_ranks(state).get(ctx.client_id, declared_rank)
 
     def local_penalty(
         self, factors: Mapping[str, tuple[Tensor, Tensor]], rank: int
@@ -136,7 +141,7 @@ class HetLoRA(Method):
             return None
         return self.pruning_lambda * tail_norm(factors, self.pruned_rank(rank))
 
-    def weights(self, updates: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
+    def weights(self, updates: ModuleUpdates) -> Tensor:
         """Aggregation weights ``(…, K)`` summing to one over clients."""
         p = sample_weights([n for _, _, n in updates], like=updates[0][0])
         if self.weighting == "samples":
@@ -148,10 +153,9 @@ class HetLoRA(Method):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(Σ w_k pad(B_k), Σ w_k pad(A_k))``: ``(…, d, r_max)``, ``(…, r_max, n)``."""
         w = self.weights(updates)  # (K,) or (…, K): per-module weights under "sparsity"
@@ -164,7 +168,11 @@ class HetLoRA(Method):
         return B.to(dtype), A.to(dtype)
 
     def finish_state(
-        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
+        self,
+        ctx: RoundContext,
+        previous: GlobalState,
+        state: GlobalState,
+        accepted: Sequence[ClientUpdate],
     ) -> GlobalState:
         """Record the clients whose tail shrank (self-pruning): ``extras["client_ranks"]``."""
         if not self.self_pruning:

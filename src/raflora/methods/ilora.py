@@ -1,8 +1,8 @@
 """ILoRA: QR initialisation, concatenated-QR aggregation and rank-aware control variates
-(SPEC §9).
+(docs/methods.md#ilora).
 
 Zhou et al., "ILoRA" (2025, https://arxiv.org/abs/2511.16069). Only the abstract is available to
-us; the three rules below are SPEC §9's readings of it, **the project's, not the paper's exact
+us; the three rules below are our readings of it, **the project's, not the paper's exact
 algorithm** — in particular the initialisation for mixed ranks and the control-variate update.
 
 (a) **QR initialisation.** Reduced QR ``W_0 = Q R`` of each adapted base weight;
@@ -34,8 +34,8 @@ Truncating a QR is not the best rank-``r_max`` approximation; it is the publishe
 The gradients are those of the trained PEFT parameters (``lora_B.weight``, ``lora_A.weight``):
 with the paper's ``lora_alpha = r`` they equal the effective factors' gradients. Known
 limitation: the QR re-factorisation changes the factors' basis every round, so a stored ``c_k``
-refers to the previous round's directions. Traffic (SPEC §9): as FedIT, plus ``c[:r_k]`` down and
-``Δc_k`` up when the control variates are on.
+refers to the previous round's directions. Traffic (docs/design.md#communication): as FedIT,
+plus ``c[:r_k]`` down and ``Δc_k`` up when the control variates are on.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ from raflora.methods.base import (
     Factors,
     GlobalState,
     Method,
+    ModuleUpdates,
 )
+from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import stacked_factors
 from raflora.methods.registry import register
@@ -69,12 +71,12 @@ class ILoRAOptions(MethodOptions):
 
     qr_init: Literal["subspace", "shift"] = option(
         "subspace",
-        "'subspace': B_g = Q[:, :r_max], A_g = 0, base unchanged (SPEC §9's reading for mixed "
+        "'subspace': B_g = Q[:, :r_max], A_g = 0, base unchanged (the project's reading for mixed "
         "ranks); 'shift': the paper's, A_g = R[:r_max] and the base shifted by −Q_r R_r "
         "(a single rank level only).",
     )
     control_variates: bool = option(
-        True, "Rank-aware control variates (SCAFFOLD in gradient units, SPEC §9)."
+        True, "Rank-aware control variates (SCAFFOLD in gradient units, docs/methods.md#ilora)."
     )
 
 
@@ -101,13 +103,11 @@ class ILoRAClientRound(ClientRound):
     def __init__(
         self,
         method: Method,
+        ctx: RoundContext,
         received: ClientMessage,
-        *,
-        rank: int,
-        round_index: int,
-        state: Mapping[str, Tensor] | None,
+        state: Mapping[str, Tensor] | None = None,
     ) -> None:
-        super().__init__(method, received, rank=rank, round_index=round_index, state=state)
+        super().__init__(method, ctx, received, state)
         self.corrects_gradients = self.method.options.control_variates
         self._c_k: dict[str, tuple[Tensor, Tensor]] = {}
         self._correction: dict[str, tuple[Tensor, Tensor]] = {}
@@ -163,7 +163,7 @@ class ILoRA(Method):
     """QR initialisation, concatenated-QR aggregation, rank-aware control variates."""
 
     name = "ilora"
-    reads_base_weights = True
+    capabilities = Capabilities(reads_base_weights=True)
     Options = ILoRAOptions
     ClientRoundType = ILoRAClientRound
     options: ILoRAOptions
@@ -192,20 +192,16 @@ class ILoRA(Method):
 
     def init_state(
         self,
+        ctx: RoundContext,
         module_shapes: Mapping[str, tuple[int, int]],
-        *,
-        generator: torch.Generator,
         dense: Mapping[str, Tensor] | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        base_weights: Mapping[str, Tensor] | None = None,
-        client_ranks: Sequence[int] = (),
     ) -> GlobalState:
-        """QR initialisation from ``base_weights`` (required); zero control variates, with the
-        federation's ``client_ranks`` (required with them) counted per rank index.
+        """QR initialisation from ``ctx.base_weights`` (required); zero control variates, with
+        the federation's ``ctx.client_ranks`` (required with them) counted per rank index.
         """
-        if base_weights is None:
+        if ctx.base_weights is None:
             raise ValueError("ilora's QR initialisation needs the base weights")
+        client_ranks, dtype, device = ctx.client_ranks, ctx.dtype, ctx.device
         if self.options.control_variates and not client_ranks:
             raise ValueError(
                 "ilora's control variates need client_ranks (every client's rank: K_j counts "
@@ -214,9 +210,8 @@ class ILoRA(Method):
         problem = self.module_shape_problem(module_shapes)
         if problem is not None:
             raise ValueError(problem)
-        state = super().init_state(
-            module_shapes, generator=generator, dense=dense, dtype=dtype, device=device
-        )
+        state = super().init_state(ctx, module_shapes, dense)
+        base_weights = ctx.base_weights()
         r = self.r_max
         factors: Factors = {}
         for name, (_, n) in sorted(module_shapes.items()):
@@ -244,17 +239,10 @@ class ILoRA(Method):
         return {name: (-B, A) for name, (B, A) in state.factors.items()}
 
     # ------------------------------------------------------- server: what a client gets
-    def client_message(
-        self,
-        state: GlobalState,
-        rank: int,
-        *,
-        client_id: int,
-        round_index: int,
-        generator: torch.Generator | None = None,
-    ) -> ClientMessage:
+    def client_message(self, ctx: RoundContext, state: GlobalState) -> ClientMessage:
         """The nested truncation, and ``c[:r_k]`` when the control variates are on."""
-        factors = self.client_factors(state, rank)
+        rank = ctx.rank
+        factors = self.client_factors(ctx, state)
         extras: dict[str, Tensor] = {}
         if self.options.control_variates:
             for name, (c_B, c_A) in state.extras["c"].items():
@@ -262,19 +250,24 @@ class ILoRA(Method):
                 extras[kb], extras[ka] = c_B[:, :rank].clone(), c_A[:rank].clone()
         return ClientMessage(factors, extras)
 
-    def download_numel(self, state: GlobalState, rank: int) -> int:
+    def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
         """Factors, and ``c[:r_k]`` (as many elements again) with control variates."""
-        numel = super().download_numel(state, rank)
+        numel = super().download_numel(ctx, state)
         return 2 * numel if self.options.control_variates else numel
 
-    def upload_extra_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
+    def upload_extra_shapes(
+        self, ctx: RoundContext, state: GlobalState
+    ) -> dict[str, tuple[int, ...]]:
         """``Δc_k``: ``dc.B/<module> (d, r_k)``, ``dc.A/<module> (r_k, n)``."""
-        return {"d" + k: v for k, v in self.client_state_shapes(state, rank).items()}
+        return {"d" + k: v for k, v in self.client_state_shapes(ctx, state).items()}
 
-    def client_state_shapes(self, state: GlobalState, rank: int) -> dict[str, tuple[int, ...]]:
+    def client_state_shapes(
+        self, ctx: RoundContext, state: GlobalState
+    ) -> dict[str, tuple[int, ...]]:
         """``c_k``: ``c.B/<module> (d, r_k)``, ``c.A/<module> (r_k, n)``."""
         if not self.options.control_variates:
             return {}
+        rank = ctx.rank
         out: dict[str, tuple[int, ...]] = {}
         for name, (d, n) in state.module_shapes.items():
             kb, ka = _names(name)
@@ -284,10 +277,9 @@ class ILoRA(Method):
     # ------------------------------------------------------------- server: aggregation
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """The reduced QR of ``Σ p_k B_k A_k`` truncated to ``r_max`` (from factors)."""
         B_cat, A_cat = stacked_factors(updates)
@@ -296,7 +288,11 @@ class ILoRA(Method):
         return Q.to(dtype), R.to(dtype)
 
     def finish_state(
-        self, previous: GlobalState, state: GlobalState, accepted: Sequence[ClientUpdate]
+        self,
+        ctx: RoundContext,
+        previous: GlobalState,
+        state: GlobalState,
+        accepted: Sequence[ClientUpdate],
     ) -> GlobalState:
         """``c[j] ← c[j] + (1 / K_j) Σ_{k ∈ S_t, r_k ≥ j} Δc_k[j]``."""
         if not self.options.control_variates:

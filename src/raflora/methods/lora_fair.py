@@ -1,4 +1,5 @@
-"""LoRA-FAIR: server-side refinement of the averaged ``B`` towards the exact update (SPEC §9).
+"""LoRA-FAIR: server-side refinement of the averaged ``B`` towards the exact update
+(docs/methods.md#lora-fair).
 
 Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization
 Refinement" (ICCV 2025, https://arxiv.org/abs/2411.14961). Averaging the factors separately
@@ -8,31 +9,31 @@ gives ``B̄ Ā ≠ ΔW* = Σ_k p_k B_k A_k``. LoRA-FAIR keeps ``Ā`` and correct
     f(ΔB) = 1 − cos(ΔW*, (B̄ + ΔB) Ā) + λ ‖ΔB‖²_F,
 
 with ``B̄ = Σ p_k pad(B_k)``, ``Ā = Σ p_k pad(A_k)`` (the indices no accepted client reaches
-carried, SPEC §9), and the global factors become ``(B̄ + ΔB, Ā)``. Every inner product is computed
-from factors (``⟨X Y, U V⟩_F = tr((Uᵀ X)(Y Vᵀ))``, with ``ΔW* = B_cat A_cat``), so no ``d × n``
-matrix is formed: with ``P = B_cat (A_cat Āᵀ)`` and ``S = Ā Āᵀ``,
-``⟨ΔW*, X Ā⟩ = ⟨X, P⟩`` and ``‖X Ā‖² = tr(Xᵀ X S)``.
+carried, docs/methods.md#aggregation-rules), and the global factors become ``(B̄ + ΔB, Ā)``.
+Every inner product is computed from factors (``⟨X Y, U V⟩_F = tr((Uᵀ X)(Y Vᵀ))``, with
+``ΔW* = B_cat A_cat``), so no ``d × n`` matrix is formed: with ``P = B_cat (A_cat Āᵀ)`` and
+``S = Ā Āᵀ``, ``⟨ΔW*, X Ā⟩ = ⟨X, P⟩`` and ``‖X Ā‖² = tr(Xᵀ X S)``.
 
-Defaults of the public reimplementation (SPEC §9): ``λ = 1``, step size ``0.01``, at most 1000
+Defaults of the public reimplementation: ``λ = 1``, step size ``0.01``, at most 1000
 plain gradient steps; the best iterate (lowest ``f``, the unrefined ``ΔB = 0`` included) is kept,
 so the refinement never does worse on its own objective; when ``B̄ Ā`` or ``ΔW*`` is zero the
 refinement is skipped (the cosine is undefined). Deterministic (no random draw). The gradient of
 ``f`` is taken by autograd on the factored expression.
 
-Departures: the paper's client-side initialisation refinement is not part of SPEC §9's reading
+Departures: the paper's client-side initialisation refinement is not part of the project's reading
 (plain LoRA on the client); zero padding for mixed ranks and the carry are the project's.
-Traffic as FedIT (SPEC §8).
+Traffic as FedIT (docs/design.md#communication).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from raflora.methods.base import Method
+from raflora.methods.base import Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import carried_factor_average, stacked_factors
 from raflora.methods.registry import register
@@ -115,10 +116,9 @@ class LoRAFAIR(Method):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``(B̄ + ΔB, Ā)``."""
         B_bar, A_bar = carried_factor_average(updates, previous, self.r_max)

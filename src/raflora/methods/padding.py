@@ -1,4 +1,5 @@
-"""Zero padding and index-wise averaging of heterogeneous-rank factors (SPEC §3, §9).
+"""Zero padding and index-wise averaging of heterogeneous-rank factors
+(docs/methods.md#aggregation-rules).
 
 Shared by the factor-averaging methods. Every function works on tensors with leading batch
 dimensions (a batch of same-shape modules): ``B (…, d, r)``, ``A (…, r, n)``. Sums are taken in
@@ -12,9 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raflora.methods.base import sample_weights
+from raflora.methods.averaging import sample_weights
+from raflora.methods.base import Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 
 __all__ = [
+    "CarriedAverageMethod",
     "carried_factor_average",
     "carry_uncovered",
     "covered_rank",
@@ -27,7 +31,9 @@ __all__ = [
 
 
 def pad_rank(t: Tensor, rank: int, dim: int) -> Tensor:
-    """``t`` zero-padded along ``dim`` to length ``rank`` (``pad(·)`` of SPEC §9)."""
+    """``t`` zero-padded along ``dim`` to length ``rank`` (the ``pad(·)`` of
+    docs/methods.md#aggregation-rules).
+    """
     missing = rank - t.shape[dim]
     if missing == 0:
         return t
@@ -46,7 +52,7 @@ def padded_average(factors: Sequence[Tensor], weights: Tensor, rank: int, dim: i
     return out.to(factors[0].dtype)
 
 
-def covered_rank(updates: Sequence[tuple[Tensor, Tensor, int]]) -> int:
+def covered_rank(updates: ModuleUpdates) -> int:
     """The largest rank among the updates: indices at or above it are covered by no client."""
     return max(int(B.shape[-1]) for B, _, _ in updates)
 
@@ -55,8 +61,8 @@ def carry_uncovered(
     new: tuple[Tensor, Tensor], previous: tuple[Tensor, Tensor] | None, covered: int
 ) -> tuple[Tensor, Tensor]:
     """``new`` with the indices ``j ≥ covered`` that no client reached taken from ``previous``
-    (column ``B_g[:, j]`` and row ``A_g[j, :]``): SPEC §9's carry; unchanged without
-    ``previous``.
+    (column ``B_g[:, j]`` and row ``A_g[j, :]``): the project's carry
+    (docs/methods.md#aggregation-rules); unchanged without ``previous``.
     """
     B, A = new
     if previous is None or covered >= B.shape[-1]:
@@ -94,18 +100,18 @@ def rank_index_average(
     return out.to(factors[0].dtype), covered
 
 
-def weights_of(updates: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
+def weights_of(updates: ModuleUpdates) -> Tensor:
     """``p_k = n_k / Σ n_j`` of a module's updates (float64, on the factors' device)."""
     return sample_weights([n for _, _, n in updates], like=updates[0][0])
 
 
 def carried_factor_average(
-    updates: Sequence[tuple[Tensor, Tensor, int]],
+    updates: ModuleUpdates,
     previous: tuple[Tensor, Tensor] | None,
     rank: int,
 ) -> tuple[Tensor, Tensor]:
     """``(Σ p_k pad(B_k), Σ p_k pad(A_k))`` at ``rank``, the indices no client reaches carried
-    from ``previous`` (SPEC §9: FedEx-LoRA, FedRot-LoRA, LoRA-FAIR).
+    from ``previous`` (FedEx-LoRA, FedRot-LoRA, LoRA-FAIR; docs/methods.md#aggregation-rules).
     """
     p = weights_of(updates)
     B = padded_average([B for B, _, _ in updates], p, rank, -1)
@@ -113,7 +119,7 @@ def carried_factor_average(
     return carry_uncovered((B, A), previous, covered_rank(updates))
 
 
-def stacked_factors(updates: Sequence[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
+def stacked_factors(updates: ModuleUpdates) -> tuple[Tensor, Tensor]:
     """FLoRA's stack ``B_s = [B_1 … B_M]`` (…, d, Σ r_k), ``A_s = [p_1 A_1; …; p_M A_M]``
     (…, Σ r_k, n): ``B_s A_s = Σ p_k B_k A_k`` exactly, without forming it (FLoRA, FedEx-LoRA's
     residual, ILoRA's and LoRA-FAIR's ``ΔW*``).
@@ -122,3 +128,18 @@ def stacked_factors(updates: Sequence[tuple[Tensor, Tensor, int]]) -> tuple[Tens
     B_s = torch.cat([B for B, _, _ in updates], dim=-1)
     A_s = torch.cat([A * w for (_, A, _), w in zip(updates, p, strict=True)], dim=-2)
     return B_s, A_s
+
+
+class CarriedAverageMethod(Method):
+    """A method whose server rule is :func:`carried_factor_average` (FedEx-LoRA, FedRot-LoRA):
+    ``(Σ p_k pad(B_k), Σ p_k pad(A_k))``, the indices no accepted client reaches carried.
+    """
+
+    def aggregate_module(
+        self,
+        ctx: RoundContext,
+        updates: ModuleUpdates,
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(Σ p_k pad(B_k), Σ p_k pad(A_k))``, uncovered indices carried from ``previous``."""
+        return carried_factor_average(updates, previous, self.r_max)

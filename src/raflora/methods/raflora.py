@@ -1,4 +1,5 @@
-"""raFLoRA: rank-partitioned aggregation (paper Section 5, Algorithm 1, Eq. 8).
+"""raFLoRA: rank-partitioned aggregation (paper Section 5, Algorithm 1, Eq. 8;
+docs/methods.md#raflora).
 
 The rank levels ``R = {r_1 < … < r_max}`` cut ``1 … r_max`` into partitions ``[l, h]`` with
 ``l = prev(h) + 1``. Each partition is averaged over its *effective contributors* only:
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor
 
 from raflora.linalg import svd_to_factors
-from raflora.methods.base import Aggregator
+from raflora.methods.base import Method, ModuleUpdates
+from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.registry import register
 
@@ -72,7 +74,7 @@ class RaFLoRAOptions(MethodOptions):
 
 
 @register
-class RaFLoRA(Aggregator):
+class RaFLoRA(Method):
     """Rank-partitioned aggregation (Algorithm 1).
 
     Parameters
@@ -84,7 +86,7 @@ class RaFLoRA(Aggregator):
     """
 
     name = "raflora"
-    ranks_must_be_levels = True
+    capabilities = Capabilities(ranks_must_be_levels=True)
     Options = RaFLoRAOptions
     options: RaFLoRAOptions
 
@@ -95,10 +97,9 @@ class RaFLoRA(Aggregator):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Rank-``r_max`` factors of ``Σ_h ΔW_h`` (Eq. 8): ``(…, d, r_max)``, ``(…, r_max, n)``."""
         ranks = [B.shape[-1] for B, _, _ in updates]

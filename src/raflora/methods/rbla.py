@@ -1,4 +1,4 @@
-"""RBLA: rank-based LoRA aggregation, factor-wise per rank index (SPEC §9).
+"""RBLA: rank-based LoRA aggregation, factor-wise per rank index (docs/methods.md#rbla).
 
 Nazemi et al., "Rank-Based LoRA Aggregation for Fine-tuning Heterogeneous Models in FLaaS"
 (2024, https://arxiv.org/abs/2408.08699); also the natural reading of the "replication padding"
@@ -13,17 +13,16 @@ how much of raFLoRA's gain is the re-weighting and how much the exact product. N
 factors are averaged separately (``B_g A_g ≠ Σ p_k B_k A_k``).
 
 Departures and readings: an index that no accepted client reaches keeps the previous global
-column and row (SPEC §9's carry; the papers do not say). Plain LoRA on the client, traffic as
-FedIT (SPEC §8).
+column and row (the project's carry, docs/methods.md#aggregation-rules; the papers do not say).
+Plain LoRA on the client, traffic as FedIT (docs/design.md#communication).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
-from raflora.methods.base import Method
+from raflora.methods.base import Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 from raflora.methods.padding import carry_uncovered, covered_rank, rank_index_average
 from raflora.methods.registry import register
 
@@ -38,10 +37,9 @@ class RBLA(Method):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """``B_g (…, d, r_max)``, ``A_g (…, r_max, n)`` averaged per rank index; uncovered
         indices carried from ``previous`` (zero without it).

@@ -1,4 +1,5 @@
-"""RoLoRA: alternating rounds train and average ``B``, then ``A`` (SPEC §9).
+"""RoLoRA: alternating rounds train and average ``B``, then ``A``
+(docs/methods.md#rolora).
 
 Chen et al., "Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA" (2024,
 https://arxiv.org/abs/2409.02346). Odd rounds train only ``B`` (``A`` frozen at what the client
@@ -9,21 +10,20 @@ the frozen one:
     even ``t``: A_g = Σ_k p_k pad(A_k),  B_g unchanged.
 
 Exact in both phases for any ranks (``pad(B_k) A_g = B_k A_g[:r_k]``,
-``B_g pad(A_k) = B_g[:, :r_k] A_k``) — exact aggregation, not freedom from rank collapse (SPEC §9).
+``B_g pad(A_k) = B_g[:, :r_k] A_k``) — exact aggregation, not freedom from rank collapse.
 Round 1 trains ``B`` from ``B_g = 0``, like plain LoRA's first steps.
 
-Traffic (SPEC §9): both factors down, the trained one up. Departures: the paper uses equal ranks;
-zero padding for mixed ranks is the project's reading; uncovered indices are zero-padded (the
-frozen factor keeps every direction trainable).
+Traffic (docs/design.md#communication): both factors down, the trained one up. Departures: the
+paper uses equal ranks; zero padding for mixed ranks is the project's reading; uncovered indices
+are zero-padded (the frozen factor keeps every direction trainable).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
-from raflora.methods.base import ClientRound, Method
+from raflora.methods.base import ClientRound, Method, ModuleUpdates
+from raflora.methods.context import RoundContext
 from raflora.methods.padding import padded_average, weights_of
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
@@ -54,21 +54,20 @@ class RoLoRA(Method):
 
     def aggregate_module(
         self,
-        updates: Sequence[tuple[Tensor, Tensor, int]],
+        ctx: RoundContext,
+        updates: ModuleUpdates,
         previous: tuple[Tensor, Tensor] | None = None,
-        *,
-        round_index: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Average the round's factor; keep the other from ``previous`` (required)."""
         if previous is None:
             raise ValueError("rolora needs previous=(B_g, A_g): the frozen factor is kept")
         p = weights_of(updates)
-        if trained_factor(round_index) == "B":
+        if trained_factor(ctx.round_index) == "B":
             B = padded_average([B for B, _, _ in updates], p, self.r_max, -1)
             return B, previous[1].clone()
         return previous[0].clone(), padded_average([A for _, A, _ in updates], p, self.r_max, -2)
 
-    def upload_bytes(self, update: ClientUpdate, round_index: int) -> int:
-        """The factor trained in round ``round_index`` only."""
-        index = 0 if trained_factor(round_index) == "B" else 1
+    def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
+        """The factor trained in round ``ctx.round_index`` only."""
+        index = 0 if trained_factor(ctx.round_index) == "B" else 1
         return sum(f[index].numel() * f[index].element_size() for f in update.factors.values())

@@ -45,7 +45,8 @@ class ClientUpdate:
         ``n_k``, the number of local training samples (aggregation weight).
     factors : Mapping[str, tuple[Tensor, Tensor]]
         Module name → effective factors ``(B_k (d, r_k), A_k (r_k, n))`` with the LoRA scaling
-        folded into ``B`` (SPEC §1), so that the module's update is ``B_k A_k``.
+        folded into ``B`` (docs/methods.md#notation-and-the-lora-convention), so that the
+        module's update is ``B_k A_k``.
     dense : Mapping[str, Tensor]
         Fully trained parameters (a new classification head …), FedAvg-aggregated by every method.
     extras : Mapping[str, Tensor]
