@@ -1,4 +1,4 @@
-"""Exact low-rank algebra on factored matrices (SPEC §3, "Exactness and cost").
+"""Exact low-rank algebra on factored matrices (docs/methods.md#aggregation-rules).
 
 Every aggregation rule in this package produces a matrix of the form
 
@@ -15,10 +15,19 @@ factors:
 in ``O((d + n) R² + R³)`` time and ``O((d + n) R)`` memory. All functions accept leading batch
 dimensions (``(..., d, R)``), so modules of one shape are processed in one call, and run on any
 device. Half-precision inputs are computed in float32 (torch's QR/SVD need it) and cast back.
+
+Degenerate blocks never reach LAPACK. A matrix of a batch that is all zero (or empty) gets its
+exact decomposition directly — identity bases and zero values, which is also what LAPACK returns
+for it — and one holding NaN or ±inf gets NaN for every output (its decomposition is undefined).
+Only the other matrices go to ``torch.linalg``; a batch without degenerate matrices takes the
+unguarded call, so its numbers are unchanged. (MKL's divide-and-conquer SVD writes
+``Intel oneMKL ERROR: Parameter 4 was incorrect on entry to DLASCL`` to the process's stdout
+on non-finite input, which corrupted ``raflora theory --json``.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -51,6 +60,92 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _COMPUTE_DTYPES else torch.float32
 
 
+# --------------------------------------------------------------------------- guarded LAPACK
+
+
+def degenerate_matrices(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Masks over the batch dimensions of ``x (..., m, n)``: ``(zero, nonfinite)``.
+
+    ``zero``: every entry is 0 (an empty matrix included); ``nonfinite``: some entry is NaN or
+    ±inf. The two are disjoint. These are the blocks no LAPACK routine here is handed.
+    """
+    nonfinite = ~torch.isfinite(x).flatten(-2).all(dim=-1)
+    zero = ~(x != 0).flatten(-2).any(dim=-1)  # NaN != 0, so a non-finite matrix is not zero
+    return zero, nonfinite
+
+
+def _guarded(
+    x: Tensor,
+    call: Callable[[Tensor], Sequence[Tensor]],
+    exact_zero: Callable[[Tensor], Sequence[Tensor]],
+) -> tuple[Tensor, ...]:
+    """``call(x)`` per matrix of the batch, its degenerate matrices answered without it.
+
+    ``exact_zero(x)`` gives the outputs for one all-zero matrix of ``x``'s shape (no batch
+    dimensions); a non-finite matrix gets the same shapes filled with NaN.
+    """
+    zero, nonfinite = degenerate_matrices(x)
+    if not bool((zero | nonfinite).any()):
+        return tuple(call(x))  # the unguarded call: the non-degenerate numbers are unchanged
+    batch = x.shape[:-2]
+    flat = x.reshape(-1, *x.shape[-2:])
+    zero, nonfinite = zero.reshape(-1), nonfinite.reshape(-1)
+    regular = ~(zero | nonfinite)
+    outs = [t.expand(flat.shape[0], *t.shape).clone() for t in exact_zero(x)]
+    for out in outs:
+        out[nonfinite] = torch.nan
+    if bool(regular.any()):
+        for out, part in zip(outs, call(flat[regular]), strict=True):
+            out[regular] = part
+    return tuple(out.reshape(*batch, *out.shape[1:]) for out in outs)
+
+
+def _eye(x: Tensor, rows: int, cols: int) -> Tensor:
+    return torch.eye(rows, cols, dtype=x.dtype, device=x.device)
+
+
+def _zeros(x: Tensor, *shape: int) -> Tensor:
+    return torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+def _qr(x: Tensor, mode: str = "reduced") -> tuple[Tensor, Tensor]:
+    """``torch.linalg.qr`` (``mode`` reduced or complete) guarded: ``Q = I``, ``R = 0`` on zero."""
+    m, n = x.shape[-2:]
+    k = min(m, n) if mode == "reduced" else m
+    Q, R = _guarded(
+        x,
+        lambda y: torch.linalg.qr(y, mode=mode),
+        lambda y: (_eye(y, m, k), _zeros(y, k, n)),
+    )
+    return Q, R
+
+
+def _svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin ``torch.linalg.svd`` guarded: ``U = I``, ``S = 0``, ``Vh = I`` on zero."""
+    m, n = x.shape[-2:]
+    k = min(m, n)
+    U, S, Vh = _guarded(
+        x,
+        lambda y: torch.linalg.svd(y, full_matrices=False),
+        lambda y: (_eye(y, m, k), _zeros(y, k), _eye(y, k, n)),
+    )
+    return U, S, Vh
+
+
+def _svdvals(x: Tensor) -> Tensor:
+    """``torch.linalg.svdvals`` guarded: zeros on zero."""
+    k = min(x.shape[-2:])
+    (S,) = _guarded(x, lambda y: (torch.linalg.svdvals(y),), lambda y: (_zeros(y, k),))
+    return S
+
+
+def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` (ascending) guarded: eigenvalues 0 and ``I`` on zero."""
+    n = x.shape[-1]
+    L, W = _guarded(x, torch.linalg.eigh, lambda y: (_zeros(y, n), _eye(y, n, n)))
+    return L, W
+
+
 def _check_pair(B: Tensor, A: Tensor) -> None:
     if B.ndim < 2 or A.ndim < 2:
         raise ValueError(
@@ -67,8 +162,8 @@ def _core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(Q_b, core, Q_a)`` with ``B A = Q_b core Q_aᵀ`` (computed in float32/64)."""
     _check_pair(B, A)
     dtype = _compute_dtype(torch.promote_types(B.dtype, A.dtype))
-    Q_b, R_b = torch.linalg.qr(B.to(dtype))  # (…, d, k_b), (…, k_b, R)
-    Q_a, R_a = torch.linalg.qr(A.to(dtype).transpose(-1, -2))  # (…, n, k_a), (…, k_a, R)
+    Q_b, R_b = _qr(B.to(dtype))  # (…, d, k_b), (…, k_b, R)
+    Q_a, R_a = _qr(A.to(dtype).transpose(-1, -2))  # (…, n, k_a), (…, k_a, R)
     return Q_b, R_b @ R_a.transpose(-1, -2), Q_a  # core (…, k_b, k_a)
 
 
@@ -83,18 +178,18 @@ def _small_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (relative to ``σ_1²``), which the SVD path does not lose.
     """
     try:
-        return torch.linalg.svd(core, full_matrices=False)  # type: ignore[no-any-return]
+        return _svd(core)
     except torch.linalg.LinAlgError:  # type: ignore[attr-defined]
         pass
     k = min(core.shape[-2], core.shape[-1])
-    _, W = torch.linalg.eigh(core.transpose(-1, -2) @ core)  # ascending eigenvalues
+    _, W = _eigh(core.transpose(-1, -2) @ core)  # ascending eigenvalues
     W = W.flip(-1)[..., :k]  # (…, k_a, k): leading right singular vectors
     US = core @ W  # (…, k_b, k) = U diag(σ)
     S = torch.linalg.vector_norm(US, dim=-2)
     S, order = S.sort(dim=-1, descending=True)
     W = W.gather(-1, order.unsqueeze(-2).expand_as(W))
     US = US.gather(-1, order.unsqueeze(-2).expand_as(US))
-    Q, R = torch.linalg.qr(US)
+    Q, R = _qr(US)
     sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     U = Q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
     return U, S, W.transpose(-1, -2)
@@ -135,7 +230,7 @@ def factored_energy(B: Tensor, A: Tensor) -> Tensor:
     Only singular values are computed (no singular vectors), in float32/float64.
     """
     _, core, _ = _core(B, A)
-    energy: Tensor = torch.linalg.svdvals(core).square()
+    energy: Tensor = _svdvals(core).square()
     return energy
 
 
@@ -159,7 +254,7 @@ def _orthonormal_complement(Vh: Tensor, extra: int) -> Tensor:
     extra = min(extra, n - k)
     if extra <= 0:
         return Vh.new_zeros((*Vh.shape[:-2], 0, n))
-    Q, _ = torch.linalg.qr(Vh.transpose(-1, -2), mode="complete")  # (…, n, n)
+    Q, _ = _qr(Vh.transpose(-1, -2), mode="complete")  # (…, n, n)
     complement: Tensor = Q[..., k : k + extra].transpose(-1, -2)
     return complement
 

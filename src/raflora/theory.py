@@ -111,8 +111,8 @@ class TheorySetup:
             problems.append(f"probabilities must be finite and non-negative, got {list(probs)}")
         elif abs(sum(probs) - 1.0) > 1e-6:
             problems.append(f"probabilities must sum to 1, got {sum(probs):.6g}")
-        if not (self.beta > 0 and math.isfinite(self.beta)):
-            problems.append(f"beta must be a positive number, got {self.beta}")
+        if not (self.beta > 0 and math.isfinite(self.beta * self.beta)):  # q_i holds β²
+            problems.append(f"beta must be a positive number with a finite square, got {self.beta}")
         if self.init not in INITS:
             problems.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.empty_partition not in ("carry", "drop"):
@@ -188,14 +188,20 @@ class TheoryResult:
     rounds: list[dict[str, float]]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` object: ``p``, ``q``, ``gamma``, ``C``, ``rounds`` (+ settings)."""
+        """The ``--json`` object: ``p``, ``q``, ``gamma``, ``C``, ``rounds`` (+ settings).
+
+        Strict JSON: a non-finite value of a row (a Monte Carlo whose energies overflowed, e.g.
+        ``β = 1e200``) is ``None``.
+        """
         s = self.setup
         return {
             "p": self.p.tolist(),
             "q": self.q.tolist(),
             "gamma": self.gamma,
             "C": self.C,
-            "rounds": self.rounds,
+            "rounds": [
+                {k: v if math.isfinite(v) else None for k, v in row.items()} for row in self.rounds
+            ],
             "settings": {
                 "ranks": list(s.rank_levels),
                 "probs": list(s.probs),
@@ -209,10 +215,15 @@ class TheoryResult:
 
 
 def _tail_ratio(energy: np.ndarray, r_1: int) -> np.ndarray:
-    """``1 − ρ_{r_1}`` along the last axis (0 where there is no energy)."""
+    """``1 − ρ_{r_1}`` along the last axis (0 where there is no energy, NaN where it is not
+    finite: a Monte Carlo whose energies overflowed).
+    """
     total = energy.sum(axis=-1)
     tail = energy[..., r_1:].sum(axis=-1)
-    return np.where(total > 0, tail / np.where(total > 0, total, 1.0), 0.0)
+    regular = (total > 0) & np.isfinite(total)
+    return np.where(
+        regular, tail / np.where(regular, total, 1.0), np.where(total == 0, 0.0, np.nan)
+    )
 
 
 def predict(setup: TheorySetup, rounds: int) -> TheoryResult:

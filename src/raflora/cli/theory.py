@@ -1,16 +1,26 @@
-"""``raflora theory``: Theorem 4.4's coverage, contraction, bound and predicted curves."""
+"""``raflora theory``: Theorem 4.4's coverage, contraction, bound and predicted curves.
+
+See docs/methods.md#theory. Standard output holds the report only (with ``--json`` one JSON
+object): whatever else the computation writes to file descriptor 1 — a native library's messages
+included — goes to standard error (:func:`stdout_to_stderr`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raflora.cli.common import CLIError, parse_float_list, parse_int_list
 from raflora.theory import TheoryResult, TheorySetup, add_simulation, predict
 
-__all__ = ["format_table", "register", "run"]
+__all__ = ["format_table", "register", "run", "stdout_to_stderr"]
 
 
 def register(sub: Any) -> None:
@@ -66,6 +76,38 @@ def register(sub: Any) -> None:
         "--plot", type=Path, default=None, metavar="PNG", help="also save a plot to this file"
     )
     p.set_defaults(handler=run)
+
+
+def _flush_c_stdio() -> None:
+    """Flush C's stdio buffers (where a native library's ``printf`` waits), where C is loadable."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no such C library (Windows)
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at standard error while the body runs.
+
+    Native code writes to the process's stdout directly, past ``sys.stdout`` (MKL's LAPACK
+    prints ``Intel oneMKL ERROR: …`` there): inside this block it lands on stderr, so what the
+    command prints afterwards is all that stdout holds. Python's and C's buffers are flushed on
+    entry and exit, so nothing buffered crosses to the other stream.
+    """
+    sys.stdout.flush()
+    _flush_c_stdio()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        _flush_c_stdio()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _fmt(x: float) -> str:
@@ -158,9 +200,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
-    result = predict(setup, args.rounds)
-    if args.simulate:
-        result = add_simulation(result, args.simulate, seed=args.seed)
+    with stdout_to_stderr():  # stdout holds the report only (a JSON object with --json)
+        result = predict(setup, args.rounds)
+        if args.simulate:
+            result = add_simulation(result, args.simulate, seed=args.seed)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))
     if args.plot is not None:
         _plot(result, args.plot)
