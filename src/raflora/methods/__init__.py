@@ -15,7 +15,7 @@ from raflora.methods.fedit import FedIT
 from raflora.methods.flexlora import FlexLoRA
 from raflora.methods.flora import FLoRA
 from raflora.methods.hetlora import HetLoRA, HetLoRAOptions
-from raflora.methods.options import MethodOptions, OptionsError
+from raflora.methods.options import MethodOptions, OptionsError, option
 from raflora.methods.raflora import (
     RaFLoRA,
     RaFLoRAOptions,
@@ -86,6 +86,7 @@ __all__ = [
     "get_aggregator",
     "lora_a_init",
     "map_tensors",
+    "option",
     "options_for",
     "partition_bounds",
     "partition_weights",
