@@ -62,6 +62,7 @@ def test_simulation_matches_local_engine(method: str, tmp_path: Path) -> None:
         [r["accuracy"] for r in local.metrics], abs=1e-6
     )
     assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in flower.metrics)
+    assert [set(r) for r in flower.metrics] == [set(r) for r in local.metrics]  # one schema
     ca, cb = load_checkpoint(local.run_dir), load_checkpoint(flower.run_dir)
     a, b = ca.state, cb.state
     # FLoRA merges into the base model: the server sends its base weights to the client processes
@@ -92,10 +93,14 @@ def test_one_thread_everywhere_gives_bit_identical_engines(method: str, tmp_path
         flower = run_flower(config, tmp_path / "flower", progress=False)
     finally:
         torch.set_num_threads(threads)
-    strip = [{k: v for k, v in r.items() if k != "time"} for r in local.metrics]
-    # the Flower rows also record what the transport moved (beyond the algorithmic traffic)
+    # one row schema: the same keys in the same order whatever the engine (report.ROW_KEYS)
+    assert [list(r) for r in flower.metrics] == [list(r) for r in local.metrics]
+    # the Flower rows also record what the transport moved (beyond the algorithmic traffic);
+    # the local engine serialises nothing
     assert all(r["transport_bytes"] > r["upload_bytes"] for r in flower.metrics)
+    assert all(r["transport_bytes"] is None for r in local.metrics)
     skip = {"time", "transport_bytes"}
+    strip = [{k: v for k, v in r.items() if k not in skip} for r in local.metrics]
     assert [{k: v for k, v in r.items() if k not in skip} for r in flower.metrics] == strip
     ca, cb = load_checkpoint(local.run_dir), load_checkpoint(flower.run_dir)
     a, b = ca.state, cb.state

@@ -23,6 +23,7 @@ from raflora.engine.evaluation import evaluate_round
 from raflora.engine.federation import Federation, learning_rate
 from raflora.engine.metering import device_clock, tensor_bytes
 from raflora.methods import GlobalState
+from raflora.report.metrics import metrics_row
 
 __all__ = [
     "CompletedRound",
@@ -192,7 +193,8 @@ def complete_round(
             },
         }
     )
-    return CompletedRound(new_state, row, report)
+    # the one row schema of both engines: Flower fills transport_bytes, locally it stays null
+    return CompletedRound(new_state, metrics_row(row), report)
 
 
 def run_round(fed: Federation, state: GlobalState, round_index: int) -> CompletedRound:

@@ -8,10 +8,12 @@ truncates ``metrics.jsonl`` and ``energy.jsonl`` (its docstring describes the ro
 
 from raflora.report.metrics import (
     ENERGY_FILE,
+    ROW_KEYS,
     EnergyRow,
     append_energy,
     append_metrics,
     energy_shares,
+    metrics_row,
     partition_labels,
     read_energy,
     read_metrics,
@@ -34,11 +36,13 @@ from raflora.report.summaries import (
 
 __all__ = [
     "ENERGY_FILE",
+    "ROW_KEYS",
     "EnergyRow",
     "append_energy",
     "append_metrics",
     "energy_shares",
     "format_bytes",
+    "metrics_row",
     "partition_labels",
     "progress_postfix",
     "read_energy",

@@ -7,7 +7,14 @@ A run records one metrics row per round (a line of ``metrics.jsonl``)::
      "upload_bytes": 123456, "download_bytes": 123456, "clients": [4, 17, 2],
      "client_ranks": [8, 64, 16], "accepted": 3, "rejected": 0, "rejected_reasons": {},
      "time": {"train_seconds": 1.2, "aggregate_seconds": 0.01, "eval_seconds": 0.3,
-              "round_seconds": 1.6}}
+              "round_seconds": 1.6},
+     "transport_bytes": null}
+
+Every row carries the keys of :data:`ROW_KEYS` whatever the engine — the local engine and the
+Flower engine build their rows through :func:`metrics_row` — so one reader serves both;
+``transport_bytes`` is ``null`` with the local engine, which serialises nothing
+(docs/design.md#communication). Beyond them a row holds :data:`EVALUATION_KEYS` on evaluated
+rounds and a method's own entries (:data:`METHOD_KEYS`).
 
 ``accuracy`` and ``eval_loss`` appear only on evaluated rounds and ``train_loss`` may be ``null``
 (no client accepted). With ``eval.per_level`` an evaluated round also holds ``accuracy@r`` and
@@ -34,15 +41,20 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
     "ENERGY_FILE",
+    "EVALUATION_KEYS",
+    "METHOD_KEYS",
+    "ROW_KEYS",
     "EnergyRow",
     "MetricsRow",
     "append_energy",
     "append_metrics",
     "energy_shares",
+    "metrics_row",
     "partition_labels",
     "read_energy",
     "read_metrics",
@@ -59,6 +71,84 @@ EnergyRow = Mapping[str, Any]
 
 ENERGY_FILE = "energy.jsonl"
 """The per-module diagnostics file of a run directory (read by :func:`write_run_plots`)."""
+
+# --------------------------------------------------------------------------- the row schema
+
+ROW_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "round": "the 1-based round",
+        "lr": "the learning rate of the round's local training",
+        "train_loss": "the accepted clients' sample-weighted training loss (null: none accepted)",
+        "higher_rank_energy": "1 − ρ_{r_1} of the global update, the mean over modules",
+        "energy_per_level": "ρ_r at every rank level r (keys: r as text), mean over modules",
+        "upload_bytes": "client → server traffic of the method's payload, extras included",
+        "download_bytes": "server → client traffic of the broadcast, extras included",
+        "clients": "the sampled client ids",
+        "client_ranks": "their ranks, in the same order",
+        "accepted": "how many updates were aggregated",
+        "rejected": "how many sampled clients were left out",
+        "rejected_reasons": "client id (text) → why it was left out",
+        "time": "seconds per phase: train, client compute, aggregate, eval, round",
+        "transport_bytes": (
+            "bytes of the round's messages, both ways, as the transport moved them (Flower "
+            "engine); null with the local engine: nothing is serialised"
+        ),
+    }
+)
+"""The keys every metrics row carries whatever the engine, key → meaning, in row order.
+
+``upload_bytes`` and ``download_bytes`` are the algorithmic traffic, equal for both engines
+(docs/design.md#communication); ``transport_bytes`` is what a Flower deployment actually sent.
+"""
+
+EVALUATION_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "accuracy": "the task's accuracy of the global model (evaluated rounds)",
+        "eval_loss": "its evaluation loss (evaluated rounds)",
+        "<metric>@<r>": "with eval.per_level: the metric of the model a client of rank r holds",
+    }
+)
+"""Keys of evaluated rounds only (``eval.every`` and the last round)."""
+
+METHOD_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "residual_higher_rank_energy": (
+            "1 − ρ_{r_1} of the round's merged residual, for a method that reports it "
+            "(FedEx-LoRA, docs/methods.md#fedex)"
+        ),
+    }
+)
+"""Keys a method adds to every row of its runs (the same for both engines)."""
+
+
+def metrics_row(fields: Mapping[str, Any], *, transport_bytes: int | None = None) -> dict[str, Any]:
+    """One round's metrics row with every key of :data:`ROW_KEYS`, for either engine.
+
+    Parameters
+    ----------
+    fields : Mapping[str, Any]
+        The round's values: every key of :data:`ROW_KEYS` but ``transport_bytes``, and those
+        of :data:`EVALUATION_KEYS` / :data:`METHOD_KEYS` that apply; their order is kept.
+    transport_bytes : int, optional
+        What the transport moved (``None``: the local engine, nothing is serialised). The
+        Flower engine sets it once the round's messages are counted.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``fields`` followed by ``transport_bytes``.
+
+    Raises
+    ------
+    KeyError
+        If a key of :data:`ROW_KEYS` is missing (a programming error, not a user's).
+    """
+    missing = [k for k in ROW_KEYS if k not in fields and k != "transport_bytes"]
+    if missing:
+        raise KeyError(f"a metrics row lacks {', '.join(missing)}")
+    row = dict(fields)
+    row.setdefault("transport_bytes", transport_bytes)
+    return row
 
 
 # --------------------------------------------------------------------------- metrics I/O
