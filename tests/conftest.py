@@ -99,6 +99,32 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
+SYNTHETIC: dict[str, Any] = {
+    "method": "raflora",
+    "seed": 3,
+    "task": {"name": "synthetic", "options": {"num_train": 400, "num_eval": 200}},
+    "fl": {"num_clients": 6, "clients_per_round": 3, "rounds": 2, "rank_levels": [2, 4, 8]},
+    "data": {"partition": "dir-a1.0"},
+    "train": {"lr": 5e-3, "batch_size": 32},
+    "eval": {"every": 1},
+    "output": {"plots": False},
+}
+"""The synthetic task's federation of the engine tests: 6 clients, 3 per round, ranks 2, 4, 8.
+
+A test overrides what it varies: ``config_with(SYNTHETIC, **{"fl.rounds": 3})``.
+"""
+
+TINY_SYNTHETIC: dict[str, Any] = {
+    "method": "raflora",
+    "seed": 3,
+    "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
+    "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4]},
+    "train": {"lr": 5e-3, "batch_size": 32},
+    "output": {"plots": False},
+}
+"""The smallest synthetic federation: 4 clients, 2 per round, 2 rounds, ranks 2 and 4."""
+
+
 def config_with(data: dict[str, Any], **over: Any) -> Any:
     """A validated ``RunConfig`` from ``data`` with dotted overrides (``fl.rounds=3``)."""
     from raflora.config import config_from_dict

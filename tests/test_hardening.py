@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import config_with
+from conftest import TINY_SYNTHETIC, config_with
 from raflora.adapters import adapter_name, base_weights
 from raflora.config import ConfigError, RunConfig, validated
 from raflora.engine import build_federation, run_local
@@ -24,18 +24,8 @@ from raflora.methods.validation import DeviceMismatchError, DTypeError
 SHAPES = {"a": (5, 4), "b": (3, 6)}
 
 
-TINY: dict[str, Any] = {
-    "method": "raflora",
-    "seed": 3,
-    "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
-    "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4]},
-    "train": {"lr": 5e-3, "batch_size": 32},
-    "output": {"plots": False},
-}
-
-
 def tiny_config(**over: Any) -> RunConfig:
-    return config_with(TINY, **over)
+    return config_with(TINY_SYNTHETIC, **over)
 
 
 def update(cid: int, rank: int, dtype: torch.dtype, device: str = "cpu") -> ClientUpdate:

@@ -14,19 +14,11 @@ import pytest
 import torch
 
 import raflora
-from conftest import config_with
+from conftest import TINY_SYNTHETIC, config_with
 from raflora.engine import run_local
 from raflora.report.provenance import add_session, git_revision, package_versions
 
-SYNTHETIC: dict[str, Any] = {
-    "method": "raflora",
-    "seed": 3,
-    "threads": 1,
-    "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
-    "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4]},
-    "data": {"partition": "iid"},
-    "output": {"plots": False},
-}
+SYNTHETIC: dict[str, Any] = {**TINY_SYNTHETIC, "threads": 1}
 
 
 class StopRunError(RuntimeError):

@@ -16,20 +16,14 @@ import pytest
 import torch
 import yaml
 
+from conftest import TINY_SYNTHETIC
 from raflora.cli import main
 from raflora.engine import CheckpointError, load_checkpoint
 from raflora.engine import checkpoint as checkpoint_module
 from raflora.engine.rundir import LOCK_FILE, RunLock, RunLockedError, replace_dir
 from raflora.report import read_metrics
 
-CONFIG = {
-    "method": "raflora",
-    "seed": 1,
-    "task": {"name": "synthetic", "options": {"num_train": 200, "num_eval": 100}},
-    "fl": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "rank_levels": [2, 4]},
-    "train": {"lr": 5e-3, "batch_size": 32},
-    "output": {"plots": False},
-}
+CONFIG = {**TINY_SYNTHETIC, "seed": 1}
 
 
 @pytest.fixture

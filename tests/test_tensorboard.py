@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import config_with
+from conftest import SYNTHETIC, config_with
 from raflora.config import ConfigError, environment_problems, validate
 from raflora.diagnostics import energy_report
 from raflora.engine import run_local
@@ -25,16 +25,14 @@ from raflora.report.tensorboard import (
     write_round,
 )
 
-SYNTHETIC: dict[str, Any] = {
-    "method": "raflora",
-    "seed": 3,
-    "task": {"name": "synthetic", "options": {"num_train": 400, "num_eval": 200}},
-    "fl": {"num_clients": 6, "clients_per_round": 3, "rounds": 3, "rank_levels": [2, 4, 8]},
-    "data": {"partition": "dir-a1.0"},
-    "train": {"lr": 2e-2, "batch_size": 32},
-    "eval": {"every": 2, "per_level": True},
-    "output": {"plots": False, "tensorboard": True},
+TENSORBOARD: dict[str, Any] = {
+    "fl.rounds": 3,
+    "train.lr": 2e-2,
+    "eval.every": 2,
+    "eval.per_level": True,
+    "output.tensorboard": True,
 }
+"""The engine tests' federation (``conftest.SYNTHETIC``) for 3 rounds with TensorBoard events."""
 
 
 class StopRunError(RuntimeError):
@@ -42,7 +40,7 @@ class StopRunError(RuntimeError):
 
 
 def tb_config(**over: Any) -> Any:
-    return config_with(SYNTHETIC, **over)
+    return config_with(SYNTHETIC, **{**TENSORBOARD, **over})
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -184,7 +182,7 @@ def test_missing_tensorboard_is_a_config_error_naming_the_extra(
         "pip install 'raflora[tensorboard]' (or set output.tensorboard=false)"
     )
     assert validate(on) == []  # a valid config: a saved one still loads (export, inspection)
-    config_with(SYNTHETIC)
+    tb_config()
     assert environment_problems(on) == [message]
     assert environment_problems(off) == []
     with pytest.raises(ConfigError, match=r"output\.tensorboard"):
