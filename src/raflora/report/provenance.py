@@ -17,8 +17,10 @@ code version that produced a part of it::
 
 ``git_commit`` and ``git_dirty`` (uncommitted changes to tracked files) are those of the checkout
 raflora is imported from, and ``null`` when it is not imported from a git checkout (an installed
-wheel) or git is unavailable — never an error. A package that is not installed is ``null``. With
-the Flower engine this is the server's environment (where the run directory is written).
+wheel) or git is unavailable — never an error. A package that is not installed is ``null``;
+``raflora.version`` is the installed distribution's (pyproject.toml's, equal to
+``raflora.__version__``), ``null`` for a source tree that was never installed. With the Flower
+engine this is the server's environment (where the run directory is written).
 """
 
 from __future__ import annotations
@@ -142,15 +144,19 @@ def session_info(
     argv : Sequence[str], optional
         The command line (default: ``sys.argv``).
     """
-    import raflora
-
-    commit, dirty = git_revision(Path(raflora.__file__))
+    # this file, not the package root: a report module imports nothing above its layer
+    # (docs/design.md#layers); it is tracked in the same checkout as raflora/__init__.py
+    commit, dirty = git_revision(Path(__file__))
     return {
         "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "first_round": int(first_round),
         "engine": engine,
         "argv": list(sys.argv if argv is None else argv),
-        "raflora": {"version": raflora.__version__, "git_commit": commit, "git_dirty": dirty},
+        "raflora": {
+            "version": package_versions(["raflora"])["raflora"],
+            "git_commit": commit,
+            "git_dirty": dirty,
+        },
         "python": {
             "version": platform.python_version(),
             "implementation": platform.python_implementation(),
