@@ -28,7 +28,7 @@ from torch import Tensor
 
 from raflora.methods.base import ClientRound, GlobalState, Method, ModuleUpdates
 from raflora.methods.context import RoundContext
-from raflora.methods.padding import padded_average, weights_of
+from raflora.methods.padding import average_one_factor
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -57,8 +57,7 @@ class FFALoRA(Method):
         """``(Σ p_k pad(B_k), A_g)`` with ``A_g`` the previous global ``A`` (required)."""
         if previous is None:
             raise ValueError("ffa needs previous=(B_g, A_g): A_g is frozen at its round-0 init")
-        B = padded_average([B for B, _, _ in updates], weights_of(updates), self.r_max, -1)
-        return B, previous[1].clone()
+        return average_one_factor(updates, previous, self.r_max, "B")
 
     def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
         """``B`` only: ``d r_k`` per module (the client regenerates ``A``)."""

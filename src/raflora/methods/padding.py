@@ -19,6 +19,7 @@ from raflora.methods.context import RoundContext
 
 __all__ = [
     "CarriedAverageMethod",
+    "average_one_factor",
     "carried_factor_average",
     "carry_uncovered",
     "covered_rank",
@@ -117,6 +118,19 @@ def carried_factor_average(
     B = padded_average([B for B, _, _ in updates], p, rank, -1)
     A = padded_average([A for _, A, _ in updates], p, rank, -2)
     return carry_uncovered((B, A), previous, covered_rank(updates))
+
+
+def average_one_factor(
+    updates: ModuleUpdates, previous: tuple[Tensor, Tensor], rank: int, factor: str
+) -> tuple[Tensor, Tensor]:
+    """The trained ``factor`` averaged, the frozen one kept from ``previous``:
+    ``(Σ p_k pad(B_k), A_g)`` for ``"B"``, ``(B_g, Σ p_k pad(A_k))`` for ``"A"`` (FFA-LoRA,
+    RoLoRA; docs/methods.md#aggregation-rules).
+    """
+    p = weights_of(updates)
+    if factor == "B":
+        return padded_average([B for B, _, _ in updates], p, rank, -1), previous[1].clone()
+    return previous[0].clone(), padded_average([A for _, A, _ in updates], p, rank, -2)
 
 
 def stacked_factors(updates: ModuleUpdates) -> tuple[Tensor, Tensor]:

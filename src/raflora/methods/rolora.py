@@ -24,7 +24,7 @@ from torch import Tensor
 
 from raflora.methods.base import ClientRound, Method, ModuleUpdates
 from raflora.methods.context import RoundContext
-from raflora.methods.padding import padded_average, weights_of
+from raflora.methods.padding import average_one_factor
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -61,11 +61,7 @@ class RoLoRA(Method):
         """Average the round's factor; keep the other from ``previous`` (required)."""
         if previous is None:
             raise ValueError("rolora needs previous=(B_g, A_g): the frozen factor is kept")
-        p = weights_of(updates)
-        if trained_factor(ctx.round_index) == "B":
-            B = padded_average([B for B, _, _ in updates], p, self.r_max, -1)
-            return B, previous[1].clone()
-        return previous[0].clone(), padded_average([A for _, A, _ in updates], p, self.r_max, -2)
+        return average_one_factor(updates, previous, self.r_max, trained_factor(ctx.round_index))
 
     def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
         """The factor trained in round ``ctx.round_index`` only."""
