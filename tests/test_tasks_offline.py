@@ -37,6 +37,22 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
+def train_briefly(model: nn.Module, task: Task, params: Any, *, batch_size: int) -> None:
+    """Three seeded epochs of AdamW (lr 5e-3, no weight decay) on ``task``; ``model`` ends in
+    eval mode."""
+    opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(3):
+        order = torch.randperm(task.num_train, generator=gen).tolist()
+        for start in range(0, task.num_train, batch_size):
+            loss = task.loss(model, task.train_batch(order[start : start + batch_size]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
 def wrapped_names(model: nn.Module, kind: type) -> set[str]:
     return {
         name.removeprefix(PEFT_PREFIX)
@@ -153,17 +169,7 @@ def test_synthetic_lora_training_raises_accuracy() -> None:
     assert not wrapped_names(bank.model, ModulesToSaveWrapper)
     params = bank.trainable_parameters()
     assert params and all(p.numel() <= 64 * 32 for p in params)  # LoRA factors only
-    opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    bank.model.train()
-    for _ in range(3):
-        order = torch.randperm(task.num_train, generator=gen).tolist()
-        for start in range(0, task.num_train, 64):
-            loss = task.loss(bank.model, task.train_batch(order[start : start + 64]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    bank.model.eval()
+    train_briefly(bank.model, task, params, batch_size=64)
     with torch.no_grad():
         after = task.evaluate(bank.model, 500, CPU)
     assert base["accuracy"] < 0.3
@@ -232,17 +238,7 @@ def test_digits_wraps_backbone_linears_and_trains_the_head(digits_task: DigitsTa
     names = {n for n, p in bank.model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in names) and any("lora_A" in n for n in names)
     # A short LoRA + head training run learns all ten digits.
-    opt = torch.optim.AdamW(bank.trainable_parameters(), lr=5e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    bank.model.train()
-    for _ in range(3):
-        order = torch.randperm(task.num_train, generator=gen).tolist()
-        for start in range(0, task.num_train, 32):
-            loss = task.loss(bank.model, task.train_batch(order[start : start + 32]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    bank.model.eval()
+    train_briefly(bank.model, task, bank.trainable_parameters(), batch_size=32)
     with torch.no_grad():
         after = task.evaluate(bank.model, 128, CPU)
     assert after["accuracy"] > 0.6, after
