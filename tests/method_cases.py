@@ -1,7 +1,8 @@
 """Shared inputs of the per-method tests (``test_method_*.py``): random heterogeneous-rank
 rounds, the plain dense helpers the references are written with, and one real engine round.
 
-The references themselves live in each method's test file, written from SPEC §9.
+The references themselves live in each method's test file, written from its rule in
+docs/methods.md (the heading named after the method).
 """
 
 from __future__ import annotations

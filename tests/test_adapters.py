@@ -1,4 +1,7 @@
-"""The PEFT bridge: effective factors in and out of one shared base model (SPEC §1–2)."""
+"""The PEFT bridge: effective factors in and out of one shared base model.
+
+See docs/methods.md#notation-and-the-lora-convention and docs/methods.md#global-state-and-broadcast.
+"""
 
 from __future__ import annotations
 

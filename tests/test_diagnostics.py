@@ -1,4 +1,7 @@
-"""Rank-collapse diagnostics (SPEC §4) against dense singular values."""
+"""Rank-collapse diagnostics against dense singular values.
+
+See docs/methods.md#rank-collapse-diagnostics.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Rank-collapse diagnostics (SPEC §4; paper Section 3, Definition 4.1, Table 4, Figure 2).
+"""Rank-collapse diagnostics (docs/methods.md#rank-collapse-diagnostics; paper Section 3,
+Definition 4.1, Table 4, Figure 2).
 
 The energy of direction ``i`` is ``σ_i²`` of the global update (its top ``r_max`` directions):
 ``B_g A_g`` for FedIT/HetLoRA/FlexLoRA/raFLoRA, the round's stacked update ``B_s A_s`` for FLoRA.
@@ -58,7 +59,8 @@ def higher_rank_energy(
 ) -> float:
     """``1 − ρ_{r_1}`` of ``B @ A`` in ``[0, 1]``: the energy share beyond the shared rank.
 
-    ``max_rank`` restricts the total to the top ``max_rank`` directions (SPEC §4 uses ``r_max``).
+    ``max_rank`` restricts the total to the top ``max_rank`` directions (the diagnostics use
+    ``r_max``, docs/methods.md#rank-collapse-diagnostics).
     """
     if shared_rank < 1:
         raise ValueError(f"shared_rank must be ≥ 1, got {shared_rank}")
