@@ -1024,15 +1024,16 @@ def config_schema() -> dict[str, Any]:
 
     def task(node: dict[str, Any]) -> None:
         branches = []
-        default = hints(TaskConfig)["name"].__args__  # the Literal's names
+        names = typing.get_args(hints(TaskConfig)["name"])  # the Literal's task names
         for name, cls in task_options_classes().items():
-            if cls is None or name not in default:
+            if cls is None or name not in names:
                 continue
             when: dict[str, Any] = {"properties": {"name": {"const": name}}, "required": ["name"]}
             if name == TaskConfig().name:  # no name: the default task
                 when = {"anyOf": [when, {"not": {"required": ["name"]}}]}
             branches.append({"if": when, "then": {"properties": {"options": json_schema(cls)}}})
-        node["allOf"] = branches
+        if branches:
+            node["allOf"] = branches
 
     schema = json_schema(RunConfig, extra={"method_options": method_options, "task": task})
     return {
@@ -1053,7 +1054,6 @@ def config_markdown() -> str:
         The Markdown text.
     """
     import raflora.tasks  # noqa: F401  (registers the tasks)
-    from raflora.methods.options import option_specs
     from raflora.methods.registry import method_options_classes
     from raflora.tasks.base import task_options_classes
 
@@ -1072,7 +1072,7 @@ def config_markdown() -> str:
     def table(rows: list[tuple[str, str, str, str]]) -> list[str]:
         lines = ["| Key | Type | Default | Description |", "|---|---|---|---|"]
         for key, kind, default, text in rows:
-            lines.append(f"| `{key}` | {_md(kind)} | {_md(default)} | {_md(text)} |")
+            lines.append(f"| `{key}` | {_md(kind)} | `{_md(default)}` | {_md(text)} |")
         return lines
 
     def rows_of(cls: type[Any], prefix: str) -> list[tuple[str, str, str, str]]:
@@ -1099,26 +1099,16 @@ def config_markdown() -> str:
         " `{method: {option: value}}` sets it for that method only.",
         "",
     ]
+
+    def options(name: str, cls: type | None) -> list[str]:
+        rows = rows_of(cls, "") if cls is not None else []
+        return [f"### {name}", "", *(table(rows) if rows else ["No options."]), ""]
+
     for method, cls in method_options_classes().items():
-        out += [f"### {method}", ""]
-        specs = option_specs(cls)
-        if not specs:
-            out += ["No options.", ""]
-            continue
-        rows = []
-        for spec in specs:
-            kind = type_name(spec.type)
-            if spec.bounds is not None:
-                kind += f" {spec.bounds.describe()}"
-            rows.append((spec.name, kind, yaml_scalar(spec.default), spec.help))
-        out += [*table(rows), ""]
+        out += options(method, cls)
     out += ["## Task options", "", "`task.options` of each task (`task.name`).", ""]
-    for name, cls in task_options_classes().items():
-        out += [f"### {name}", ""]
-        if cls is None:
-            out += ["No options.", ""]
-            continue
-        out += [*table(rows_of(cls, "")), ""]
+    for task, task_cls in task_options_classes().items():
+        out += options(task, task_cls)
     return "\n".join(out).rstrip() + "\n"
 
 

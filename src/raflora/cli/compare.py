@@ -8,6 +8,7 @@ from typing import Any
 
 from raflora.cli.common import CLIError
 from raflora.cli.runs import (
+    add_config_arguments,
     default_run_dir,
     describe_result,
     load_run_config,
@@ -49,8 +50,7 @@ def register(sub: Any) -> None:
             "against --baseline."
         ),
     )
-    p.add_argument("config", help="YAML config; more files (presets) may follow, merged in order")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(p)
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from raflora.cli.common import CLIError
-from raflora.cli.runs import load_run_config, split_config_args
+from raflora.cli.runs import add_config_arguments, load_run_config, split_config_args
 from raflora.config import config_markdown, config_schema, config_to_dict, describe_config
 
 __all__ = ["register", "run"]
@@ -30,8 +30,7 @@ def register(sub: Any) -> None:
             "reference (docs/configuration.md)."
         ),
     )
-    p.add_argument("config", nargs="?", help="YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(p, optional=True)
     what = p.add_mutually_exclusive_group()
     what.add_argument(
         "--schema", action="store_true", help="print the JSON Schema of run config files"

@@ -31,9 +31,9 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``raflora export``."""
+    from raflora.config import method_options_of
     from raflora.engine import load_checkpoint, write_adapter
     from raflora.methods import get_aggregator
-    from raflora.methods.registry import options_for
 
     saved = args.run_dir / "config.yaml"
     if not saved.is_file():
@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(str(saved), [])
     with user_errors():
         checkpoint = load_checkpoint(args.run_dir)
-    options = options_for(config.method, config.method_options)
-    aggregator = get_aggregator(config.method, config.fl.rank_levels, **options)
+    # the method's options were parsed once, when the saved config was loaded
+    aggregator = get_aggregator(config.method, config.fl.rank_levels, method_options_of(config))
     try:
         result = write_adapter(
             args.out, aggregator, checkpoint.state, checkpoint.meta, rank=args.rank

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from raflora.cli.common import CLIError
 from raflora.cli.runs import (
+    add_config_arguments,
     default_run_dir,
     describe_result,
     load_run_config,
@@ -34,10 +35,7 @@ def register(sub: Any) -> None:
             "plots, adapter/ (PEFT) and checkpoint/."
         ),
     )
-    p.add_argument(
-        "config", nargs="?", help="YAML config; more files (presets) may follow, merged in order"
-    )
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(p, optional=True)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: output.dir)")
     p.add_argument(
         "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a stopped run"

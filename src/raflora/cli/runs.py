@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,25 @@ from typing import Any
 from raflora.cli.common import CLIError
 from raflora.config import ConfigError, RunConfig, load_config
 
-__all__ = ["default_run_dir", "load_run_config", "split_config_args", "user_errors"]
+__all__ = [
+    "add_config_arguments",
+    "default_run_dir",
+    "load_run_config",
+    "split_config_args",
+    "user_errors",
+]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    """The ``CONFIG [CONFIG …] [key=value …]`` arguments every config-reading sub-command takes
+    (separated again by :func:`split_config_args`); ``optional``: CONFIG may be left out.
+    """
+    parser.add_argument(
+        "config",
+        nargs="?" if optional else None,
+        help="YAML config; more files (presets) may follow, merged in order",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def split_config_args(

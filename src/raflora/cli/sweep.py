@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raflora.cli.common import CLIError, parse_int_list
-from raflora.cli.runs import split_config_args
+from raflora.cli.runs import add_config_arguments, split_config_args
 
 if TYPE_CHECKING:
     from raflora.experiments.sweep import GridAxis, RunOutcome
@@ -49,8 +49,7 @@ def register(sub: Any) -> None:
             "code 1). Runs use threads=1, so their numbers do not depend on --jobs."
         ),
     )
-    p.add_argument("config", help="YAML config; more files (presets) may follow, merged in order")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(p)
     p.add_argument(
         "--grid",
         action="append",

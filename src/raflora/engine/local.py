@@ -1,4 +1,5 @@
-"""The local engine: every client trained one after another in this process (DESIGN layer 6).
+"""The local engine: every client trained one after another in this process
+(docs/design.md#layers).
 
 A thin loop over the other modules: :func:`~raflora.engine.run_files.open_run` prepares the run
 directory (new or resumed), then each round is :func:`~raflora.engine.server_round.run_round`
@@ -32,6 +33,7 @@ from raflora.engine.run_files import (
     config_difference,
     finish_run,
     lock_run_dir,
+    locked_run,
     make_checkpoint,
     open_run,
     prepare_run_dir,
@@ -117,14 +119,14 @@ def run_local(
     Raises
     ------
     ConfigError
-        The configuration is invalid (nothing is written).
+        The configuration was not validated (:func:`~raflora.config.load_config` validates it,
+        once) or this installation cannot run it; nothing is written.
     EngineError
         The run cannot start (another process holds ``run_dir``, a bad partition …) or a
         file cannot be written (:class:`~raflora.engine.rundir.RunWriteError`; the last good
         checkpoint is kept).
     """
-    check_config(config)
-    with lock_run_dir(run_dir, break_lock=break_lock):
+    with locked_run(config, run_dir, break_lock=break_lock):
         return _run_locked(config, run_dir, resume, progress, label, fed, on_round, overwrite)
 
 

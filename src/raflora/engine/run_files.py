@@ -9,8 +9,10 @@ and appends the round's metrics line, so a killed run loses nothing it finished;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ __all__ = [
     "config_difference",
     "finish_run",
     "lock_run_dir",
+    "locked_run",
     "make_checkpoint",
     "open_run",
     "prepare_run_dir",
@@ -228,6 +231,23 @@ def check_config(config: RunConfig) -> None:
     problems = environment_problems(require_validated(config))
     if problems:
         raise ConfigError(problems)
+
+
+@contextlib.contextmanager
+def locked_run(config: RunConfig, run_dir: Path, *, break_lock: bool = False) -> Iterator[None]:
+    """The engines' preamble (``run_local``, ``run_flower``): ``config`` checked
+    (:func:`check_config`, before anything is written), then ``run_dir``'s lock held for the run.
+
+    Raises
+    ------
+    ConfigError
+        ``config`` was not validated, or this installation cannot run it.
+    EngineError
+        ``run_dir`` is a file, or another process holds its lock.
+    """
+    check_config(config)
+    with lock_run_dir(run_dir, break_lock=break_lock):
+        yield
 
 
 def lock_run_dir(run_dir: Path, *, break_lock: bool = False) -> RunLock:

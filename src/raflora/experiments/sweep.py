@@ -205,7 +205,7 @@ def parse_grid(spec: str) -> GridAxis:
 
 def _preset_dirs() -> list[Path]:
     """The working directory's ``configs/paper/ranks`` and the checkout's (when installed -e)."""
-    checkout = Path(__file__).resolve().parents[2] / PRESET_DIR
+    checkout = Path(__file__).resolve().parents[3] / PRESET_DIR
     return [PRESET_DIR, checkout] if checkout.resolve() != PRESET_DIR.resolve() else [PRESET_DIR]
 
 
@@ -502,7 +502,8 @@ def plan_runs(
         base, found = _setting_base(files, overrides, setting, methods)
         if base is not None:
             for method in methods:
-                changes = {"threads": threads if threads is not None else base.threads}
+                threads_ = threads if threads is not None else base.threads
+                changes: dict[str, Any] = {"threads": threads_}
                 for seed in seeds if seeds is not None else [base.seed]:
                     run_dir = out / setting.name / method / f"seed-{seed}"
                     changes |= {"seed": seed, "output.dir": str(run_dir)}

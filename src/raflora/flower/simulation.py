@@ -19,7 +19,7 @@ from flwr.app import ConfigRecordValues
 
 from raflora.config import RunConfig
 from raflora.engine.federation import EngineError, build_federation
-from raflora.engine.run_files import RunResult, check_config, lock_run_dir, prepare_run_dir
+from raflora.engine.run_files import RunResult, locked_run, prepare_run_dir
 from raflora.report import progress_postfix
 
 __all__ = ["num_supernodes", "run_flower"]
@@ -83,9 +83,8 @@ def run_flower(
     RunResult
         The summary and metrics; the files are in ``run_dir``.
     """
-    check_config(config)
     nodes = num_supernodes(config)
-    with lock_run_dir(run_dir, break_lock=break_lock):
+    with locked_run(config, run_dir, break_lock=break_lock):
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before Ray starts
         return _simulate(config, run_dir, nodes, resume, progress, round_timeout, faults, quiet)
 

@@ -1,4 +1,5 @@
-"""The task interface: a model builder, a dataset, a loss and a metric (DESIGN layer 4).
+"""The task interface: a model builder, a dataset, a loss and a metric (layer 4 of
+docs/design.md#layers).
 
 A :class:`Task` owns one frozen base model (built once, float32 on the CPU; the engine moves it),
 the training examples (addressed by integer index so partitioners and engines never copy data),
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from raflora.schema import check_type, coerce, field_bounds, hints
 
 if TYPE_CHECKING:
     from raflora.config import RunConfig
@@ -171,24 +174,6 @@ def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = N
 _O = TypeVar("_O")
 
 
-def _option_value(value: Any, tp: Any) -> tuple[bool, Any]:
-    """``(ok, converted)`` for one option value against its field type."""
-    if tp is int:
-        return (not isinstance(value, bool) and isinstance(value, int)), value
-    if tp is float:
-        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    if tp == (str | None):
-        return value is None or isinstance(value, str), value
-    if typing.get_origin(tp) is tuple:
-        (item, _) = typing.get_args(tp)
-        ok = isinstance(value, list | tuple) and all(_option_value(v, item)[0] for v in value)
-        return ok, tuple(value) if ok else value
-    raise TypeError(f"unsupported option type {tp!r}")
-
-
 def _type_words(tp: Any) -> str:
     """How an option type reads in a message (``int`` → ``an integer``)."""
     words = {int: "an integer", float: "a number", str: "a string"}
@@ -205,30 +190,37 @@ def parse_options(
     """``task.options`` as the options dataclass ``cls``, with every problem reported at once.
 
     Each key must be a field of ``cls`` and its value of the field's type (``int``, ``float``,
-    ``str``, ``str | None`` or ``tuple[T, ...]``); missing keys take the field defaults. Then
-    ``check`` lists range problems of the parsed options.
+    ``str``, ``str | None`` or ``tuple[T, ...]``), checked and coerced by the schema's rules
+    (:mod:`raflora.schema`: a bool is not an int, a float field takes an int or ``"1e-3"``, a
+    list becomes the tuple) and within the field's bounds (:func:`~raflora.schema.setting`);
+    missing keys take the field defaults. Then ``check`` lists the ranges bounds do not state.
 
     Raises
     ------
     TaskError
         ``"task '<task>': problem; problem; …"``.
     """
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    types = hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    valid = list(fields)
     problems: list[str] = []
     unknown = sorted(set(options) - set(valid))
     if unknown:
         problems.append(f"unknown option(s) {unknown}; valid: {', '.join(valid)}")
     values: dict[str, Any] = {}
     for name in valid:
-        if name in options:
-            ok, value = _option_value(options[name], hints[name])
-            if ok:
-                values[name] = value
-            else:
-                problems.append(
-                    f"{name}: expected {_type_words(hints[name])}, got {options[name]!r}"
-                )
+        if name not in options:
+            continue
+        value = coerce(options[name], types[name])
+        bounds = field_bounds(fields[name])
+        if not check_type(value, types[name]) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            problems.append(f"{name}: expected {_type_words(types[name])}, got {options[name]!r}")
+        elif bounds is not None and (why := bounds.problem(value, integer=isinstance(value, int))):
+            problems.append(f"{name}: {why}")
+        else:
+            values[name] = value
     parsed = cls(**values)
     problems += check(parsed)
     if problems:

@@ -25,7 +25,8 @@ Evaluation: greedy generation (``max_new_tokens``, default 32), the first answer
 sub-task in the response (:func:`raflora.tasks.answers.extract_choice`) compared with ``answer``.
 Metrics: ``accuracy/<key>`` per test set, ``accuracy`` their unweighted mean (the paper's "Avg."),
 ``answer_rate`` and ``eval_loss``. ``partition_labels`` are the training examples' answer tokens
-as class ids (sorted), so ``data.partition: dir-a1`` splits by answer type (SPEC §6).
+as class ids (sorted), so ``data.partition: dir-a1`` splits by answer type
+(docs/design.md#data-partitions).
 
 Options (``task.options``): ``eval_dir``, ``eval_tasks``, ``input_column`` (default ``input``),
 ``answer_column`` (default ``answer``), ``max_new_tokens``, ``prompt_template``, and for hub
@@ -36,13 +37,16 @@ training data ``train_split`` / ``dataset_config``. Columns: ``task.text_column`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raflora.schema import setting
 from raflora.tasks.answers import COMMONSENSE_TASKS, CommonsenseSubtask, extract_choice
 from raflora.tasks.base import TaskError, register_task
 from raflora.tasks.hf import as_splits, attempt_load, encode_labels, load_local, looks_local
 from raflora.tasks.reasoning import (
+    CausalLMOptions,
     CausalLMTask,
     Example,
     OptionCheck,
@@ -53,7 +57,7 @@ from raflora.tasks.reasoning import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["TRAIN_FILES", "CommonsenseTask"]
+__all__ = ["TRAIN_FILES", "CommonsenseOptions", "CommonsenseTask"]
 
 TRAIN_FILES = (
     "train.json",
@@ -104,6 +108,28 @@ def _column(ds: Dataset, column: str) -> list[str]:
     return ["" if v is None else str(v) for v in ds[column]]
 
 
+@dataclass(frozen=True)
+class CommonsenseOptions(CausalLMOptions):
+    """The ``task.options`` of ``commonsense``: their schema, for ``docs/configuration.md`` and
+    the JSON Schema (checked by ``CommonsenseTask._extra_options`` and the split options').
+    """
+
+    max_new_tokens: int = setting(32, "Most tokens generated per answer.", ge=1)
+    eval_dir: str | None = setting(
+        None,
+        "Directory of the test sets (required when task.dataset is a hub name; null: the "
+        "training directory's eval/, or the directory itself).",
+    )
+    # setting() returns a dataclass field; its default, None, is immutable
+    eval_tasks: list[str] | str | None = setting(  # noqa: RUF009
+        None,
+        f"Test sets that must be evaluated, a list of keys from {', '.join(COMMONSENSE_TASKS)} "
+        "(null: every one present).",
+    )
+    input_column: str = setting("input", "Column of an example's input.")
+    answer_column: str = setting("answer", "Column of the answer.")
+
+
 @register_task("commonsense")
 class CommonsenseTask(CausalLMTask):
     """Fine-tune a causal LM on Commonsense15K; exact match on the eight test sets.
@@ -121,6 +147,7 @@ class CommonsenseTask(CausalLMTask):
     """
 
     default_max_new_tokens = 32
+    Options = CommonsenseOptions
 
     def _extra_options(self) -> dict[str, OptionCheck]:
         return {

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raflora.schema import setting
 from raflora.tasks.base import Batch, ClassificationTask, TaskError, parse_options, register_task
 
 if TYPE_CHECKING:
@@ -70,33 +71,34 @@ _RECIPE_FILE = "raflora_recipe.json"
 class DigitsOptions:
     """Options of the ``digits`` task (``task.options``); every field has a default.
 
-    Attributes
-    ----------
-    pretrain_epochs : int
-        Epochs of pretraining on the public images of ``pretrain_classes``.
-    pretrain_classes : tuple[int, ...]
-        Digits the backbone is pretrained on (the federated task always has all ten).
-    pretrain_lr : float
-        AdamW learning rate of the pretraining.
-    num_layers : int
-        ViT encoder layers.
-    hidden_dim : int
-        ViT width (a multiple of the 4 attention heads; the MLP is twice as wide). A LoRA rank
-        must not exceed it: the adapted layers are ``hidden_dim`` × ``hidden_dim`` or wider.
-    model_seed : int
-        Seed of the ViT initialisation, the pretraining order and the fresh head.
-    cache_dir : str | None
-        Cache root (``None``: ``$RAFLORA_CACHE``, ``$XDG_CACHE_HOME/raflora`` or
-        ``~/.cache/raflora``).
+    The help text and bounds of each field are its schema (:func:`~raflora.schema.setting`):
+    ``docs/configuration.md`` and the JSON Schema are generated from them, and
+    :func:`~raflora.tasks.base.parse_options` checks them.
     """
 
-    pretrain_epochs: int = 30
-    pretrain_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
-    pretrain_lr: float = 1e-3
-    num_layers: int = 2
-    hidden_dim: int = 64
-    model_seed: int = 0
-    cache_dir: str | None = None
+    pretrain_epochs: int = setting(
+        30, "Epochs of pretraining on the public images of pretrain_classes.", ge=0
+    )
+    pretrain_classes: tuple[int, ...] = setting(
+        (0, 1, 2, 3, 4),
+        "Distinct digits 0–9 the backbone is pretrained on (the federated task always has all "
+        "ten).",
+    )
+    pretrain_lr: float = setting(1e-3, "AdamW learning rate of the pretraining (> 0).")
+    num_layers: int = setting(2, "ViT encoder layers.", ge=1)
+    hidden_dim: int = setting(
+        64,
+        f"ViT width, a positive multiple of the {NUM_HEADS} attention heads (the MLP is twice as "
+        "wide). A LoRA rank must not exceed it: the adapted layers are hidden_dim × hidden_dim "
+        "or wider.",
+    )
+    model_seed: int = setting(
+        0, "Seed of the ViT initialisation, the pretraining order and the fresh head.", ge=0
+    )
+    cache_dir: str | None = setting(
+        None,
+        "Cache root (null: $RAFLORA_CACHE, $XDG_CACHE_HOME/raflora or ~/.cache/raflora).",
+    )
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> DigitsOptions:
@@ -120,11 +122,8 @@ class DigitsOptions:
 
 
 def _digits_problems(opts: DigitsOptions) -> list[str]:
-    problems = [
-        f"{name}: must be ≥ {low}, got {getattr(opts, name)}"
-        for name, low in (("pretrain_epochs", 0), ("num_layers", 1), ("model_seed", 0))
-        if getattr(opts, name) < low
-    ]
+    """Ranges the fields' bounds do not state (their messages predate the schema)."""
+    problems: list[str] = []
     if opts.hidden_dim < NUM_HEADS or opts.hidden_dim % NUM_HEADS:
         problems.append(
             f"hidden_dim: must be a positive multiple of {NUM_HEADS} (the attention heads), "
@@ -353,6 +352,8 @@ class DigitsTask(ClassificationTask):
     built_cache : bool
         Whether this build pretrained the model (``False``: loaded from the cache).
     """
+
+    Options = DigitsOptions
 
     def __init__(self, config: RunConfig) -> None:
         if config.task.model is not None or config.task.dataset is not None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from raflora.schema import setting
 from raflora.tasks.base import Batch, ClassificationTask, TaskError
 
 if TYPE_CHECKING:
@@ -96,24 +97,24 @@ def attempt_load(what: str, fn: Callable[[], T]) -> T:
 
 @dataclass(frozen=True)
 class SplitOptions:
-    """The ``task.options`` shared by the HF tasks.
-
-    Attributes
-    ----------
-    train_split : str
-        Split trained on.
-    eval_split : str | None
-        Split evaluated on (``None``: the first of test/validation/valid/eval that exists).
-    eval_fraction : float
-        Share of the examples held out for evaluation when the data has only one split.
-    dataset_config : str | None
-        Configuration (subset) name of a hub dataset, e.g. ``"sst2"`` of ``nyu-mll/glue``.
+    """The ``task.options`` shared by the HF tasks (checked by :func:`check_options`; the
+    fields' help and bounds are their schema, for ``docs/configuration.md`` and the JSON
+    Schema).
     """
 
-    train_split: str = "train"
-    eval_split: str | None = None
-    eval_fraction: float = 0.2
-    dataset_config: str | None = None
+    train_split: str = setting("train", "Split trained on.")
+    eval_split: str | None = setting(
+        None, "Split evaluated on (null: the first of test/validation/valid/eval that exists)."
+    )
+    eval_fraction: float = setting(
+        0.2,
+        "Share of the examples held out for evaluation when the data has only one split.",
+        gt=0,
+        lt=1,
+    )
+    dataset_config: str | None = setting(
+        None, "Configuration (subset) name of a hub dataset, e.g. sst2 of nyu-mll/glue."
+    )
 
 
 def check_options(task: str, options: Mapping[str, Any]) -> SplitOptions:
@@ -504,6 +505,7 @@ class HFClassificationTask(ClassificationTask):
     data_column_field: str
     data_column_defaults: tuple[str, ...]
     label_column_defaults: tuple[str, ...] = ("label", "labels")
+    Options = SplitOptions
 
     def __init__(self, config: RunConfig) -> None:
         tc = config.task

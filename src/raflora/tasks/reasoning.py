@@ -23,11 +23,12 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from raflora.schema import setting
 from raflora.tasks.base import Batch, Task, TaskError, move_batch
 from raflora.tasks.hf import SplitOptions, check_options, load_pretrained
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IGNORE_INDEX",
     "PROMPT_TEMPLATES",
+    "CausalLMOptions",
     "CausalLMTask",
     "Example",
     "collate_prompts",
@@ -99,6 +101,20 @@ OptionCheck = Callable[[str, Any], Any]
 """Validates one option value (``(key, value) -> parsed``); raises :class:`TaskError`."""
 
 _SPLIT_KEYS = ("dataset_config", "eval_fraction", "eval_split", "train_split")
+
+
+@dataclass(frozen=True)
+class CausalLMOptions(SplitOptions):
+    """The ``task.options`` of the causal-LM tasks: the split options, and generation.
+
+    The schema of what :func:`parse_options` checks by hand (``docs/configuration.md`` and the
+    JSON Schema are generated from it; a test keeps the two in step).
+    """
+
+    max_new_tokens: int = setting(256, "Most tokens generated per answer.", ge=1)
+    prompt_template: Literal["alpaca", "qa"] = setting(
+        "alpaca", "Prompt: alpaca (instruction/response) or qa (Question: … Answer:)."
+    )
 
 
 def positive_int(key: str, value: Any) -> int:
@@ -382,6 +398,7 @@ class CausalLMTask(Task):
     default_model = "meta-llama/Llama-3.2-3B"
     default_max_new_tokens: int = 256
     task_type = "CAUSAL_LM"
+    Options: ClassVar[type | None] = CausalLMOptions
 
     train_examples: list[Example]
     eval_examples: list[Example]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from raflora.schema import setting
 from raflora.tasks.base import Batch, ClassificationTask, TaskError, parse_options, register_task
 
 if TYPE_CHECKING:
@@ -45,47 +46,37 @@ __all__ = ["SyntheticMLP", "SyntheticOptions", "SyntheticTask", "build_synthetic
 class SyntheticOptions:
     """Options of the ``synthetic`` task (``task.options``); every field has a default.
 
-    Attributes
-    ----------
-    num_train : int
-        Training examples.
-    num_eval : int
-        Evaluation examples (``task.num_eval_samples`` may cap them further).
-    input_dim : int
-        Input dimension.
-    hidden_dim : int
-        Width of the hidden layers.
-    num_layers : int
-        Number of hidden linear layers (the LoRA targets).
-    num_classes : int
-        Number of classes.
-    shift_rank : int
-        Rank of the teacher's shift of each hidden layer (capped by the layer's shape).
-    shift_scale : float
-        ``‖ΔW*‖_F / ‖W‖_F`` of each hidden layer.
-    shift_decay : float
-        Ratio of consecutive singular values of ``ΔW*`` (1.0: flat spectrum).
-    margin_quantile : float
-        Keep inputs whose teacher margin exceeds this quantile of a calibration sample (0 keeps
-        everything).
-    model_seed : int
-        Seed of the base model and teacher (independent of the run seed).
-    data_seed : int
-        Seed of the training and evaluation inputs (independent of the run seed).
+    The help text and bounds of each field are its schema (:func:`~raflora.schema.setting`):
+    ``docs/configuration.md`` and the JSON Schema are generated from them, and
+    :func:`~raflora.tasks.base.parse_options` checks them.
     """
 
-    num_train: int = 20000
-    num_eval: int = 2000
-    input_dim: int = 32
-    hidden_dim: int = 64
-    num_layers: int = 2
-    num_classes: int = 10
-    shift_rank: int = 32
-    shift_scale: float = 1.0
-    shift_decay: float = 0.97
-    margin_quantile: float = 0.5
-    model_seed: int = 1234
-    data_seed: int = 0
+    num_train: int = setting(20000, "Training examples.", ge=1)
+    num_eval: int = setting(
+        2000, "Evaluation examples (task.num_eval_samples may cap them further).", ge=1
+    )
+    input_dim: int = setting(32, "Input dimension.", ge=1)
+    hidden_dim: int = setting(64, "Width of the hidden layers.", ge=1)
+    num_layers: int = setting(2, "Number of hidden linear layers (the LoRA targets).", ge=1)
+    num_classes: int = setting(10, "Number of classes.", ge=2)
+    shift_rank: int = setting(
+        32, "Rank of the teacher's shift of each hidden layer (capped by the layer's shape).", ge=1
+    )
+    shift_scale: float = setting(1.0, "‖ΔW*‖_F / ‖W‖_F of each hidden layer.", ge=0)
+    shift_decay: float = setting(
+        0.97, "Ratio of consecutive singular values of ΔW*, in (0, 1] (1.0: flat spectrum)."
+    )
+    margin_quantile: float = setting(
+        0.5,
+        "Keep inputs whose teacher margin exceeds this quantile of a calibration sample, in "
+        "[0, 1) (0 keeps everything).",
+    )
+    model_seed: int = setting(
+        1234, "Seed of the base model and teacher (independent of the run seed).", ge=0
+    )
+    data_seed: int = setting(
+        0, "Seed of the training and evaluation inputs (independent of the run seed).", ge=0
+    )
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> SyntheticOptions:
@@ -94,22 +85,12 @@ class SyntheticOptions:
 
 
 def _synthetic_problems(opts: SyntheticOptions) -> list[str]:
+    """Ranges the fields' bounds do not state (their messages predate the schema)."""
     problems: list[str] = []
-    positive = ("num_train", "num_eval", "input_dim", "hidden_dim", "num_layers", "shift_rank")
-    for name in positive:
-        if getattr(opts, name) < 1:
-            problems.append(f"{name}: must be ≥ 1, got {getattr(opts, name)}")
-    if opts.num_classes < 2:
-        problems.append(f"num_classes: must be ≥ 2, got {opts.num_classes}")
-    if not (opts.shift_scale >= 0 and math.isfinite(opts.shift_scale)):
-        problems.append(f"shift_scale: must be a finite number ≥ 0, got {opts.shift_scale}")
     if not 0 < opts.shift_decay <= 1:
         problems.append(f"shift_decay: must be in (0, 1], got {opts.shift_decay}")
     if not 0 <= opts.margin_quantile < 1:
         problems.append(f"margin_quantile: must be in [0, 1), got {opts.margin_quantile}")
-    for name in ("model_seed", "data_seed"):
-        if getattr(opts, name) < 0:
-            problems.append(f"{name}: must be ≥ 0, got {getattr(opts, name)}")
     return problems
 
 
@@ -274,6 +255,8 @@ class SyntheticTask(ClassificationTask):
         Canonical module name → the teacher's ``ΔW* (d, n)``: the adapter update that recovers
         the teacher exactly.
     """
+
+    Options = SyntheticOptions
 
     def __init__(self, config: RunConfig) -> None:
         _check_no_model_or_dataset(config, "synthetic")
