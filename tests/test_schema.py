@@ -45,13 +45,13 @@ TINY = {
 def validations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[RunConfig]]:
     """Every full validation of a run config in this process (the configs checked, in order)."""
     seen: list[RunConfig] = []
-    check = raflora.config._check
+    check = raflora.config.checks.check
 
     def counting(config: RunConfig, methods: Any) -> Any:
         seen.append(config)
         return check(config, methods)
 
-    monkeypatch.setattr(raflora.config, "_check", counting)
+    monkeypatch.setattr(raflora.config.checks, "check", counting)
     yield seen
 
 

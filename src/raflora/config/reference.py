@@ -1,0 +1,188 @@
+"""What is generated from the configuration's schema: ``raflora config``'s key list, the JSON
+Schema of config files (``raflora config --schema``) and ``docs/configuration.md``
+(``raflora config --markdown``).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from raflora.config.sections import RunConfig, TaskConfig
+from raflora.schema import (
+    JSON_SCHEMA_DIALECT,
+    field_bounds,
+    field_default,
+    field_help,
+    field_schema,
+    fields_of,
+    hints,
+    is_section,
+    json_schema,
+    type_name,
+    yaml_scalar,
+)
+
+__all__ = ["config_markdown", "config_schema", "describe_config"]
+
+
+def _key_lines(cls: type[Any], prefix: str) -> list[str]:
+    lines = []
+    for f, tp in fields_of(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        if is_section(tp):
+            lines += ["", f"{path}:  {field_help(f)}", *_key_lines(tp, path)]
+            continue
+        kind = type_name(tp)
+        lines.append(f"  {path} ({kind}, default {yaml_scalar(field_default(f))})")
+        lines.append(f"      {field_help(f)}")
+    return lines
+
+
+def describe_config() -> str:
+    """Help text for every configuration key, grouped by section, then every method's options.
+
+    Returns
+    -------
+    str
+        One entry per key: dotted name, type, default and help text; then one section per
+        method with each option's name, type or allowed values, default and help text.
+    """
+    from raflora.methods.options import describe_options
+    from raflora.methods.registry import method_options_classes
+
+    lines: list[str] = ["Configuration keys (set in YAML or override as section.key=value):"]
+    lines += _key_lines(RunConfig, "")
+    lines += [
+        "",
+        "Method options (method_options: {option: value} sets an option for every method run",
+        "that declares it; {method: {option: value}} sets it for that method only):",
+    ]
+    for method, options in method_options_classes().items():
+        lines.append("")
+        lines.extend(describe_options(method, options))
+    return "\n".join(lines)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a run config file, for editors and checkers.
+
+    Every key with its type, bounds, help text (``description``) and default; ``method_options``
+    with each method's options (under the method's name, or as a plain key); ``task.options``
+    with the options of the task named by ``task.name`` (where the task declares them).
+
+    Returns
+    -------
+    dict
+        The schema, ready for ``json.dumps``.
+    """
+    import raflora.tasks  # noqa: F401  (registers the tasks)
+    from raflora.methods.registry import method_options_classes
+    from raflora.tasks.base import task_options_classes
+
+    methods = method_options_classes()
+
+    def method_options(node: dict[str, Any]) -> None:
+        plain: dict[str, list[dict[str, Any]]] = {}
+        props: dict[str, Any] = {}
+        for method, cls in methods.items():
+            props[method] = {**json_schema(cls), "description": f"Options of {method} only."}
+            for f, tp in fields_of(cls):
+                plain.setdefault(f.name, []).append(field_schema(f, tp))
+        for name, schemas in plain.items():
+            props[name] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        node.update(properties=props, additionalProperties=False)
+
+    def task(node: dict[str, Any]) -> None:
+        branches = []
+        names = typing.get_args(hints(TaskConfig)["name"])  # the Literal's task names
+        for name, cls in task_options_classes().items():
+            if cls is None or name not in names:
+                continue
+            when: dict[str, Any] = {"properties": {"name": {"const": name}}, "required": ["name"]}
+            if name == TaskConfig().name:  # no name: the default task
+                when = {"anyOf": [when, {"not": {"required": ["name"]}}]}
+            branches.append({"if": when, "then": {"properties": {"options": json_schema(cls)}}})
+        if branches:
+            node["allOf"] = branches
+
+    schema = json_schema(RunConfig, extra={"method_options": method_options, "task": task})
+    return {
+        "$schema": JSON_SCHEMA_DIALECT,
+        "$id": "https://github.com/raflora/raflora/docs/configuration.schema.json",
+        "title": "raflora run configuration",
+        **schema,
+    }
+
+
+def config_markdown() -> str:
+    """``docs/configuration.md``: every key, every method's options and every task's options,
+    with type, default and help text (``raflora config --markdown`` writes it).
+
+    Returns
+    -------
+    str
+        The Markdown text.
+    """
+    import raflora.tasks  # noqa: F401  (registers the tasks)
+    from raflora.methods.registry import method_options_classes
+    from raflora.tasks.base import task_options_classes
+
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `raflora config --markdown` from the schema in src/raflora/config.py;"
+        " do not edit by hand (a test checks it is current). -->",
+        "",
+        "A run is one YAML file (or several, merged in order) plus `section.key=value` overrides"
+        " on the command line. Every problem is reported at once; unknown keys are errors."
+        " `raflora config --schema` writes the JSON Schema of these files for editors.",
+        "",
+    ]
+
+    def table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+        lines = ["| Key | Type | Default | Description |", "|---|---|---|---|"]
+        for key, kind, default, text in rows:
+            lines.append(f"| `{key}` | {_md(kind)} | `{_md(default)}` | {_md(text)} |")
+        return lines
+
+    def rows_of(cls: type[Any], prefix: str) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for f, tp in fields_of(cls):
+            if is_section(tp):
+                continue
+            kind = type_name(tp)
+            bounds = field_bounds(f)
+            if bounds is not None:
+                kind += f" {bounds.describe()}"
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            rows.append((path, kind, yaml_scalar(field_default(f)), field_help(f)))
+        return rows
+
+    out += ["## Top-level keys", "", *table(rows_of(RunConfig, "")), ""]
+    for f, tp in fields_of(RunConfig):
+        if is_section(tp):
+            out += [f"## `{f.name}`", "", field_help(f), "", *table(rows_of(tp, f.name)), ""]
+    out += [
+        "## Method options",
+        "",
+        "`method_options: {option: value}` sets an option for every method run that declares it;"
+        " `{method: {option: value}}` sets it for that method only.",
+        "",
+    ]
+
+    def options(name: str, cls: type | None) -> list[str]:
+        rows = rows_of(cls, "") if cls is not None else []
+        return [f"### {name}", "", *(table(rows) if rows else ["No options."]), ""]
+
+    for method, cls in method_options_classes().items():
+        out += options(method, cls)
+    out += ["## Task options", "", "`task.options` of each task (`task.name`).", ""]
+    for task, task_cls in task_options_classes().items():
+        out += options(task, task_cls)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md(text: str) -> str:
+    """A Markdown table cell: pipes escaped, on one line."""
+    return " ".join(text.replace("|", "\\|").split()) or " "
