@@ -93,6 +93,15 @@ def test_zero_factors_give_the_exact_decomposition(lapack: CheckingProxy) -> Non
     assert lapack.calls["qr"] == 1  # only the complement's (a full-rank block)
 
 
+def test_empty_factors_have_an_empty_spectrum(lapack: CheckingProxy) -> None:
+    """FLoRA's round-0 stack has rank 0: ``B (d, 0)``, ``A (0, n)``, alone and in a batch."""
+    assert linalg.factored_energy(torch.zeros(4, 0), torch.zeros(0, 5)).shape == (0,)
+    assert linalg.factored_energy(torch.zeros(3, 4, 0), torch.zeros(3, 0, 5)).shape == (3, 0)
+    B_g, A_g = linalg.svd_to_factors(torch.zeros(4, 0), torch.zeros(0, 5), 2)
+    assert torch.equal(B_g, torch.zeros(4, 2))
+    torch.testing.assert_close(A_g @ A_g.T, torch.eye(2))
+
+
 def test_zero_left_factor_keeps_the_right_factors_row_space(lapack: CheckingProxy) -> None:
     """``B = 0`` with a non-zero ``A``: only ``A``'s QR runs; the result is today's exactly."""
     A = randn(1, 3, 5)

@@ -27,6 +27,7 @@ on non-finite input, which corrupted ``raflora theory --json``.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -88,7 +89,7 @@ def _guarded(
     if not bool((zero | nonfinite).any()):
         return tuple(call(x))  # the unguarded call: the non-degenerate numbers are unchanged
     batch = x.shape[:-2]
-    flat = x.reshape(-1, *x.shape[-2:])
+    flat = x.reshape(math.prod(batch), *x.shape[-2:])  # explicit: an empty matrix has no -1
     zero, nonfinite = zero.reshape(-1), nonfinite.reshape(-1)
     regular = ~(zero | nonfinite)
     outs = [t.expand(flat.shape[0], *t.shape).clone() for t in exact_zero(x)]
