@@ -1,4 +1,5 @@
-"""Every aggregator against a dense implementation of its SPEC §3 formula (float64)."""
+"""Every aggregator against a dense implementation of its formula, in float64
+(docs/methods.md#aggregation-rules)."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def ref_raflora_delta(
 
 
 def assert_svd_factor_layout(B: Tensor, A: Tensor, r_max: int) -> None:
-    """SPEC §2: ``B_g = [σ_i u_i]`` (orthogonal columns), ``A_g`` rows orthonormal."""
+    """``B_g = [σ_i u_i]`` (orthogonal columns), ``A_g`` rows orthonormal
+    (docs/methods.md#global-state-and-broadcast)."""
     assert B.shape[1] == r_max and A.shape[0] == r_max
     rows = min(r_max, A.shape[1])
     eye = torch.eye(rows, dtype=A.dtype)
@@ -250,7 +252,8 @@ def test_raflora_partition_weights_differ_from_flexlora() -> None:
 def test_raflora_keeps_a_broadcast_fed_back_unchanged(
     ranks: list[int], mode: str, kept: int
 ) -> None:
-    """SPEC §5 with β = 1: every energy stays (repeated singular values, as in the theory)."""
+    """docs/methods.md#theory with β = 1: every energy stays (repeated singular values, as in the
+    theory)."""
     U, _ = torch.linalg.qr(randn(0, 10, 6))
     V, _ = torch.linalg.qr(randn(1, 8, 6))
     sigma = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5, 0.1], dtype=torch.float64)

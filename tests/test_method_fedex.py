@@ -1,4 +1,5 @@
-"""FedEx-LoRA (SPEC §9): factor averaging with carry, plus the exact residual merged into W."""
+"""FedEx-LoRA (docs/methods.md#fedex): factor averaging with carry, plus the exact residual merged
+into W."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""FedRot-LoRA (SPEC §9): the client's Procrustes rotation and a whole round against a dense
-reference (scipy's Procrustes with the Kabsch sign fix, numpy padding)."""
+"""FedRot-LoRA (docs/methods.md#fedrot): the client's Procrustes rotation and a whole round
+against a dense reference (scipy's Procrustes with the Kabsch sign fix, numpy padding)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""FFA-LoRA (SPEC §9): ``A`` frozen at its init, ``B`` averaged; exact; ``B``-only traffic."""
+"""FFA-LoRA (docs/methods.md#ffa): ``A`` frozen at its init, ``B`` averaged; exact; ``B``-only
+traffic."""
 
 from __future__ import annotations
 

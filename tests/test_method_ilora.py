@@ -1,6 +1,6 @@
-"""ILoRA (SPEC §9, the project's readings): QR initialisation, concatenated-QR aggregation against
-``torch.linalg.qr`` of the dense average, and the control variates against an independent
-SCAFFOLD written here."""
+"""ILoRA (docs/methods.md#ilora, the project's readings): QR initialisation, concatenated-QR
+aggregation against ``torch.linalg.qr`` of the dense average, and the control variates against an
+independent SCAFFOLD written here."""
 
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def raflora_rounds(W: Tensor, rounds: int) -> tuple[dict, list[dict], list[float
 
 
 def scaffold_rounds(W: Tensor, rounds: int) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
-    """Independent SCAFFOLD in gradient units with SPEC §9's rank-aware server update."""
+    """Independent SCAFFOLD in gradient units with the rank-aware server update
+    (docs/methods.md#ilora)."""
     r_max = max(RANKS)
     Q, R = torch.linalg.qr(W)
     B_g, A_g = Q[:, :r_max].clone(), torch.zeros(r_max, N, dtype=W.dtype)

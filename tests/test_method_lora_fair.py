@@ -1,5 +1,5 @@
-"""LoRA-FAIR (SPEC §9): the factored objective equals the dense one; the refinement never lowers
-the cosine to the exact average; zero products skip it; the engine round."""
+"""LoRA-FAIR (docs/methods.md#lora-fair): the factored objective equals the dense one; the
+refinement never lowers the cosine to the exact average; zero products skip it; the engine round."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""RBLA (SPEC §9): rank-index averaging against a dense reference written from SPEC, carry."""
+"""RBLA (docs/methods.md#rbla): rank-index averaging against a dense reference written from the
+rule, carry."""
 
 from __future__ import annotations
 

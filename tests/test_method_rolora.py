@@ -1,4 +1,5 @@
-"""RoLoRA (SPEC §9): alternating ``B``/``A`` rounds, the trained factor averaged; exact."""
+"""RoLoRA (docs/methods.md#rolora): alternating ``B``/``A`` rounds, the trained factor averaged;
+exact."""
 
 from __future__ import annotations
 
