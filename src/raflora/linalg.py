@@ -20,9 +20,10 @@ Degenerate blocks never reach LAPACK. A matrix of a batch that is all zero (or e
 exact decomposition directly — identity bases and zero values, which is also what LAPACK returns
 for it — and one holding NaN or ±inf gets NaN for every output (its decomposition is undefined).
 Only the other matrices go to ``torch.linalg``; a batch without degenerate matrices takes the
-unguarded call, so its numbers are unchanged. (MKL's divide-and-conquer SVD writes
-``Intel oneMKL ERROR: Parameter 4 was incorrect on entry to DLASCL`` to the process's stdout
-on non-finite input, which corrupted ``raflora theory --json``.)
+unguarded call, so its numbers are unchanged. The guarded decompositions (:func:`guarded_qr`,
+:func:`guarded_svd`, :func:`guarded_svdvals`, :func:`guarded_eigh`) serve any caller. (MKL's SVD
+writes ``Intel oneMKL ERROR: Parameter 4 was incorrect on entry to DLASCL`` to the process's
+stdout when a matrix holds ±inf, and returns garbage singular values without an error.)
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ from torch import Tensor
 
 __all__ = [
     "FactoredSVD",
+    "degenerate_matrices",
     "factored_energy",
     "factored_svd",
     "frobenius_norm",
+    "guarded_eigh",
+    "guarded_qr",
+    "guarded_svd",
+    "guarded_svdvals",
     "svd_to_factors",
 ]
 
@@ -109,7 +115,7 @@ def _zeros(x: Tensor, *shape: int) -> Tensor:
     return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
-def _qr(x: Tensor, mode: str = "reduced") -> tuple[Tensor, Tensor]:
+def guarded_qr(x: Tensor, mode: str = "reduced") -> tuple[Tensor, Tensor]:
     """``torch.linalg.qr`` (``mode`` reduced or complete) guarded: ``Q = I``, ``R = 0`` on zero."""
     m, n = x.shape[-2:]
     k = min(m, n) if mode == "reduced" else m
@@ -121,7 +127,7 @@ def _qr(x: Tensor, mode: str = "reduced") -> tuple[Tensor, Tensor]:
     return Q, R
 
 
-def _svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def guarded_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin ``torch.linalg.svd`` guarded: ``U = I``, ``S = 0``, ``Vh = I`` on zero."""
     m, n = x.shape[-2:]
     k = min(m, n)
@@ -133,14 +139,14 @@ def _svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, Vh
 
 
-def _svdvals(x: Tensor) -> Tensor:
+def guarded_svdvals(x: Tensor) -> Tensor:
     """``torch.linalg.svdvals`` guarded: zeros on zero."""
     k = min(x.shape[-2:])
     (S,) = _guarded(x, lambda y: (torch.linalg.svdvals(y),), lambda y: (_zeros(y, k),))
     return S
 
 
-def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+def guarded_eigh(x: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` (ascending) guarded: eigenvalues 0 and ``I`` on zero."""
     n = x.shape[-1]
     L, W = _guarded(x, torch.linalg.eigh, lambda y: (_zeros(y, n), _eye(y, n, n)))
@@ -163,8 +169,8 @@ def _core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(Q_b, core, Q_a)`` with ``B A = Q_b core Q_aᵀ`` (computed in float32/64)."""
     _check_pair(B, A)
     dtype = _compute_dtype(torch.promote_types(B.dtype, A.dtype))
-    Q_b, R_b = _qr(B.to(dtype))  # (…, d, k_b), (…, k_b, R)
-    Q_a, R_a = _qr(A.to(dtype).transpose(-1, -2))  # (…, n, k_a), (…, k_a, R)
+    Q_b, R_b = guarded_qr(B.to(dtype))  # (…, d, k_b), (…, k_b, R)
+    Q_a, R_a = guarded_qr(A.to(dtype).transpose(-1, -2))  # (…, n, k_a), (…, k_a, R)
     return Q_b, R_b @ R_a.transpose(-1, -2), Q_a  # core (…, k_b, k_a)
 
 
@@ -179,18 +185,18 @@ def _small_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (relative to ``σ_1²``), which the SVD path does not lose.
     """
     try:
-        return _svd(core)
+        return guarded_svd(core)
     except torch.linalg.LinAlgError:  # type: ignore[attr-defined]
         pass
     k = min(core.shape[-2], core.shape[-1])
-    _, W = _eigh(core.transpose(-1, -2) @ core)  # ascending eigenvalues
+    _, W = guarded_eigh(core.transpose(-1, -2) @ core)  # ascending eigenvalues
     W = W.flip(-1)[..., :k]  # (…, k_a, k): leading right singular vectors
     US = core @ W  # (…, k_b, k) = U diag(σ)
     S = torch.linalg.vector_norm(US, dim=-2)
     S, order = S.sort(dim=-1, descending=True)
     W = W.gather(-1, order.unsqueeze(-2).expand_as(W))
     US = US.gather(-1, order.unsqueeze(-2).expand_as(US))
-    Q, R = _qr(US)
+    Q, R = guarded_qr(US)
     sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     U = Q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
     return U, S, W.transpose(-1, -2)
@@ -231,7 +237,7 @@ def factored_energy(B: Tensor, A: Tensor) -> Tensor:
     Only singular values are computed (no singular vectors), in float32/float64.
     """
     _, core, _ = _core(B, A)
-    energy: Tensor = _svdvals(core).square()
+    energy: Tensor = guarded_svdvals(core).square()
     return energy
 
 
@@ -255,7 +261,7 @@ def _orthonormal_complement(Vh: Tensor, extra: int) -> Tensor:
     extra = min(extra, n - k)
     if extra <= 0:
         return Vh.new_zeros((*Vh.shape[:-2], 0, n))
-    Q, _ = _qr(Vh.transpose(-1, -2), mode="complete")  # (…, n, n)
+    Q, _ = guarded_qr(Vh.transpose(-1, -2), mode="complete")  # (…, n, n)
     complement: Tensor = Q[..., k : k + extra].transpose(-1, -2)
     return complement
 
