@@ -60,7 +60,6 @@ __all__ = [
     "value_type",
 ]
 
-_T = TypeVar("_T")
 _O = TypeVar("_O", bound="MethodOptions")
 
 
@@ -69,29 +68,10 @@ _O = TypeVar("_O", bound="MethodOptions")
 # --------------------------------------------------------------------------------------------
 
 
-def option(
-    default: _T,
-    help: str,
-    *,
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-) -> _T:
-    """A method option: a dataclass field with its default, help text and numeric bounds.
-
-    Parameters
-    ----------
-    default : Any
-        The default value (immutable: a bool, number, string or ``None``).
-    help : str
-        One sentence for ``raflora config`` and the error messages.
-    gt, ge, lt, le : float, optional
-        Bounds of a numeric option (greater than, at least, less than, at most); a value
-        outside them, or not finite, is refused.
-    """
-    out: _T = setting(default, help, gt=gt, ge=ge, lt=lt, le=le)
-    return out
+option = setting
+"""A method option: ``option(default, help, *, gt=, ge=, lt=, le=)`` — the schema's field
+(:func:`~raflora.schema.setting`: default, help text for ``raflora config`` and the error
+messages, numeric bounds). A method option must have a default (checked at registration)."""
 
 
 @dataclass(frozen=True)
