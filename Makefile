@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
-	$(PIP) install --quiet -c constraints.txt -e ".[test,flower,tensorboard]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,flower,tensorboard,privacy]"
 	touch $(STAMP)
 
 install: $(STAMP)

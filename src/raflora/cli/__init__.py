@@ -11,12 +11,12 @@ import warnings
 from collections.abc import Sequence
 
 from raflora import __version__
-from raflora.cli import compare, config, export, run, sweep, theory
+from raflora.cli import compare, config, export, privacy, run, sweep, theory
 from raflora.cli.common import CLIError
 
 __all__ = ["main"]
 
-_COMMANDS = (run, compare, sweep, export, theory, config)
+_COMMANDS = (run, compare, sweep, export, theory, privacy, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
