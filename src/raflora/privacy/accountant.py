@@ -232,10 +232,13 @@ def calibrate_noise(
     """The smallest noise multiplier ``z`` (to relative tolerance ``rtol``) whose ε after
     ``steps`` rounds is at most ``target_epsilon``.
 
-    Bisection on the library's ε (it decreases as ``z`` grows): the upper end of the bracket
-    always satisfies ``ε ≤ target``, and it is what is returned, so the guarantee holds exactly
-    for the returned ``z`` (``dp_accounting.mechanism_calibration`` returns a root within a
-    tolerance, which may lie on either side). Other arguments as in :func:`epsilon`.
+    A root search on the library's ε (it decreases as ``z`` grows): a bracket
+    ``ε(lo) > target ≥ ε(hi)`` by doubling or halving from ``z = 1``, Brent's method inside it
+    (fewer evaluations than bisection; one evaluation of the without-replacement RDP bound costs
+    about half a second), then the root is stepped up by ``rtol`` until ``ε ≤ target``, so the
+    guarantee holds exactly for the returned ``z`` (``dp_accounting.mechanism_calibration``
+    stops at a root within a tolerance, which may lie on either side). Other arguments as in
+    :func:`epsilon`.
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ValueError(f"target_epsilon must be positive and finite, got {target_epsilon}")
@@ -253,21 +256,32 @@ def calibrate_noise(
             accountant=accountant,
         )
 
-    lo, hi = 0.0, 1.0
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, 2.0 * hi
-        if hi > max_noise_multiplier:
-            raise ValueError(
-                f"no noise multiplier up to {max_noise_multiplier:g} reaches epsilon "
-                f"{target_epsilon:g} at delta {delta:g} (too small a target for this delta?)"
-            )
-    while hi - lo > rtol * hi:
-        mid = 0.5 * (lo + hi)
-        if eps(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    # Bracket: eps(lo) > target >= eps(hi), doubling or halving from z = 1.
+    lo, hi = 1.0, 1.0
+    if eps(hi) > target_epsilon:
+        while eps(hi) > target_epsilon:
+            lo, hi = hi, 2.0 * hi
+            if hi > max_noise_multiplier:
+                raise ValueError(
+                    f"no noise multiplier up to {max_noise_multiplier:g} reaches epsilon "
+                    f"{target_epsilon:g} at delta {delta:g} (too small a target for this delta?)"
+                )
+    else:
+        while eps(lo) <= target_epsilon:
+            lo, hi = 0.5 * lo, lo
+    # ε is huge (or inf) for tiny z; capping it keeps Brent's interpolation finite.
+    cap = 1e6 + target_epsilon
+
+    def gap(z: float) -> float:
+        return min(eps(z), cap) - target_epsilon
+
+    from scipy.optimize import brentq
+
+    z = float(brentq(gap, lo, hi, xtol=rtol * lo, rtol=rtol))
+    # Brent's root lies within the tolerance on either side: step up until ε ≤ target.
+    while eps(z) > target_epsilon:
+        z = min(z * (1.0 + rtol), hi)
+    return z
 
 
 @dataclass
