@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
         "privacy",
         help="client-level DP accounting: epsilon for a noise multiplier, or the reverse",
         description=(
-            "Epsilon at delta after ROUNDS rounds of the subsampled Gaussian mechanism (noise "
+            "Epsilon at delta after T rounds of the subsampled Gaussian mechanism (noise "
             "multiplier Z, each client sampled with rate Q), accounted with dp-accounting; with "
             "--target-epsilon the smallest noise multiplier reaching it instead. The sample rate "
             "is --sample-rate, or --clients-per-round / --num-clients. delta defaults to "
