@@ -116,7 +116,10 @@ def test_ledger_composes_like_one_call_and_survives_json() -> None:
     assert eps == sorted(eps)
     assert eps[-1] == pytest.approx(epsilon(1.1, 0.2, 5, 1e-5), rel=1e-12)
     assert ledger.rounds == [[1.1, 0.2, 5]]  # run-length encoded
+    ahead = ledger.peek(2.0, 0.1, 1e-5, count=3)
+    assert ledger.steps == 5 and ledger.epsilon(1e-5) == eps[-1]  # peek records nothing
     ledger.record(2.0, 0.1, count=3)
+    assert ledger.epsilon(1e-5) == ahead
     data = json.loads(json.dumps(ledger.to_json()))
     loaded = PrivacyLedger.from_json(data)
     assert loaded.steps == 8

@@ -345,6 +345,16 @@ class PrivacyLedger:
             return math.inf
         return _epsilon_of(self._acc, delta)
 
+    def peek(
+        self, noise_multiplier: float, sample_rate: float, delta: float, *, count: int = 1
+    ) -> float:
+        """ε as it would be after ``count`` more rounds, leaving this ledger unchanged (so a run
+        can stop *before* a round would take it past its budget).
+        """
+        ahead = PrivacyLedger.from_json(self.to_json())
+        ahead.record(noise_multiplier, sample_rate, count=count)
+        return ahead.epsilon(delta)
+
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (numbers, strings, lists) for a checkpoint."""
         return {
