@@ -86,6 +86,18 @@ def test_a_validated_config_cannot_be_mutated() -> None:
     assert yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))) == config_to_dict(cfg)
 
 
+def test_pickled_and_copied_configs_stay_validated_and_frozen() -> None:
+    import copy
+    import pickle
+
+    cfg = config_from_dict({**TINY, "method_options": {"raflora": {"empty_partition": "drop"}}})
+    for other in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert other == cfg and is_validated(other)
+        assert method_options_of(other) == method_options_of(cfg)
+        with pytest.raises(TypeError, match="immutable"):
+            other.fl.rank_levels.append(8)
+
+
 def test_derivations_replace_fields_and_are_validated() -> None:
     cfg = config_from_dict(TINY)
     fast = with_changes(cfg, {"train.lr": 1, "output.dir": "runs/x"})

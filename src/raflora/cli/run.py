@@ -81,14 +81,7 @@ def run(args: argparse.Namespace) -> int:
             if config.engine == "flower":
                 result = _run_flower(config, run_dir, args)
             else:
-                result = run_local(
-                    config,
-                    run_dir,
-                    resume=args.resume is not None,
-                    progress=False if args.quiet else None,
-                    overwrite=args.overwrite,
-                    break_lock=args.break_lock,
-                )
+                result = run_local(config, run_dir, **_engine_options(args))
         except KeyboardInterrupt:
             _interrupted(run_dir)
             raise
@@ -122,12 +115,14 @@ def _run_flower(config: RunConfig, run_dir: Path, args: argparse.Namespace) -> R
         raise CLIError(
             f"engine=flower needs Flower: pip install 'raflora[flower]' ({err})"
         ) from None
-    return run_flower(
-        config,
-        run_dir,
-        resume=args.resume is not None,
-        progress=False if args.quiet else None,
-        overwrite=args.overwrite,
-        break_lock=args.break_lock,
-        quiet=args.quiet,
-    )
+    return run_flower(config, run_dir, **_engine_options(args), quiet=args.quiet)
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments both engines take from the command line."""
+    return {
+        "resume": args.resume is not None,
+        "progress": False if args.quiet else None,
+        "overwrite": args.overwrite,
+        "break_lock": args.break_lock,
+    }
