@@ -137,6 +137,14 @@ def test_slug_follows_github() -> None:
     assert slug("snake_case stays") == "snake_case-stays"
 
 
+def test_outside_pattern() -> None:
+    spec, design, shared = "SP" + "EC", "DES" + "IGN", "../" + "shared"
+    for text in (f"see {spec} §3", f"({design} layer 6)", f'{design} "x"', f"{shared}/x"):
+        assert _OUTSIDE.search(text), text
+    for text in (f"{spec}S = (", "specification", "design.md#layers", "../docs/shared.md"):
+        assert not _OUTSIDE.search(text), text
+
+
 def test_link_checker_catches_bad_links() -> None:
     # the checker itself: a missing file, a missing anchor and an escape are each reported
     assert link_problem("README.md", "docs/no-such-file.md")
@@ -183,8 +191,11 @@ def test_doc_citations_in_sources_resolve() -> None:
     assert not problems, "\n".join(problems)
 
 
-# Spelled in two pieces so that this file does not match itself.
-_OUTSIDE = ("SPEC" + " §", "DESIGN" + " layer", "../" + "shared")
+# The project notes kept outside the repository, as sources used to cite them: their names as
+# whole upper-case words (a section sign, "layer n" or a quoted title may follow; a longer word
+# such as the plural is no match), or a relative link into the folder beside the repository.
+# Spelled in pieces so that this file does not match itself.
+_OUTSIDE = re.compile(r"\b(?:" + "SP" + "EC|" + "DES" + r"IGN)\b|\.\./" + "shared")
 
 
 def test_no_reference_to_documents_outside_the_repository() -> None:
@@ -194,10 +205,9 @@ def test_no_reference_to_documents_outside_the_repository() -> None:
             text = (ROOT / path).read_text(encoding="utf-8")
         except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
             continue  # binary files (figures, checkpoints) and files deleted but not committed
-        for needle in _OUTSIDE:
-            for match in re.finditer(re.escape(needle), text):
-                line = text.count("\n", 0, match.start()) + 1
-                problems.append(f"{path}:{line}: {needle!r}")
+        for match in _OUTSIDE.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            problems.append(f"{path}:{line}: {match.group()!r}")
     assert not problems, f"{len(problems)} references:\n" + "\n".join(problems)
 
 
