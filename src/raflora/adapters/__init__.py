@@ -1,4 +1,6 @@
-"""The bridge between PEFT LoRA modules and effective factors (SPEC §1–2).
+"""The bridge between PEFT LoRA modules and effective factors.
+
+The LoRA convention: docs/methods.md#notation-and-the-lora-convention.
 
 One base model lives in memory; every client rank ``r`` gets its own PEFT adapter named
 ``f"r{r}"`` on that same model (created lazily, swapped in with ``set_adapter``), so no per-client

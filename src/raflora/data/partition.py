@@ -1,4 +1,5 @@
-"""Seeded client partitioners: ``iid``, ``dir-a{α}`` and ``patho-c{c}a{α}`` (SPEC §6).
+"""Seeded client partitioners: ``iid``, ``dir-a{α}`` and ``patho-c{c}a{α}``
+(docs/design.md#data-partitions).
 
 Every partitioner is a pure function of its constructor arguments: :meth:`Partitioner.split`
 builds a fresh ``np.random.default_rng(seed)`` on each call and never touches global RNG state,

@@ -27,7 +27,10 @@ def device_clock(device: torch.device) -> float:
 
 
 def tensor_bytes(tensors: Mapping[str, Any]) -> int:
-    """Bytes of every tensor in a mapping of tensors or ``(B, A)`` pairs (SPEC §8)."""
+    """Bytes of every tensor in a mapping of tensors or ``(B, A)`` pairs.
+
+    What is counted: docs/design.md#communication.
+    """
     total = 0
     for value in tensors.values():
         parts = value if isinstance(value, tuple) else (value,)

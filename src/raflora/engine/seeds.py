@@ -1,4 +1,6 @@
-"""Every random stream of a run, derived from the run's seed (DESIGN "determinism").
+"""Every random stream of a run, derived from the run's seed.
+
+Why and how: docs/design.md#local-training-and-rounds.
 
 Streams are *stateless*: each one is built from ``(seed, stream, round, client)`` through numpy's
 ``SeedSequence``, so nothing has to be carried between rounds. A resumed run, a run of another
@@ -86,7 +88,8 @@ def training_torch_seed(seed: int, round_index: int, client_id: int) -> int:
 def client_ranks(
     seed: int, num_clients: int, levels: Sequence[int], probs: Sequence[float] | None
 ) -> list[int]:
-    """Each client's fixed LoRA rank, drawn once from the rank levels (SPEC §1).
+    """Each client's fixed LoRA rank, drawn once from the rank levels
+    (docs/methods.md#notation-and-the-lora-convention).
 
     Parameters
     ----------

@@ -1,4 +1,6 @@
-"""The Flower engine: raflora's rounds across processes and machines (DESIGN layer 6, issue 4).
+"""The Flower engine: raflora's rounds across processes and machines.
+
+See docs/flower.md and docs/design.md#layers.
 
 - :class:`~raflora.flower.strategy.RankStrategy` — a Flower ``Strategy`` wrapping any raflora
   aggregator (each node gets its own rank's factors; heterogeneous replies are validated and

@@ -1,4 +1,4 @@
-"""Tasks: model, data, loss and metric behind one interface (DESIGN layer 4).
+"""Tasks: model, data, loss and metric behind one interface (docs/design.md#layers).
 
 Importing this package registers the built-in tasks: the offline ``synthetic`` and ``digits``
 tasks, and the Hugging Face ``image-classification`` and ``text-classification`` tasks.
