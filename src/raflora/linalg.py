@@ -23,7 +23,11 @@ Only the other matrices go to ``torch.linalg``; a batch without degenerate matri
 unguarded call, so its numbers are unchanged. The guarded decompositions (:func:`guarded_qr`,
 :func:`guarded_svd`, :func:`guarded_svdvals`, :func:`guarded_eigh`) serve any caller. (MKL's SVD
 writes ``Intel oneMKL ERROR: Parameter 4 was incorrect on entry to DLASCL`` to the process's
-stdout when a matrix holds ±inf, and returns garbage singular values without an error.)
+stdout when a matrix holds ±inf, and returns garbage singular values without an error. It
+prints the same on some finite cores with exactly repeated and numerically zero singular values,
+e.g. one of ``raflora theory``'s Monte Carlo with two MKL threads, and then does not converge:
+:func:`_small_svd` falls back to the Gram matrix, and the command keeps such output off its
+stdout.)
 """
 
 from __future__ import annotations
