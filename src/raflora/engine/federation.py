@@ -54,7 +54,8 @@ def resolve_device(name: str) -> torch.device:
 def learning_rate(config: RunConfig, round_index: int) -> float:
     """Client learning rate in round ``round_index`` (1-based).
 
-    ``linear``: ``lr · (1 − (t − 1) / T)``, decaying over the rounds (SPEC §7);
+    ``linear``: ``lr · (1 − (t − 1) / T)``, decaying over the rounds
+    (docs/design.md#local-training-and-rounds);
     ``constant``: ``lr``.
     """
     if config.train.lr_schedule == "constant":
