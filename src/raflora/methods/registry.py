@@ -75,7 +75,7 @@ def unsupported_reason(method: str, rank_levels: Sequence[int]) -> str | None:
     ValueError
         ``method`` is not registered.
     """
-    if _lookup(method).single_rank_level and len(rank_levels) > 1:
+    if _lookup(method).capabilities.single_rank_level and len(rank_levels) > 1:
         return "needs a single rank level (every client at the same rank)"
     return None
 
