@@ -5,6 +5,7 @@ See docs/methods.md#notation-and-the-lora-convention and docs/methods.md#global-
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -317,8 +318,10 @@ def test_export_vit_with_head_reloads_identically(tmp_path: Path, export_rank: i
         target_modules=VIT_TARGETS,
         modules_to_save=["classifier"],
     )
-    assert (out / "adapter_config.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
+    # written sorted, not in the order of PEFT's set (which follows the process's hash seed)
+    written = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert written == sorted(VIT_TARGETS), written
 
     fresh = ViTForImageClassification.from_pretrained(base_dir).eval()
     loaded = PeftModel.from_pretrained(fresh, out).eval()

@@ -276,6 +276,10 @@ def export_peft_adapter(
         for key, value in dense.items():
             tensors[f"{PEFT_PREFIX}{key}"] = value.detach().cpu().contiguous()
 
+    if isinstance(config.target_modules, set):
+        # PEFT keeps them as a set, whose order follows the process's string hashing: written
+        # sorted, the same run gives the same adapter_config.json byte for byte
+        config.target_modules = sorted(config.target_modules)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
