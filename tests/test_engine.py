@@ -10,24 +10,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import config_with
+from conftest import SYNTHETIC, config_with
 from raflora.config import RunConfig
 from raflora.engine import build_federation, load_checkpoint, run_local, seeds
 from raflora.engine.client_round import train_client
 from raflora.methods import available_methods
 from raflora.report import read_metrics
 from raflora.tasks import build_task
-
-SYNTHETIC: dict[str, Any] = {
-    "method": "raflora",
-    "seed": 3,
-    "task": {"name": "synthetic", "options": {"num_train": 400, "num_eval": 200}},
-    "fl": {"num_clients": 6, "clients_per_round": 3, "rounds": 2, "rank_levels": [2, 4, 8]},
-    "data": {"partition": "dir-a1.0"},
-    "train": {"lr": 5e-3, "batch_size": 32},
-    "eval": {"every": 1},
-    "output": {"plots": False},
-}
 
 
 def synthetic_config(**over: Any) -> RunConfig:
