@@ -163,3 +163,16 @@ def test_every_known_exception_is_still_needed() -> None:
 def test_imports_are_read_in_every_form(source: str, expected: list[tuple[int, str, str]]) -> None:
     """Absolute, relative, in a function, from the package root; TYPE_CHECKING exempt."""
     assert list(imports(PACKAGE / "report" / "metrics.py", source)) == expected
+
+
+def test_every_source_folder_is_a_package() -> None:
+    """A folder without ``__init__.py`` is left out of a regular (non-editable) install."""
+    from setuptools import find_packages
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    folders = {
+        ".".join(p.relative_to(src).parts)
+        for p in (src / "raflora").rglob("*")
+        if p.is_dir() and any(p.glob("*.py")) and "__pycache__" not in p.parts
+    }
+    assert folders <= set(find_packages(str(src))), folders - set(find_packages(str(src)))
