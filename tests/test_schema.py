@@ -117,6 +117,27 @@ def test_derivations_replace_fields_and_are_validated() -> None:
     assert not is_validated(dataclasses.replace(cfg, seed=3))
 
 
+def test_a_key_below_a_mapping_field_merges_into_it() -> None:
+    cfg = config_from_dict(
+        {
+            **TINY,
+            "task": {"name": "synthetic", "options": {"num_train": 300, "num_eval": 100}},
+            "method_options": {"raflora": {"empty_partition": "drop"}},
+        }
+    )
+    one = with_changes(cfg, {"task.options.num_eval": 50})
+    assert dict(one.task.options) == {"num_train": 300, "num_eval": 50}  # num_train kept
+    both = with_changes(cfg, {"task.options.num_eval": 50, "task.options.num_train": 200})
+    assert dict(both.task.options) == {"num_train": 200, "num_eval": 50}
+    hetero = with_changes(cfg, {"method_options.hetlora.weighting": "samples"})
+    assert dict(hetero.method_options["raflora"]) == {"empty_partition": "drop"}
+    assert dict(hetero.method_options["hetlora"]) == {"weighting": "samples"}
+    # the whole mapping named: replaced, as in YAML
+    assert dict(with_changes(cfg, {"task.options": {"num_eval": 7}}).task.options) == {
+        "num_eval": 7
+    }
+
+
 def test_method_options_are_parsed_once_at_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config_from_dict({**TINY, "method_options": {"raflora": {"empty_partition": "drop"}}})
     typed = method_options_of(cfg)

@@ -110,8 +110,7 @@ class ConfigError(ValueError):
 
 def _immutable(*_: object, **__: object) -> NoReturn:
     raise TypeError(
-        "a configuration is immutable; derive a new one with "
-        "raflora.config.with_changes (or dataclasses.replace)"
+        "a configuration is immutable; derive a new one with raflora.config.with_changes"
     )
 
 

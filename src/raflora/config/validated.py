@@ -166,10 +166,7 @@ def with_changes(
     for key, value in changes.items():
         parts = key.split(".")
         if not key_problem(key, parts, value, problems):
-            node = nested
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
+            _set_change(config, nested, parts, value)
     if problems:
         raise ConfigError(problems)
     new: RunConfig = _replace(config, nested)
@@ -181,6 +178,37 @@ def with_changes(
         raise ConfigError(problems)
     object.__setattr__(new, _MARK, getattr(config, _MARK))
     return new
+
+
+def _set_change(
+    config: RunConfig, nested: dict[str, Any], parts: Sequence[str], value: Any
+) -> None:
+    """Put one dotted change into ``nested``. A key below a mapping field (``task.options.x``,
+    ``method_options.raflora.k``) is merged into that field's current value, as an override is,
+    instead of replacing the whole mapping.
+    """
+    node: dict[str, Any] = nested
+    obj: Any = config
+    for i, part in enumerate(parts[:-1]):
+        tp = hints(type(obj))[part] if dataclasses.is_dataclass(obj) else None
+        if tp is not None and typing.get_origin(tp) is dict:
+            # the mapping field itself: start from its current contents (once per change set)
+            current = node.get(part)
+            if not isinstance(current, dict):
+                current = thaw(getattr(obj, part))
+                node[part] = current
+            inner: dict[str, Any] = current
+            for sub in parts[i + 1 : -1]:
+                child = inner.get(sub)
+                if not isinstance(child, dict):
+                    child = {}
+                    inner[sub] = child
+                inner = child
+            inner[parts[-1]] = value
+            return
+        node = node.setdefault(part, {})
+        obj = getattr(obj, part) if dataclasses.is_dataclass(obj) else None
+    node[parts[-1]] = value
 
 
 def _replace(obj: Any, nested: Mapping[str, Any]) -> Any:
