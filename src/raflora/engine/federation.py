@@ -145,7 +145,7 @@ class Federation:
         """
         return self.context(round_index).for_client(
             client_id,
-            self.rank_of(state, client_id),
+            self.rank_of(state, client_id, round_index),
             generator=seeds.client_init_generator(self.seed, round_index, client_id),
         )
 
@@ -179,9 +179,13 @@ class Federation:
             self.client_context(state, client_id, round_index), state
         )
 
-    def rank_of(self, state: GlobalState, client_id: int) -> int:
-        """Rank client ``client_id`` trains at (HetLoRA may have pruned it)."""
-        ctx = self.context(state.round + 1).for_client(client_id, 0)
+    def rank_of(self, state: GlobalState, client_id: int, round_index: int | None = None) -> int:
+        """Rank client ``client_id`` trains at in round ``round_index`` (HetLoRA may have pruned
+        it); default: the round after ``state``'s (behind the real round after a round in which
+        no update was accepted, so the engines pass it).
+        """
+        when = state.round + 1 if round_index is None else round_index
+        ctx = self.context(when).for_client(client_id, 0)
         return self.aggregator.client_rank(ctx, state, self.client_ranks[client_id])
 
 

@@ -100,7 +100,7 @@ def plan_round(fed: Federation, state: GlobalState, round_index: int) -> RoundPl
     clients = seeds.sample_clients(
         fed.seed, round_index, cfg.fl.num_clients, cfg.fl.clients_per_round
     )
-    ranks = [fed.rank_of(state, k) for k in clients]
+    ranks = [fed.rank_of(state, k, round_index) for k in clients]
     element = next(iter(state.factors.values()))[0].element_size()
     head = tensor_bytes(state.dense)
     ctx = fed.context(round_index)
