@@ -31,6 +31,13 @@ def test_json_with_clients_and_default_delta(capsys: pytest.CaptureFixture[str])
     assert data["library"].startswith("dp-accounting ")
 
 
+def test_json_without_noise_is_strict(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["privacy", "--noise-multiplier", "0", "--sample-rate", "0.1", "--rounds", "3"]
+    assert main([*argv, "--delta", "1e-5", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "Infinity" not in out and json.loads(out)["epsilon"] is None  # no privacy: null
+
+
 def test_target_epsilon_prints_the_calibrated_multiplier(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -138,10 +138,15 @@ def run(args: argparse.Namespace) -> int:
         "num_clients": args.num_clients,
         "accountant": args.accountant,
         "target_epsilon": args.target_epsilon,
-        "library": f"dp-accounting {library_version()}",
+        "library": f"dp-accounting {_version()}",
     }
     if args.json:
-        print(json.dumps(result))
+        # strict JSON: an infinite epsilon (no noise) is null
+        strict = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in result.items()
+        }
+        print(json.dumps(strict, allow_nan=False))
         return 0
     setting = (
         f"(q = {q:g}, {args.rounds} rounds, delta = {delta:.3g}, {args.sampling} sampling, "
@@ -155,3 +160,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"epsilon = {eps:.4f} for noise multiplier {z:g} {setting}")
     return 0
+
+
+def _version() -> str:
+    """The accountant library's version, or why there is none (the ``privacy`` extra)."""
+    try:
+        return library_version()
+    except Exception:
+        return "(not installed)"
