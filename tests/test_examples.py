@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from raflora.methods import Capabilities, ClientRound, Method, RoundContext
+from raflora.methods import Capabilities, ClientRound, Method, RoundContext, get_aggregator
 from raflora.methods import registry as methods_registry
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -131,3 +131,5 @@ def test_a_0_1_capability_flag_in_a_subclass_is_refused_with_the_way_to_declare_
         capabilities = Capabilities(single_rank_level=True)
 
     assert _New.single_rank_level and not _New.reads_base_weights  # the read-only views
+    with pytest.raises(AttributeError, match="read from the method's capabilities"):
+        get_aggregator("raflora", [2, 4]).single_rank_level = True  # on an instance too

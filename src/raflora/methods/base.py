@@ -161,6 +161,12 @@ class _FromCapabilities:
         value: bool = getattr(getattr(cls, "capabilities"), self.name)  # noqa: B009
         return value
 
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError(
+            f"{self.name} is read from the method's capabilities; declare it as "
+            f"capabilities = Capabilities({self.name}=...)"
+        )
+
 
 class Method(ABC):
     """Base class of a method: one subclass per method, registered by name with ``register``.
