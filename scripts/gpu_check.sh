@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end device check (issue 9): every method for 3 rounds in float32 and bfloat16 on a tiny
+# End-to-end device check (docs/usage.md): every method for 3 rounds in float32 and bfloat16 on a tiny
 # random Llama and ViT built in-process (fully offline), one run killed with SIGKILL and resumed,
 # and the exported adapter re-evaluated with PEFT. One PASS/FAIL line per check, the total time
 # last; the exit code is 1 if any check failed.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Large-message check of the Flower deployment (issue 9, §6): FLoRA's train messages > 600 MB.
+"""Large-message check of the Flower deployment (docs/flower.md): FLoRA's train messages > 600 MB.
 
 FLoRA sends the merged base weights of the adapted modules with every Flower train message from
 round 2 on; for a billion-parameter model that is more than gRPC's usual 512 MB limit. This

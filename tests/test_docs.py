@@ -195,7 +195,10 @@ def test_doc_citations_in_sources_resolve() -> None:
 # whole upper-case words (a section sign, "layer n" or a quoted title may follow; a longer word
 # such as the plural is no match), or a relative link into the folder beside the repository.
 # Spelled in pieces so that this file does not match itself.
-_OUTSIDE = re.compile(r"\b(?:" + "SP" + "EC|" + "DES" + r"IGN)\b|\.\./" + "shared")
+_OUTSIDE = re.compile(
+    r"\b(?:" + "SP" + "EC|" + "DES" + "IGN|" + "ENVIRON" + r"MENT)\b|\.\./" + "shared"
+    r"|\b[Ii]" + r"ssue \d"
+)
 
 
 def test_no_reference_to_documents_outside_the_repository() -> None:

@@ -1,4 +1,4 @@
-"""The Flower engine (issue 4): same results as the local engine, failures left out, deployment."""
+"""The Flower engine: same results as the local engine, failures left out, deployment."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flower transport (issue 9): decoding onto a named device, the server's sample counts rule."""
+"""Flower transport: decoding onto a named device, the server's sample counts rule."""
 
 from __future__ import annotations
 

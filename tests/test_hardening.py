@@ -1,4 +1,4 @@
-"""Issue 9 hardening on the CPU: devices, dtypes, RNG hygiene, CUDA timing, FLoRA in bf16."""
+"""Hardening on the CPU: devices, dtypes, RNG hygiene, CUDA timing, FLoRA in bf16."""
 
 from __future__ import annotations
 

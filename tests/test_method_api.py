@@ -1,4 +1,4 @@
-"""The method API's client half and generic plumbing (issue 10), driven by a test method that
+"""The method API's client half and generic plumbing, driven by a test method that
 uses every hook: extras both ways, per-client state, a gradient correction.
 
 The method ``visits-test`` counts a client's rounds in its per-client state, uploads the count as

@@ -24,7 +24,7 @@ def _direct_poisson(z: float, q: float, steps: int, delta: float) -> float:
 
 
 def test_published_value_opacus_rdp() -> None:
-    # Opacus's RDPAccountant (and the project's environment notes): z = 1.5, q = 0.04, 2,250
+    # Opacus's RDPAccountant (its documented example): z = 1.5, q = 0.04, 2,250
     # steps, delta = 1e-5 -> epsilon = 7.329; z = 1.1, q = 0.2, 5 steps -> 3.839.
     assert epsilon(1.5, 0.04, 2250, 1e-5) == pytest.approx(7.329, abs=2e-3)
     assert epsilon(1.1, 0.2, 5, 1e-5) == pytest.approx(3.839, abs=2e-3)

@@ -1,4 +1,4 @@
-"""Issue 9 §3 and §7: one writer per run directory, atomic outputs, write errors, the CLI."""
+"""One writer per run directory, atomic outputs, write errors, the CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Flower ``ServerApp`` and ``ClientApp`` of raflora (issue 4, items 1 and 3).
+"""The Flower ``ServerApp`` and ``ClientApp`` of raflora (docs/flower.md).
 
 ``client_app`` (module level, named in ``[tool.flwr.app.components]``) answers two messages:
 

@@ -1,6 +1,6 @@
 """Flower records ↔ raflora tensors: what travels in a Flower ``Message`` between engine halves.
 
-The server sends a client (issue 4, "sends each node the factors for its own rank"):
+The server sends each client the factors of its own rank:
 
 - an :class:`~flwr.app.ArrayRecord` ``"arrays"`` with the effective factors of the client's rank
   (``B/<module>`` ``(d, r)`` and ``A/<module>`` ``(r, n)``,
@@ -19,10 +19,10 @@ The client replies with its effective factors, heads, extras and new per-client 
 trusts the reply: anything that cannot be turned into a :class:`ClientUpdate` raises
 :class:`MalformedReplyError` with a reason the server records. The server weights a client by the
 sample count of the partition it assigned to it, never by the count the client reports: a reply
-reporting another count raises :class:`SampleCountMismatchError` (issue 9, §5).
+reporting another count raises :class:`SampleCountMismatchError`.
 
 Decoded tensors are put on the device the caller names: the server's (``fed.device``) on the
-server, the client federation's on a client (issue 9, §1).
+server, the client federation's on a client.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``run_flower``: a raflora run on Flower's simulation engine (Ray) (issue 4, item 2).
+"""``run_flower``: a raflora run on Flower's simulation engine (Ray) (docs/flower.md).
 
 The ``ServerApp`` runs in this process (bound to the configuration in memory, since
 ``run_simulation`` gives an empty ``context.run_config``); each of the ``fl.num_clients`` virtual

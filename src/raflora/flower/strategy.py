@@ -1,4 +1,4 @@
-"""``RankStrategy``: a Flower strategy that runs any raflora aggregator (issue 4, item 1).
+"""``RankStrategy``: a Flower strategy that runs any raflora aggregator (docs/flower.md).
 
 Flower's built-in strategies send every node the same arrays and average equal shapes. With
 heterogeneous ranks each client needs the factors *of its own rank*, and the replies have
