@@ -81,8 +81,8 @@ ROW_KEYS: Mapping[str, str] = MappingProxyType(
         "train_loss": "the accepted clients' sample-weighted training loss (null: none accepted)",
         "higher_rank_energy": "1 − ρ_{r_1} of the global update, the mean over modules",
         "energy_per_level": "ρ_r at every rank level r (keys: r as text), mean over modules",
-        "upload_bytes": "client → server traffic of the method's payload, extras included",
-        "download_bytes": "server → client traffic of the broadcast, extras included",
+        "upload_bytes": "client → server bytes of the method's payload, extras and heads included",
+        "download_bytes": "server → client traffic of the broadcast, extras and heads included",
         "clients": "the sampled client ids",
         "client_ranks": "their ranks, in the same order",
         "accepted": "how many updates were aggregated",
@@ -95,7 +95,8 @@ ROW_KEYS: Mapping[str, str] = MappingProxyType(
         ),
     }
 )
-"""The keys every metrics row carries whatever the engine, key → meaning, in row order.
+"""The keys every metrics row carries whatever the engine, key → meaning, in the order they
+appear in a row (an evaluated round has :data:`EVALUATION_KEYS` after ``train_loss``).
 
 ``upload_bytes`` and ``download_bytes`` are the algorithmic traffic, equal for both engines
 (docs/design.md#communication); ``transport_bytes`` is what a Flower deployment actually sent.
