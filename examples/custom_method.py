@@ -43,6 +43,7 @@ from raflora.methods import (
     option,
     register,
     sample_weights,
+    tensor_bytes,
 )
 
 NAME = "prox-warmup"
@@ -123,11 +124,9 @@ class ProxWarmup(Method):
 
     def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
         """``B`` only during the warm-up (``A`` comes back as it was sent), both after."""
-        factors = update.factors.values()
-        up = sum(B.numel() * B.element_size() for B, _ in factors)
-        if not warming_up(self, ctx.round_index):
-            up += sum(A.numel() * A.element_size() for _, A in factors)
-        return up
+        if warming_up(self, ctx.round_index):
+            return tensor_bytes({name: B for name, (B, _) in update.factors.items()})
+        return tensor_bytes(update.factors)
 
 
 def tiny_config(**method_options: Any) -> Any:

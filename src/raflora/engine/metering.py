@@ -7,10 +7,10 @@ and the Flower transport use these, so the two engines report time and traffic a
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import torch
+
+from raflora.methods.state import tensor_bytes
 
 __all__ = ["device_clock", "tensor_bytes"]
 
@@ -24,15 +24,3 @@ def device_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def tensor_bytes(tensors: Mapping[str, Any]) -> int:
-    """Bytes of every tensor in a mapping of tensors or ``(B, A)`` pairs.
-
-    What is counted: docs/design.md#communication.
-    """
-    total = 0
-    for value in tensors.values():
-        parts = value if isinstance(value, tuple) else (value,)
-        total += sum(t.numel() * t.element_size() for t in parts)
-    return total

@@ -37,6 +37,7 @@ from raflora.methods.state import (
     GlobalState,
     lora_a_init,
     map_tensors,
+    tensor_bytes,
 )
 from raflora.methods.validation import (
     BadSampleCountError,
@@ -93,6 +94,7 @@ __all__ = [
     "register",
     "resolve_method_options",
     "sample_weights",
+    "tensor_bytes",
     "validate_update",
     "weighted_average",
 ]

@@ -47,6 +47,7 @@ from raflora.methods.state import (
     GlobalState,
     lora_a_init,
     map_tensors,
+    tensor_bytes,
 )
 from raflora.methods.validation import (
     ClientUpdate,
@@ -472,9 +473,7 @@ class Method(ABC):
         adapted modules, extras included (docs/design.md#communication; the heads are counted
         by the engine). Default: both factors and the extras.
         """
-        total = sum(B.numel() * B.element_size() for B, _ in update.factors.values())
-        total += sum(A.numel() * A.element_size() for _, A in update.factors.values())
-        return total + sum(t.numel() * t.element_size() for t in update.extras.values())
+        return tensor_bytes(update.factors) + tensor_bytes(update.extras)
 
     # ------------------------------------------------------------------ client half
     def client_round(

@@ -23,6 +23,7 @@ __all__ = [
     "GlobalState",
     "lora_a_init",
     "map_tensors",
+    "tensor_bytes",
 ]
 
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -196,3 +197,15 @@ def lora_a_init(rows: int, cols: int, generator: torch.Generator) -> Tensor:
     """
     bound = 1.0 / math.sqrt(cols)
     return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+
+
+def tensor_bytes(tensors: Mapping[str, Any]) -> int:
+    """Bytes of every tensor in a mapping of tensors or ``(B, A)`` pairs.
+
+    What is counted: docs/design.md#communication.
+    """
+    total = 0
+    for value in tensors.values():
+        parts = value if isinstance(value, tuple) else (value,)
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
