@@ -112,6 +112,7 @@ METHOD_MODULES = (
     "fedrot",
     "lora_fair",
     "ilora",
+    "haflq",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
