@@ -112,7 +112,9 @@ METHOD_MODULES = (
     "fedrot",
     "lora_fair",
     "ilora",
+    "fedhl",
     "haflq",
+    "aflora",
 )
 """The modules of the built-in methods (importing one registers its method)."""
 
