@@ -112,7 +112,6 @@ METHOD_MODULES = (
     "fedrot",
     "lora_fair",
     "ilora",
-    "fedhl",
     "haflq",
     "aflora",
 )
