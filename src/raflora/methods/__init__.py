@@ -112,6 +112,7 @@ METHOD_MODULES = (
     "fedrot",
     "lora_fair",
     "ilora",
+    "fedhl",
     "haflq",
     "aflora",
 )
