@@ -106,7 +106,66 @@ def check(
             problems.append(f"data.partition: {exc}")
     _lora_problems(config.lora, ok, problems)
     options = _method_problems(config, methods, levels_ok, ok, problems)
+    if ok("privacy.enabled") and config.privacy.enabled is True:
+        _privacy_problems(config, methods, levels_ok and ok("method_options"), ok, problems)
     return problems, (options if not problems else None)
+
+
+def _privacy_problems(
+    config: RunConfig,
+    methods: Sequence[str] | None,
+    methods_ok: bool,
+    ok: Callable[..., bool],
+    problems: list[str],
+) -> None:
+    """A private run's settings, and every method run asked whether it can be private
+    (:meth:`~raflora.methods.Method.privacy_refusal`, its declaration — never its name;
+    docs/privacy.md).
+    """
+    from raflora.methods import available_methods, get_aggregator
+    from raflora.methods.registry import method_options_classes, resolve_method_options
+
+    pv = config.privacy
+    if ok("privacy.noise_multiplier", "privacy.target_epsilon") and (
+        (pv.noise_multiplier is None) == (pv.target_epsilon is None)
+    ):
+        problems.append(
+            "privacy: set exactly one of privacy.noise_multiplier and privacy.target_epsilon, got "
+            + ("both" if pv.noise_multiplier is not None else "neither")
+        )
+    if ok("engine") and config.engine != "local":
+        problems.append(
+            f"privacy: engine {config.engine!r} does not run privacy yet; use engine: local"
+        )
+    if ok("privacy.accountant", "privacy.sampling") and (pv.accountant, pv.sampling) == (
+        "pld",
+        "fixed",
+    ):
+        problems.append(
+            "privacy.accountant: 'pld' accounts poisson sampling only; use privacy.sampling: "
+            "poisson or privacy.accountant: rdp"
+        )
+    if ok("privacy.adaptive_clip.enabled") and pv.adaptive_clip.enabled is True:
+        if ok("privacy.noise") and pv.noise != "server":
+            problems.append(
+                "privacy.adaptive_clip: the unclipped count is noised by the server; use "
+                "privacy.noise: server"
+            )
+        if ok("privacy.noise_multiplier") and pv.noise_multiplier == 0:
+            problems.append("privacy.adaptive_clip: needs privacy.noise_multiplier > 0")
+    if not methods_ok:
+        return
+    known = set(available_methods())
+    run = [m for m in (methods if methods is not None else [config.method]) if m in known]
+    try:
+        resolved = resolve_method_options(config.method_options, run)
+        for name in run:
+            options = method_options_classes()[name](**resolved.get(name, {}))
+            reason = get_aggregator(name, config.fl.rank_levels, options).privacy_refusal()
+            if reason is not None:
+                problems.append(f"privacy: {reason}")
+    except (ConfigError, ValueError, TypeError):
+        return  # the method or its options are reported by _method_problems
 
 
 def _rank_problems(

@@ -10,12 +10,14 @@ from typing import Any, Literal
 from raflora.schema import Bounds, Section, setting
 
 __all__ = [
+    "AdaptiveClipConfig",
     "DataConfig",
     "EvalConfig",
     "FLConfig",
     "FlowerConfig",
     "LoRAConfig",
     "OutputConfig",
+    "PrivacyConfig",
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
@@ -34,6 +36,9 @@ Device = Literal["cpu", "cuda", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 LRSchedule = Literal["linear", "constant"]
 Optimizer = Literal["adamw", "sgd"]
+PrivacySampling = Literal["fixed", "poisson"]
+PrivacyNoise = Literal["server", "client"]
+PrivacyAccountant = Literal["rdp", "pld"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -214,6 +219,83 @@ class OutputConfig(Section):
 
 
 @dataclass(frozen=True)
+class AdaptiveClipConfig(Section):
+    """Adaptive clipping (Andrew et al., NeurIPS 2021; docs/privacy.md): the clip norm follows a
+    quantile of the clients' update norms.
+    """
+
+    enabled: bool = field(
+        default=False,
+        metadata=_help(
+            "Adapt privacy.clip every round: C ← C·exp(−η (b̃ − γ)), b̃ the noised fraction of "
+            "unclipped updates (needs privacy.noise: server and a noise multiplier > 0)."
+        ),
+    )
+    target_quantile: float = setting(
+        0.5, "Target quantile γ: the fraction of updates left unclipped.", ge=0, le=1
+    )
+    learning_rate: float = setting(0.2, "Geometric learning rate η of the clip norm.", ge=0)
+    count_noise_std: float | None = setting(
+        None,
+        "Noise std σ_b of the unclipped count (None: expected clients per round / 20); it spends "
+        "part of the noise multiplier, so 2 σ_b must exceed it.",
+        gt=0,
+    )
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(Section):
+    """Client-level differential privacy (DP-FedAvg; docs/privacy.md): each sampled client's
+    whole update clipped to ``clip``, Gaussian noise on the sums, ε accounted every round.
+    """
+
+    enabled: bool = field(
+        default=False,
+        metadata=_help("Run with client-level differential privacy (the local engine)."),
+    )
+    clip: float = setting(
+        1.0, "Clip norm C of a client's whole update (all modules, heads, extras).", gt=0
+    )
+    noise_multiplier: float | None = setting(
+        None,
+        "Noise multiplier z: N(0, (z C)²) on every coordinate of each sum (set this or "
+        "target_epsilon).",
+        ge=0,
+    )
+    target_epsilon: float | None = setting(
+        None,
+        "Privacy budget ε: z is calibrated for fl.rounds before round 1, and a run stops before "
+        "a round would exceed it (set this or noise_multiplier).",
+        gt=0,
+    )
+    delta: float | None = setting(
+        None, "δ of the (ε, δ) guarantee (None: 1 / fl.num_clients^1.1).", gt=0, lt=1
+    )
+    sampling: PrivacySampling = field(
+        default="fixed",
+        metadata=_help(
+            "'fixed': fl.clients_per_round clients without replacement (replace-one adjacency); "
+            "'poisson': each client joins with q = clients_per_round / num_clients "
+            "(add-or-remove-one)."
+        ),
+    )
+    noise: PrivacyNoise = field(
+        default="server",
+        metadata=_help(
+            "'server': the server adds N(0, (z C)²) to each sum; 'client': each sampled client "
+            "adds its share N(0, (z C)² / m) (only the sum is noised in full)."
+        ),
+    )
+    accountant: PrivacyAccountant = field(
+        default="rdp",
+        metadata=_help("dp-accounting's 'rdp' (any sampling) or 'pld' (poisson only)."),
+    )
+    adaptive_clip: AdaptiveClipConfig = field(
+        default_factory=AdaptiveClipConfig, metadata=_help("Adaptive clipping.")
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig(Section):
     """A complete, resolved run configuration."""
 
@@ -251,3 +333,6 @@ class RunConfig(Section):
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("Evaluation."))
     flower: FlowerConfig = field(default_factory=FlowerConfig, metadata=_help("Flower engine."))
     output: OutputConfig = field(default_factory=OutputConfig, metadata=_help("Outputs."))
+    privacy: PrivacyConfig = field(
+        default_factory=PrivacyConfig, metadata=_help("Client-level differential privacy.")
+    )

@@ -56,6 +56,10 @@ class Checkpoint:
         Base weights of the adapted modules when the method merges into them (FLoRA).
     meta : dict
         What exporting needs without rebuilding the task (model id, target modules …).
+    privacy : dict or None
+        A private run's noise, clip and privacy ledger
+        (:meth:`~raflora.engine.private_round.PrivacyRun.to_json`), so a resumed run continues
+        its accounting; ``None`` (and absent from the file) without privacy.
     """
 
     round: int
@@ -64,6 +68,7 @@ class Checkpoint:
     wall_seconds: float
     base_weights: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -83,6 +88,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "base_weights": {k: v.detach().cpu() for k, v in checkpoint.base_weights.items()},
         "meta": checkpoint.meta,
     }
+    if checkpoint.privacy is not None:  # only a private run's file has the key
+        payload["privacy"] = checkpoint.privacy
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
     return path
 
@@ -136,6 +143,7 @@ def load_checkpoint(run_dir: Path, *, device: torch.device | str = "cpu") -> Che
             wall_seconds=float(data["wall_seconds"]),
             base_weights=dict(data["base_weights"]),
             meta=dict(data["meta"]),
+            privacy=data.get("privacy"),
         )
     except KeyError as err:
         raise CheckpointError(

@@ -15,7 +15,7 @@ A client's local training is in :mod:`raflora.engine.client_round`, evaluation i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from raflora.engine.errors import EngineError
 from raflora.methods import Aggregator, GlobalState, RoundContext, get_aggregator
 from raflora.methods.base import ClientMessage
 from raflora.tasks import Task, TaskError, build_task
+
+if TYPE_CHECKING:
+    from raflora.engine.private_round import PrivacyRun
 
 __all__ = [
     "EngineError",
@@ -90,6 +93,9 @@ class Federation:
     client_states : ClientStates
         The per-client state of the method's clients (in memory until a run directory's
         store replaces it: :func:`~raflora.engine.run_files.open_run`).
+    privacy : PrivacyRun or None
+        A private run's noise, clip and ledger (``privacy.enabled``; set by
+        :func:`~raflora.engine.run_files.open_run`, docs/privacy.md); ``None`` otherwise.
     """
 
     config: RunConfig
@@ -102,6 +108,7 @@ class Federation:
     device: torch.device
     dtype: torch.dtype
     client_states: ClientStates = field(default_factory=ClientStates)
+    privacy: PrivacyRun | None = None
 
     @property
     def seed(self) -> int:

@@ -39,6 +39,7 @@ from raflora.engine.checkpoint import (
 from raflora.engine.client_states import CLIENTS_DIR, ClientStates
 from raflora.engine.export import write_adapter
 from raflora.engine.federation import EngineError, Federation, build_federation
+from raflora.engine.private_round import start_privacy
 from raflora.engine.rundir import RunLock, atomic_write_bytes, remove_leftovers, writing
 from raflora.methods import GlobalState
 from raflora.report import (
@@ -115,6 +116,7 @@ def make_checkpoint(
         wall_seconds=wall,
         base_weights=weights,
         meta=adapter_meta(fed),
+        privacy=fed.privacy.to_json() if fed.privacy is not None else None,
     )
 
 
@@ -302,6 +304,10 @@ def open_run(
         checkpoint = load_checkpoint(run_dir)
     fed = fed if fed is not None else build_federation(config)
     fed.client_states = ClientStates(run_dir, rounds_done=checkpoint.round if resume else 0)
+    # a private run's noise (calibrated here, before round 1) and ledger (docs/privacy.md)
+    if resume and config.privacy.enabled and checkpoint.privacy is None:
+        raise EngineError(f"--resume {run_dir}: the checkpoint holds no privacy ledger")
+    fed.privacy = start_privacy(config, checkpoint.privacy if resume else None)
     if resume:
         state = checkpoint.state.to(fed.device)
         if checkpoint.base_weights:
@@ -395,9 +401,26 @@ def _finish_run(
         "partition": config.data.partition,
         "adapter": {"path": "adapter", "rank": exported.rank},
     }
+    if fed.privacy is not None:  # a run without privacy keeps its summary as it was
+        extra["privacy"] = {
+            "epsilon": _finite_or_none(fed.privacy.epsilon()),
+            "delta": fed.privacy.delta,
+            "noise_multiplier": fed.privacy.noise_multiplier,
+            "clip": config.privacy.clip,
+            "final_clip": fed.privacy.clip,
+            "sampling": config.privacy.sampling,
+            "noise": config.privacy.noise,
+            "accountant": config.privacy.accountant,
+            "target_epsilon": fed.privacy.target_epsilon,
+        }
     summary = summarize(metrics, method=config.method, wall_seconds=wall, extra=extra)
     text = json.dumps(summary, indent=1).encode("utf-8")
     atomic_write_bytes(run_dir / SUMMARY_FILE, lambda fh: fh.write(text))  # whole or absent
     if config.output.plots:
         write_run_plots(run_dir, metrics, title=f"{config.method} · {fed.task.name}")
     return summary
+
+
+def _finite_or_none(value: float) -> float | None:
+    """``value``, or ``None`` for ``inf`` (no noise: no finite ε; strict JSON has no infinity)."""
+    return value if value != float("inf") else None

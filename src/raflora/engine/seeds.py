@@ -17,10 +17,14 @@ import torch
 
 __all__ = [
     "client_init_generator",
+    "client_noise_generator",
     "client_ranks",
+    "count_noise_generator",
     "init_generator",
+    "noise_generator",
     "numpy_stream",
     "partition_seed",
+    "poisson_clients",
     "sample_clients",
     "shuffle_stream",
     "torch_seed",
@@ -36,6 +40,9 @@ _INIT = 4
 _CLIENT_INIT = 5
 _SHUFFLE = 6
 _TORCH = 7
+_NOISE = 8
+_CLIENT_NOISE = 9
+_COUNT_NOISE = 10
 
 
 def _words(seed: int, *keys: int) -> list[int]:
@@ -112,3 +119,32 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
     """The ``M`` clients of round ``round_index`` (uniform without replacement, sorted)."""
     rng = numpy_stream(seed, _SAMPLING, round_index)
     return sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def poisson_clients(seed: int, round_index: int, num_clients: int, rate: float) -> list[int]:
+    """Round ``round_index``'s cohort under Poisson sampling (``privacy.sampling: poisson``):
+    each client joins independently with probability ``rate`` (one uniform draw per client
+    from the run's sampling stream); sorted, possibly empty.
+    """
+    rng = numpy_stream(seed, _SAMPLING, round_index)
+    draws = rng.random(num_clients)
+    return [int(k) for k in np.flatnonzero(draws < rate)]
+
+
+def noise_generator(seed: int, round_index: int) -> torch.Generator:
+    """The server's privacy noise of round ``round_index`` (``privacy.noise: server``,
+    docs/privacy.md): a rerun adds the same noise.
+    """
+    return torch_stream(seed, _NOISE, round_index)
+
+
+def client_noise_generator(seed: int, round_index: int, client_id: int) -> torch.Generator:
+    """Client ``client_id``'s share of the privacy noise in round ``round_index``
+    (``privacy.noise: client``).
+    """
+    return torch_stream(seed, _CLIENT_NOISE, round_index, client_id)
+
+
+def count_noise_generator(seed: int, round_index: int) -> torch.Generator:
+    """The noise on round ``round_index``'s unclipped count (adaptive clipping)."""
+    return torch_stream(seed, _COUNT_NOISE, round_index)

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from raflora.diagnostics import EnergyReport, energy_report
-from raflora.engine import seeds
 from raflora.engine.client_round import ClientResult, train_client
 from raflora.engine.evaluation import evaluate_round
 from raflora.engine.federation import Federation, learning_rate
 from raflora.engine.metering import device_clock, tensor_bytes
+from raflora.engine.private_round import (
+    aggregate_private,
+    check_budget,
+    privatize_results,
+    round_clients,
+)
 from raflora.methods import GlobalState
+from raflora.privacy.mechanism import Contribution
 from raflora.report.metrics import metrics_row
 
 __all__ = [
@@ -97,9 +103,7 @@ class RoundPlan:
 def plan_round(fed: Federation, state: GlobalState, round_index: int) -> RoundPlan:
     """Sample round ``round_index``'s clients (the run's own stream) and count the download."""
     cfg = fed.config
-    clients = seeds.sample_clients(
-        fed.seed, round_index, cfg.fl.num_clients, cfg.fl.clients_per_round
-    )
+    clients = round_clients(fed, round_index)  # the run's sample (Poisson under privacy)
     ranks = [fed.rank_of(state, k, round_index) for k in clients]
     element = next(iter(state.factors.values()))[0].element_size()
     head = tensor_bytes(state.dense)
@@ -119,6 +123,7 @@ def complete_round(
     *,
     train_seconds: float,
     failures: Mapping[int, str] | None = None,
+    private: Mapping[int, Contribution | str] | None = None,
 ) -> CompletedRound:
     """Validate and aggregate the round's client results, evaluate, and build its metrics row.
 
@@ -136,6 +141,10 @@ def complete_round(
         Wall time of the client phase.
     failures : Mapping[int, str], optional
         Clients that sent nothing usable (raised, timed out) → reason; counted as rejected.
+    private : Mapping[int, Contribution | str], optional
+        A private run's client contributions (:func:`~raflora.engine.private_round.
+        privatize_results`): the round releases the method's rule applied to their noised
+        mean instead of aggregating ``results`` (docs/privacy.md).
     """
     cfg = fed.config
     t1 = device_clock(fed.device)
@@ -143,9 +152,15 @@ def complete_round(
     # clients trained or replied in (the local engine groups them by rank, Flower by arrival).
     results = sorted(results, key=lambda r: r.update.client_id)
     ctx = fed.context(plan.round_index)
-    outcome = fed.aggregator.aggregate(
-        state, [r.update for r in results], ctx=ctx, wire_dtypes=fed.wire_dtypes
-    )
+    privacy_row: dict[str, Any] = {}
+    if fed.privacy is not None:
+        if private is None:
+            private = privatize_results(fed, state, plan.round_index, results) or {}
+        outcome, privacy_row = aggregate_private(fed, state, plan.round_index, private, ctx)
+    else:
+        outcome = fed.aggregator.aggregate(
+            state, [r.update for r in results], ctx=ctx, wire_dtypes=fed.wire_dtypes
+        )
     new_state = outcome.state
     if outcome.residual is not None:
         fed.bank.merge_into_base(outcome.residual, new_state.base_delta)
@@ -193,12 +208,14 @@ def complete_round(
             },
         }
     )
+    row.update(privacy_row)  # epsilon …: private runs only (docs/privacy.md)
     # the one row schema of both engines: Flower fills transport_bytes, locally it stays null
     return CompletedRound(new_state, metrics_row(row), report)
 
 
 def run_round(fed: Federation, state: GlobalState, round_index: int) -> CompletedRound:
     """Run round ``round_index`` (1-based) from ``state``: the new state and its metrics."""
+    check_budget(fed, round_index)  # a private run stops before exceeding its epsilon
     t0 = device_clock(fed.device)
     plan = plan_round(fed, state, round_index)
     # Trained grouped by rank so the shared model switches adapters as rarely as possible.
@@ -216,4 +233,6 @@ def run_round(fed: Federation, state: GlobalState, round_index: int) -> Complete
         )
         for rank, client_id in order
     ]
-    return complete_round(fed, state, plan, results, train_seconds=device_clock(fed.device) - t0)
+    train_seconds = device_clock(fed.device) - t0
+    private = privatize_results(fed, state, round_index, results)  # None without privacy
+    return complete_round(fed, state, plan, results, train_seconds=train_seconds, private=private)

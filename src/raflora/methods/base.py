@@ -17,7 +17,11 @@ as a round uses them (Algorithm 1 of the paper; docs/design.md#one-round):
 * **traffic** — :meth:`Method.download_numel`, :meth:`Method.upload_bytes`
   (docs/design.md#communication);
 * **client half** — :meth:`Method.client_round` builds a :class:`ClientRound` (lines 6–7): the
-  factors training starts from, which train, a loss term, a gradient correction, the upload.
+  factors training starts from, which train, a loss term, a gradient correction, the upload;
+* **privacy** (``privacy.enabled``, docs/privacy.md) — :meth:`Method.private_rule` declares the
+  private update (product or factor space, which factors, partitions or per-index weights),
+  :meth:`Method.privacy_refusal` says why the method (with its options) cannot be private,
+  :meth:`Method.private_aggregate_module` applies the method's rule to the noised mean.
 
 Everything here is pure tensor code keyed by module name — no models, I/O or transport — so both
 engines call the same hooks. The data types live in :mod:`raflora.methods.state`, FedAvg's
@@ -39,6 +43,7 @@ from torch import Tensor
 from raflora.methods.averaging import sample_weights, weighted_average
 from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions
+from raflora.methods.private import PrivateRule
 from raflora.methods.state import (
     AggregationResult,
     ClientMessage,
@@ -501,6 +506,52 @@ class Method(ABC):
         The Flower engine checks the state a client returns against it before keeping it.
         """
         return {}
+
+    # --------------------------------------------------------- privacy (docs/privacy.md)
+    def private_rule(self, ctx: RoundContext) -> PrivateRule | None:
+        """What a client's private update ``U_k`` is in round ``ctx.round_index``
+        (:class:`~raflora.methods.private.PrivateRule`): product space (``Δ_k = B_k A_k − B_0
+        A_0`` per module, optionally per rank-level partition), or factor space (the zero-padded
+        differences of the factors the method averages, optionally weighted per rank index);
+        heads are always part of it. Sample counts are never used under privacy: every sum is
+        divided by the expected number of its contributors, ``q N_j``
+        (:mod:`raflora.methods.private`).
+
+        ``None`` (the default): the method declares no private update, and a run with
+        ``privacy.enabled`` is refused before round 1 (:meth:`privacy_refusal`). A new method
+        declares one, e.g. ``return PrivateRule.product()`` (its :meth:`aggregate_module` then
+        re-factorises the noised dense mean) or ``PrivateRule.factor("B")``.
+        """
+        return None
+
+    def privacy_refusal(self) -> str | None:
+        """Why this method, with its options, cannot run with ``privacy.enabled`` — one line,
+        shown as the config error — or ``None`` when it can.
+
+        Default: the missing declaration (:meth:`private_rule` returns ``None``). A method
+        overrides it for rules that cannot be made private: one that releases a single client's
+        factors, data-dependent ranks (HetLoRA's self-pruning), weights that depend on the
+        updates, or what the noised sums cannot give (FedEx-LoRA's residual).
+        """
+        if self.private_rule(RoundContext(round_index=1)) is None:
+            return (
+                f"method {self.name!r} does not declare a private update "
+                f"(Method.private_rule; docs/privacy.md)"
+            )
+        return None
+
+    def private_aggregate_module(
+        self,
+        ctx: RoundContext,
+        mean: tuple[Tensor, Tensor],
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The new global factors of a module batch from the noised mean ``(B (…, d, r),
+        A (…, r, n))`` (post-processing; :func:`~raflora.methods.private.private_mean`): by
+        default the method's own :meth:`aggregate_module` of that one update with ``n = 1``.
+        """
+        B, A = mean
+        return self.aggregate_module(ctx, [(B, A, 1)], previous)
 
     # ------------------------------------------------------------------ internals
     def _round_context(self, state: GlobalState) -> RoundContext:

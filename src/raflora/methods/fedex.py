@@ -49,6 +49,15 @@ class FedExLoRA(CarriedAverageMethod):
     name = "fedex"
     capabilities = Capabilities(reports_residual_energy=True)
 
+    def privacy_refusal(self) -> str | None:
+        """The residual needs the clients' products besides their factors."""
+        return (
+            "fedex's residual Σ p_k B_k A_k − B_g A_g needs each client's product besides its "
+            "factors, and privacy releases only the noised sum of one of them; use a factor "
+            "method (fedit, hetlora, rbla, ffa, rolora, fedrot) or a product one (flexlora, "
+            "raflora)"
+        )
+
     def module_residual(
         self,
         ctx: RoundContext,

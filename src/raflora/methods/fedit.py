@@ -15,6 +15,7 @@ from raflora.methods.averaging import sample_weights, weighted_average
 from raflora.methods.base import Method, ModuleUpdates
 from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 
 __all__ = ["FedIT"]
@@ -48,3 +49,7 @@ class FedIT(Method):
         B = weighted_average([B for B, _, _ in updates], p)
         A = weighted_average([A for _, A, _ in updates], p)
         return B, A
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Factor space: both factors' differences, averaged over ``q N`` (docs/privacy.md)."""
+        return PrivateRule.factor("BA")

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor
 
 from raflora.methods.base import ClientRound, ClientUpload, Factors
+from raflora.methods.context import RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import CarriedAverageMethod
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 
 __all__ = ["FedRotLoRA", "FedRotOptions", "procrustes_rotation"]
@@ -108,3 +110,9 @@ class FedRotLoRA(CarriedAverageMethod):
     Options = FedRotOptions
     ClientRoundType = FedRotClientRound
     options: FedRotOptions
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Factor space: the differences of the rotated factors from those received, both
+        factors, averaged over ``q N`` (docs/privacy.md).
+        """
+        return PrivateRule.factor("BA")

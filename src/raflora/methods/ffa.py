@@ -29,6 +29,7 @@ from torch import Tensor
 from raflora.methods.base import ClientRound, GlobalState, Method, ModuleUpdates
 from raflora.methods.context import RoundContext
 from raflora.methods.padding import average_one_factor
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -66,3 +67,9 @@ class FFALoRA(Method):
     def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
         """``B`` only."""
         return sum(B.numel() * B.element_size() for B, _ in update.factors.values())
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Factor space, ``B`` only (``A`` is frozen and public): the setting FFA-LoRA was made
+        for (docs/privacy.md).
+        """
+        return PrivateRule.factor("B")

@@ -16,6 +16,7 @@ from raflora.linalg import svd_to_factors
 from raflora.methods.averaging import sample_weights
 from raflora.methods.base import Method, ModuleUpdates
 from raflora.methods.context import RoundContext
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 
 __all__ = ["FlexLoRA"]
@@ -38,3 +39,9 @@ class FlexLoRA(Method):
         B_cat = torch.cat([B * w for (B, _, _), w in zip(updates, p.tolist(), strict=True)], dim=-1)
         A_cat = torch.cat([A for _, A, _ in updates], dim=-2)
         return svd_to_factors(B_cat, A_cat, self.r_max)
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Product space: ``Δ_k = B_k A_k − B_g[:, :r_k] A_g[:r_k]``; the noised mean is added to
+        ``B_g A_g`` and truncated by SVD to ``r_max`` (docs/privacy.md).
+        """
+        return PrivateRule.product()

@@ -22,6 +22,7 @@ from torch import Tensor
 from raflora.methods.base import Factors, GlobalState, Method, ModuleUpdates, lora_a_init
 from raflora.methods.context import RoundContext
 from raflora.methods.padding import stacked_factors
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 
 __all__ = ["FLoRA"]
@@ -98,3 +99,10 @@ class FLoRA(Method):
     ) -> tuple[Tensor, Tensor] | None:
         """The stack just aggregated: ``B_s A_s`` is merged into the base weights."""
         return new
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Product space from zero (``Δ_k = B_k A_k``). Under privacy only the noised mean is
+        released and merged — never a client's own factors — and the "stack" clients download
+        is that dense mean, factored by its thin SVD (docs/privacy.md).
+        """
+        return PrivateRule.product(cumulative=False)

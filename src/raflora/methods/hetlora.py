@@ -31,6 +31,7 @@ from raflora.methods.base import ClientRound, GlobalState, Method, ModuleUpdates
 from raflora.methods.context import RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import pad_rank
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -166,6 +167,27 @@ class HetLoRA(Method):
             B = B + w_k[..., None, None] * pad_rank(B_k, self.r_max, -1).double()
             A = A + w_k[..., None, None] * pad_rank(A_k, self.r_max, -2).double()
         return B.to(dtype), A.to(dtype)
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Factor space: both padded factor differences, averaged over ``q N``
+        (docs/privacy.md).
+        """
+        return PrivateRule.factor("BA")
+
+    def privacy_refusal(self) -> str | None:
+        """Self-pruning and sparsity weights depend on the clients' data."""
+        if self.self_pruning:
+            return (
+                "hetlora's rank self-pruning changes a client's rank from its data, which "
+                "privacy cannot release; set method_options.hetlora.self_pruning: false"
+            )
+        if self.weighting == "sparsity":
+            return (
+                "hetlora's sparsity weights w_k ∝ ‖B_k A_k‖ depend on the clients' updates; set "
+                "method_options.hetlora.weighting: samples (under privacy every client then "
+                "counts 1 / (q N))"
+            )
+        return super().privacy_refusal()
 
     def finish_state(
         self,

@@ -59,6 +59,7 @@ from raflora.methods.base import (
 from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import stacked_factors
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -273,6 +274,22 @@ class ILoRA(Method):
             kb, ka = _names(name)
             out[kb], out[ka] = (d, rank), (rank, n)
         return out
+
+    # ---------------------------------------------------------------------- privacy
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Product space (``ΔW = Σ p_k B_k A_k`` is a product rule): the noised mean is added to
+        ``B_g A_g`` and re-factorised by the concatenated QR (docs/privacy.md).
+        """
+        return PrivateRule.product()
+
+    def privacy_refusal(self) -> str | None:
+        """The control variates' ``Δc_k`` is not part of the private update yet."""
+        if self.options.control_variates:
+            return (
+                "ilora's control variates upload Δc_k, a gradient statistic outside the private "
+                "update; set method_options.ilora.control_variates: false"
+            )
+        return super().privacy_refusal()
 
     # ------------------------------------------------------------- server: aggregation
     def aggregate_module(

@@ -114,6 +114,14 @@ class LoRAFAIR(Method):
     Options = LoRAFAIROptions
     options: LoRAFAIROptions
 
+    def privacy_refusal(self) -> str | None:
+        """The refinement's target needs the clients' products besides their factors."""
+        return (
+            "lora-fair refines B̄ towards Σ p_k B_k A_k, which needs each client's product "
+            "besides its factors, and privacy releases only the noised sum of one of them; use "
+            "a factor method (fedit, hetlora, rbla, ffa, rolora, fedrot) or flexlora"
+        )
+
     def aggregate_module(
         self,
         ctx: RoundContext,

@@ -32,6 +32,7 @@ from raflora.linalg import svd_to_factors
 from raflora.methods.base import Method, ModuleUpdates
 from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.options import MethodOptions, option
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 
 __all__ = ["RaFLoRA", "RaFLoRAOptions", "partition_bounds", "partition_weights"]
@@ -125,3 +126,30 @@ class RaFLoRA(Method):
                     B_blocks.append(B_prev[..., :, l:h])
                     A_blocks.append(A_prev[..., l:h, :])
         return svd_to_factors(torch.cat(B_blocks, dim=-1), torch.cat(A_blocks, dim=-2), self.r_max)
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Product space per rank partition: ``U_k`` is the concatenation of the pieces
+        ``Δ_k^(h)`` of the partitions ``h ≤ r_k``; partition ``h``'s noised sum is divided by
+        ``q N_h``, ``N_h`` the federation's clients of rank ``≥ h`` (docs/privacy.md).
+        """
+        return PrivateRule.product(partitions=self.rank_levels)
+
+    def privacy_refusal(self) -> str | None:
+        """``empty_partition: drop`` depends on which clients were sampled."""
+        if self.empty_partition == "drop":
+            return (
+                "raflora's empty_partition 'drop' depends on which clients were sampled, which "
+                "privacy keeps secret; use method_options.raflora.empty_partition: carry"
+            )
+        return super().privacy_refusal()
+
+    def private_aggregate_module(
+        self,
+        ctx: RoundContext,
+        mean: tuple[Tensor, Tensor],
+        previous: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The truncated SVD of the noised ``Σ_h ΔW_h`` to ``r_max`` (Algorithm 1 line 17); an
+        empty partition carries its previous slice (its noised sum is added to it).
+        """
+        return svd_to_factors(mean[0], mean[1], self.r_max)

@@ -24,6 +24,7 @@ from torch import Tensor
 from raflora.methods.base import Method, ModuleUpdates
 from raflora.methods.context import RoundContext
 from raflora.methods.padding import carry_uncovered, covered_rank, rank_index_average
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 
 __all__ = ["RBLA"]
@@ -48,3 +49,9 @@ class RBLA(Method):
         B, _ = rank_index_average([B for B, _, _ in updates], samples, self.r_max, -1)
         A, _ = rank_index_average([A for _, A, _ in updates], samples, self.r_max, -2)
         return carry_uncovered((B, A), previous, covered_rank(updates))
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Factor space per rank index: index ``j``'s noised sum is divided by ``q N_j``, the
+        federation's clients reaching it (docs/privacy.md).
+        """
+        return PrivateRule.factor("BA", per_index=True)

@@ -25,6 +25,7 @@ from torch import Tensor
 from raflora.methods.base import ClientRound, Method, ModuleUpdates
 from raflora.methods.context import RoundContext
 from raflora.methods.padding import average_one_factor
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 from raflora.methods.validation import ClientUpdate
 
@@ -67,3 +68,7 @@ class RoLoRA(Method):
         """The factor trained in round ``ctx.round_index`` only."""
         index = 0 if trained_factor(ctx.round_index) == "B" else 1
         return sum(f[index].numel() * f[index].element_size() for f in update.factors.values())
+
+    def private_rule(self, ctx: RoundContext) -> PrivateRule:
+        """Factor space, the factor trained in round ``ctx.round_index`` (docs/privacy.md)."""
+        return PrivateRule.factor(trained_factor(ctx.round_index))

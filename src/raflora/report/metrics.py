@@ -48,6 +48,7 @@ __all__ = [
     "ENERGY_FILE",
     "EVALUATION_KEYS",
     "METHOD_KEYS",
+    "PRIVACY_KEYS",
     "ROW_KEYS",
     "EnergyRow",
     "MetricsRow",
@@ -120,6 +121,27 @@ METHOD_KEYS: Mapping[str, str] = MappingProxyType(
     }
 )
 """Keys a method adds to every row of its runs (the same for both engines)."""
+
+PRIVACY_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "epsilon": (
+            "ε spent after this round at the run's δ (client-level DP, docs/privacy.md; null "
+            "when the noise multiplier is 0: no finite ε)"
+        ),
+        "delta": "δ of the guarantee",
+        "noise_multiplier": "z: the noise std on each coordinate of a sum is z C",
+        "clip": "C: the clip norm of the round's whole client updates",
+    }
+)
+"""Keys of every row of a private run (``privacy.enabled``) after the :data:`ROW_KEYS` but
+``transport_bytes``; a run without privacy has none of them, so its rows are as they were.
+
+What the guarantee covers is what the server releases: each round's global state and the final
+adapter. The rest of a row is the operator's log and is **not** covered: the sampled
+``clients`` and their ranks, ``train_loss`` (the clients' training losses), ``accepted``,
+``rejected`` and their reasons, the traffic and the timings. No per-client loss or step count
+is written to any file.
+"""
 
 
 def metrics_row(fields: Mapping[str, Any], *, transport_bytes: int | None = None) -> dict[str, Any]:

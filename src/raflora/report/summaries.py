@@ -176,6 +176,8 @@ def summarize(
         "time": phases,
     }
     summary.update(_per_level_summary(metrics))
+    if any("epsilon" in row for row in metrics):  # a private run (docs/privacy.md) only
+        summary["final_epsilon"] = _last(metrics, "epsilon")
     for key, value in (extra or {}).items():
         if key in summary and summary[key] != value:
             raise ValueError(
@@ -198,8 +200,9 @@ def progress_postfix(row: MetricsRow) -> dict[str, str]:
     dict[str, str]
         ``loss`` (train loss, 4 decimals), ``acc`` (accuracy in %, evaluated rounds only),
         ``acc@r`` (the smallest rank level's accuracy in %, with per-level evaluation), ``hre``
-        (higher-rank energy, 3 decimals) and ``rej`` (rejected clients, when any); keys whose
-        value is missing are left out.
+        (higher-rank energy, 3 decimals), ``rej`` (rejected clients, when any) and ``ε`` (a
+        private run's epsilon so far, 3 significant digits); keys whose value is missing are
+        left out.
     """
     out: dict[str, str] = {}
     loss = _num(row, "train_loss")
@@ -217,6 +220,9 @@ def progress_postfix(row: MetricsRow) -> dict[str, str]:
     rejected = _num(row, "rejected")
     if rejected:
         out["rej"] = str(int(rejected))
+    eps = _num(row, "epsilon")
+    if eps is not None:  # a private run: ε spent so far
+        out["ε"] = f"{eps:.3g}"
     return out
 
 
@@ -237,6 +243,12 @@ One row per aggregation method.
 - **Upload** / **Download**: total client→server / server→client traffic over the run (binary
   units). **Traffic (× min)**: upload + download relative to the method with the least traffic.
 - **Wall (s)**: wall-clock time of the whole run.
+"""
+
+
+_EPSILON_NOTE = """\
+- **ε**: the privacy budget spent by the last round at the run's δ (client-level differential
+  privacy, docs/privacy.md); ∞ for a run without privacy (or without noise).
 """
 
 
@@ -322,11 +334,12 @@ def write_comparison(
     positive = [t for t in traffic.values() if t > 0]
     least = min(positive) if positive else 0
 
+    private = any("final_epsilon" in summary for summary, _ in runs.values())
     lines = [
-        _COMPARISON_HEADER,
+        _COMPARISON_HEADER + (_EPSILON_NOTE if private else ""),
         "| Method | Final acc. | Best acc. (round) | Final HRE | Mean HRE | Upload | Download "
-        "| Traffic (× min) | Wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Traffic (× min) | Wall (s) |" + (" ε |" if private else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if private else ""),
     ]
     for method, (summary, _) in runs.items():
         best = _pct(summary.get("best_accuracy"))
@@ -344,6 +357,9 @@ def write_comparison(
             ratio,
             _fixed(summary.get("wall_seconds"), 1),
         ]
+        if private:  # "∞" for a run without privacy beside private ones
+            eps = summary.get("final_epsilon", math.inf)
+            cells.append("∞" if eps is None or eps == math.inf else f"{float(eps):.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     if skipped:
         lines.extend(["", "Skipped:", ""])

@@ -62,6 +62,10 @@ _TAGS = {
     "transport_bytes": "traffic/transport_bytes",  # Flower: what the transport moved
     "accepted": "clients/accepted",
     "rejected": "clients/rejected",
+    "epsilon": "privacy/epsilon",  # a private run's rows only (docs/privacy.md)
+    "delta": "privacy/delta",
+    "noise_multiplier": "privacy/noise_multiplier",
+    "clip": "privacy/clip",
 }
 _NOT_SCALARS = {"round", "energy_per_level", "time", "clients", "client_ranks", "rejected_reasons"}
 
