@@ -19,13 +19,13 @@ quantisation of the upload are not part of this method (the frozen base in 4 bit
 - *Ranks.* ``R = r_max``. Client ``k`` trains at rank ``R`` (:meth:`HAFLQ.client_rank`), its
   budget ``n_k`` is its declared rank ``r_k`` (its level from ``fl.rank_levels``): it trains
   ``n_k`` of the ``R`` components of every adapted module and freezes the rest.
-- *Importance* — AdaLoRA's smoothed sensitivity (Zhang et al., ICLR 2023, Eqs. (8)–(10)), per
+- *Importance* — AdaLoRA's smoothed sensitivity (Zhang et al., ICLR 2023, §3.2), per
   entry ``w`` of ``B`` and ``A`` at every local step::
 
       I = |w ∇_w L|,   Ī ← β₁ Ī + (1 − β₁) I,   Ū ← β₂ Ū + (1 − β₂) |I − Ī|
 
-  (``Ū`` with the updated ``Ī``), and per component, as AdaLoRA's Eq. (11) without its singular
-  value term, ``S_j = mean_i (Ī Ū)[B_{ij}] + mean_i (Ī Ū)[A_{ji}]``. ``Ī`` and ``Ū`` are the
+  (``Ū`` with the updated ``Ī``), and per component, as AdaLoRA's triplet score without its
+  singular value term, ``S_j = mean_i (Ī Ū)[B_{ij}] + mean_i (Ī Ū)[A_{ji}]``. ``Ī`` and ``Ū`` are the
   client's per-client state, kept across the rounds it takes part in (zero before its first).
   Every component's sensitivity is measured, frozen ones included (their gradient is computed
   before it is zeroed), so a client can change what it trains from one round to the next.
@@ -59,7 +59,7 @@ quantisation of the upload are not part of this method (the frozen base in 4 bit
   trained weights; with another alpha ``B``'s sensitivities are ``s`` times AdaLoRA's (``s`` is
   the same for every component of a module, but ``S_j`` then weighs ``B``'s term by ``s²``).
   AdaLoRA's code multiplies the gradient with the weights *after* the optimizer step; we use the
-  weights the gradient was computed at (the definition, Eq. (8)).
+  weights the gradient was computed at (the sensitivity's definition).
 
 Every level's model is the global model (every client holds the whole adapter; with
 ``truncate`` a level holds its top-``r`` components). Traffic (docs/design.md#communication): the
@@ -132,7 +132,7 @@ def smooth_sensitivity(
     beta1: float,
     beta2: float,
 ) -> tuple[Tensor, Tensor]:
-    """One step of AdaLoRA's smoothed sensitivity (Eqs. (8)–(10)), entrywise:
+    """One step of AdaLoRA's smoothed sensitivity (its §3.2), entrywise:
     ``I = |w ∇_w L|``, ``Ī ← β₁ Ī + (1 − β₁) I``, ``Ū ← β₂ Ū + (1 − β₂) |I − Ī|`` (the new
     ``Ī``). Returns the new ``(Ī, Ū)`` in ``ipt``'s dtype.
     """
@@ -144,7 +144,7 @@ def smooth_sensitivity(
 
 def component_scores(ipt_B: Tensor, unc_B: Tensor, ipt_A: Tensor, unc_A: Tensor) -> Tensor:
     """``S_j = mean_i (Ī Ū)[B_{ij}] + mean_i (Ī Ū)[A_{ji}]`` per component ``j`` (``(R,)``):
-    AdaLoRA's triplet score (Eq. (11)) without its singular-value term.
+    AdaLoRA's triplet score (its §3.2) without its singular-value term.
     """
     return (ipt_B * unc_B).mean(dim=-2) + (ipt_A * unc_A).mean(dim=-1)
 
