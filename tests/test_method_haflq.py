@@ -20,6 +20,7 @@ import raflora
 from conftest import config_with, randn
 from method_cases import SYNTHETIC, Case, assert_close, cases, first_module
 from raflora.adapters import adapter_name, lora_parameters
+from raflora.config import ConfigError, load_config
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.client_round import train_client
 from raflora.engine.server_round import complete_round, plan_round
@@ -355,3 +356,18 @@ def test_every_level_holds_the_whole_adapter_without_truncation() -> None:
         assert all(torch.equal(level[k][0], B) for k, (B, _) in state.factors.items())
     B, _ = first_module(state.factors)
     assert B.shape[1] == fed.aggregator.r_max
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_privacy_is_refused_with_the_reason(truncate: bool) -> None:
+    overrides = [
+        "method=haflq",
+        "privacy.enabled=true",
+        "privacy.noise_multiplier=1.0",
+        f"method_options.haflq.truncate={str(truncate).lower()}",
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    lines = [p for p in info.value.problems if p.startswith("privacy:")]
+    assert len(lines) == 1 and "data-dependent" in lines[0], info.value.problems
+    assert ("scores" in lines[0]) is truncate

@@ -25,8 +25,9 @@ quantisation of the upload are not part of this method (the frozen base in 4 bit
       I = |w ∇_w L|,   Ī ← β₁ Ī + (1 − β₁) I,   Ū ← β₂ Ū + (1 − β₂) |I − Ī|
 
   (``Ū`` with the updated ``Ī``), and per component, as AdaLoRA's triplet score without its
-  singular value term, ``S_j = mean_i (Ī Ū)[B_{ij}] + mean_i (Ī Ū)[A_{ji}]``. ``Ī`` and ``Ū`` are the
-  client's per-client state, kept across the rounds it takes part in (zero before its first).
+  singular value term, ``S_j = mean_i (Ī Ū)[B_{ij}] + mean_i (Ī Ū)[A_{ji}]``. ``Ī`` and ``Ū``
+  are the client's per-client state, kept across the rounds it takes part in (zero before its
+  first).
   Every component's sensitivity is measured, frozen ones included (their gradient is computed
   before it is zeroed), so a client can change what it trains from one round to the next.
 - *Selection.* At the start of a round the client trains the ``n_k`` components of largest
@@ -486,6 +487,20 @@ class HAFLQ(Method):
         for key, mask in update.extras.items():
             if key.startswith("mask/") and not bool(((mask == 0) | (mask == 1)).all()):
                 raise InvalidUpdateError(update.client_id, f"{key}: entries must be 0 or 1")
+
+    # ---------------------------------------------------------------------- privacy
+    def privacy_refusal(self) -> str | None:
+        """Which components a client trains is chosen from its data, so neither the rule's
+        per-component divisors nor the mask (or, with ``truncate``, the scores) can be released.
+        """
+        what = "its uploaded scores steer what" if self.options.truncate else "its mask says what"
+        return (
+            "haflq averages each component over the clients that trained it, and a client picks "
+            f"those from its own data (importance; {what} it trained): the per-component counts "
+            "are data-dependent and travel outside the private update, and dividing by the "
+            "public q·N instead is zero-padded averaging; use rbla (per-index, public ranks) or "
+            "another factor method (fedit, hetlora, ffa, rolora, fedrot)"
+        )
 
     # ------------------------------------------------------------- server: traffic
     def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
