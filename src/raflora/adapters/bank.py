@@ -18,6 +18,7 @@ from raflora.adapters.factors import (
 )
 from raflora.adapters.heads import _saved_modules, get_dense, set_dense, trainable_parameters
 from raflora.adapters.merge import load_base_weights, merge_into_base, set_merged_base
+from raflora.adapters.quantized import is_quantized
 from raflora.methods.base import Factors
 
 __all__ = [
@@ -183,7 +184,14 @@ class AdapterBank:
         instead of compounding every round (deltas of 1e-4 would otherwise lose a third of
         their size to rounding). The pristine copy costs one copy of the adapted weights, in
         CPU memory.
+
+        Quantised weights (``task.quantization``) take no merge: ``cumulative`` becomes the
+        float32 residual beside each quantised layer (``delta`` is added to it when no
+        ``cumulative`` is given), never re-quantised (docs/quantization.md).
         """
+        if self._quantized_base() and cumulative is not None:
+            set_merged_base(self.model, {}, cumulative)
+            return
         if not self._narrow_base() or cumulative is None:
             merge_into_base(self.model, delta)
             return
@@ -204,12 +212,20 @@ class AdapterBank:
         return out
 
     def _narrow_base(self) -> bool:
-        """Whether an adapted base weight is stored in a dtype narrower than float32."""
+        """Whether an adapted base weight is stored in a float dtype narrower than float32
+        (a quantised layer is not: its merges go into a float32 residual).
+        """
         layers = _layer_map(self.model, adapter_name(self.max_rank))
         return any(
             layer.get_base_layer().weight.dtype not in (torch.float32, torch.float64)
+            and not is_quantized(layer.get_base_layer())
             for layer in layers.values()
         )
+
+    def _quantized_base(self) -> bool:
+        """Whether an adapted base layer is quantised (bitsandbytes 4- or 8-bit)."""
+        layers = _layer_map(self.model, adapter_name(self.max_rank))
+        return any(is_quantized(layer.get_base_layer()) for layer in layers.values())
 
     def load_base_weights(self, weights: Mapping[str, Tensor]) -> None:
         """:func:`load_base_weights` (a resumed run's merged weights), keeping ``W_0`` first.

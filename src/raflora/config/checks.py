@@ -34,7 +34,21 @@ def environment_problems(config: RunConfig) -> list[str]:
             "output.tensorboard: the 'tensorboard' package is not installed; "
             "pip install 'raflora[tensorboard]' (or set output.tensorboard=false)"
         )
+    if config.task.quantization != "none" and not _has_module("bitsandbytes"):
+        problems.append(
+            f"task.quantization: {config.task.quantization!r} needs the 'bitsandbytes' package, "
+            "which is not installed; pip install 'raflora[quantization]' (or set "
+            "task.quantization=none)"
+        )
     return problems
+
+
+def _has_module(name: str) -> bool:
+    """Whether the package ``name`` can be imported."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # a module object without a spec stands in for it
+        return False
 
 
 def _has_tensorboard() -> bool:
@@ -108,7 +122,30 @@ def check(
     options = _method_problems(config, methods, levels_ok, ok, problems)
     if ok("privacy.enabled") and config.privacy.enabled is True:
         _privacy_problems(config, methods, levels_ok and ok("method_options"), ok, problems)
+    if ok("task.quantization", "method"):
+        _quantization_problems(config, methods, problems)
     return problems, (options if not problems else None)
+
+
+def _quantization_problems(
+    config: RunConfig, methods: Sequence[str] | None, problems: list[str]
+) -> None:
+    """Methods that refuse a quantised base (``Capabilities.quantized_base``), by their
+    declaration, never by name (docs/quantization.md).
+    """
+    if config.task.quantization == "none":
+        return
+    from raflora.methods.registry import _REGISTRY
+
+    run = methods if methods is not None else [config.method]
+    for name in run:
+        cls = _REGISTRY.get(name)
+        if cls is not None and cls.capabilities.quantized_base == "refuse":
+            problems.append(
+                f"task.quantization: method {name!r} merges its updates into the base weights "
+                f"and declares it cannot keep them beside {config.task.quantization!r} "
+                f"weights (a 4/8-bit weight takes no exact merge); use task.quantization=none"
+            )
 
 
 def _privacy_problems(

@@ -39,6 +39,7 @@ Optimizer = Literal["adamw", "sgd"]
 PrivacySampling = Literal["fixed", "poisson"]
 PrivacyNoise = Literal["server", "client"]
 PrivacyAccountant = Literal["rdp", "pld"]
+Quantization = Literal["none", "nf4", "fp4", "int8"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -84,6 +85,16 @@ class TaskConfig(Section):
     )
     options: dict[str, Any] = field(
         default_factory=dict, metadata=_help("Task-specific extra options.")
+    )
+    quantization: Quantization = field(
+        default="none",
+        metadata=_help(
+            "Frozen base in low precision (QLoRA; docs/quantization.md): none, nf4 or fp4 "
+            "(4-bit) or int8, through transformers' BitsAndBytesConfig (needs bitsandbytes: "
+            "raflora[quantization]). The adapted linear layers are quantised, the heads and "
+            "LoRA factors stay in the run's dtype; merges into the base become a float32 "
+            "residual beside each quantised layer."
+        ),
     )
 
 

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from raflora.adapters import AdapterBank, adapter_name, base_weights, wrap_model
+from raflora.adapters import AdapterBank, adapter_name, wrap_model
+from raflora.adapters.merge import effective_base_weights
+from raflora.adapters.quantized import place_model
 from raflora.config import RunConfig, method_options_of
 from raflora.data import partition, summarize_partition
 from raflora.engine import seeds
@@ -158,7 +160,7 @@ class Federation:
 
     def _base_weights(self) -> dict[str, torch.Tensor]:
         """The current base weights of the adapted modules, float32 on the run's device."""
-        weights = base_weights(self.bank.model, adapter_name(self.aggregator.r_max))
+        weights = effective_base_weights(self.bank.model, adapter_name(self.aggregator.r_max))
         return {k: v.to(device=self.device, dtype=torch.float32) for k, v in weights.items()}
 
     def merge_initial_residual(self, state: GlobalState) -> GlobalState:
@@ -257,7 +259,7 @@ def build_federation(config: RunConfig, *, task: Task | None = None) -> Federati
     )
     lo = config.lora
     target = task.target_modules if lo.target_modules == "all-linear" else lo.target_modules
-    model = task.model.to(device=device, dtype=dtype)
+    model = place_model(task.model, device, dtype)  # a quantised base takes no dtype cast
     if config.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
             model, "gradient_checkpointing_enable", None

@@ -98,6 +98,7 @@ def adapter_meta(fed: Federation) -> dict[str, Any]:
         "target_modules": sorted(target) if isinstance(target, set) else target,
         "modules_to_save": fed.bank.modules_to_save,
         "task_type": fed.task.task_type,
+        "quantization": fed.config.task.quantization,  # export records the base it needs
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -103,9 +104,17 @@ class Capabilities:
     reports_residual_energy : bool
         Metrics rows also report the energy of the round's merged residual
         (``residual_higher_rank_energy``): FedEx-LoRA, whose global factors are not the residual.
+    quantized_base : str
+        What becomes of the method's merges into the base weights (FLoRA's, FedEx-LoRA's,
+        ILoRA's base shift) over a quantised base (``task.quantization``, docs/quantization.md),
+        which cannot take an exact merge: ``"residual"`` — each merge is kept as a float32
+        residual beside the quantised layer, applied in its forward (exact, never re-quantised);
+        ``"refuse"`` — a quantised run is refused before it starts. Moot for a method that never
+        merges.
     """
 
     ranks_must_be_levels: bool = False
     single_rank_level: bool = False
     reads_base_weights: bool = False
     reports_residual_energy: bool = False
+    quantized_base: Literal["residual", "refuse"] = "residual"

@@ -47,7 +47,7 @@ class FedExLoRA(CarriedAverageMethod):
     """Zero-padded factor averaging with uncovered indices carried, plus the exact residual."""
 
     name = "fedex"
-    capabilities = Capabilities(reports_residual_energy=True)
+    capabilities = Capabilities(reports_residual_energy=True, quantized_base="residual")
 
     def privacy_refusal(self) -> str | None:
         """The residual needs the clients' products besides their factors."""

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from raflora.methods.base import Factors, GlobalState, Method, ModuleUpdates, lora_a_init
-from raflora.methods.context import RoundContext
+from raflora.methods.context import Capabilities, RoundContext
 from raflora.methods.padding import stacked_factors
 from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
@@ -33,6 +33,8 @@ class FLoRA(Method):
     """Stacking aggregation, merge into the base, fresh client init each round."""
 
     name = "flora"
+    # over a quantised base each merge is kept as a float32 residual beside the 4/8-bit layer
+    capabilities = Capabilities(quantized_base="residual")
 
     def init_state(
         self,

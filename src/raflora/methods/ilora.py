@@ -164,7 +164,7 @@ class ILoRA(Method):
     """QR initialisation, concatenated-QR aggregation, rank-aware control variates."""
 
     name = "ilora"
-    capabilities = Capabilities(reads_base_weights=True)
+    capabilities = Capabilities(reads_base_weights=True, quantized_base="residual")
     Options = ILoRAOptions
     ClientRoundType = ILoRAClientRound
     options: ILoRAOptions

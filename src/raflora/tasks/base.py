@@ -85,6 +85,10 @@ class Task(ABC):
     """The frozen dataclass of the task's ``task.options`` (``None``: it takes none); the JSON
     Schema and ``docs/configuration.md`` are generated from it."""
 
+    supports_quantization: ClassVar[bool] = False
+    """Whether the task loads its base through transformers, so that ``task.quantization`` can
+    quantise it (:mod:`raflora.tasks.quantize`); a run asking it of another task is refused."""
+
     model: nn.Module
     model_id: str
     num_train: int
@@ -272,4 +276,11 @@ def build_task(config: RunConfig) -> Task:
         raise TaskError(
             f"unknown task {config.task.name!r}; available: {', '.join(available_tasks())}"
         ) from None
+    quantization = getattr(config.task, "quantization", "none")
+    if quantization != "none" and not getattr(factory, "supports_quantization", False):
+        able = [n for n in available_tasks() if getattr(_TASKS[n], "supports_quantization", 0)]
+        raise TaskError(
+            f"task.quantization {quantization!r}: task {config.task.name!r} does not load its "
+            f"model through transformers, which quantises it; tasks that do: {', '.join(able)}"
+        )
     return factory(config)

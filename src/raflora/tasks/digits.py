@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from raflora.schema import setting
 from raflora.tasks.base import Batch, ClassificationTask, TaskError, parse_options, register_task
+from raflora.tasks.quantize import one_cpu_path, pretrained_kwargs
 
 if TYPE_CHECKING:
     from transformers import ViTForImageClassification
@@ -318,12 +319,17 @@ def ensure_pretrained(opts: DigitsOptions, public: _Split) -> tuple[Path, bool]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(path: str) -> ViTForImageClassification:
+def _load(path: str, **kwargs: Any) -> ViTForImageClassification:
+    """The saved model (``kwargs``: :func:`~raflora.tasks.quantize.pretrained_kwargs`, the
+    route by which a quantised base is loaded).
+    """
     from transformers import ViTForImageClassification
 
     try:
         with _quiet_transformers():
-            model: ViTForImageClassification = ViTForImageClassification.from_pretrained(path)
+            model: ViTForImageClassification = ViTForImageClassification.from_pretrained(
+                path, **kwargs
+            )
     except (OSError, ValueError) as exc:
         raise TaskError(
             f"task 'digits': cannot load the cached model {path} ({exc}); delete the directory "
@@ -331,7 +337,7 @@ def _load(path: str) -> ViTForImageClassification:
         ) from None
     model.requires_grad_(False)
     model.train(False)  # evaluation mode (no dropout anyway)
-    return model
+    return one_cpu_path(model) if kwargs else model
 
 
 @register_task("digits")
@@ -354,6 +360,7 @@ class DigitsTask(ClassificationTask):
     """
 
     Options = DigitsOptions
+    supports_quantization = True
 
     def __init__(self, config: RunConfig) -> None:
         if config.task.model is not None or config.task.dataset is not None:
@@ -366,7 +373,10 @@ class DigitsTask(ClassificationTask):
         splits = _splits()
         path, self.built_cache = ensure_pretrained(self.options, splits["public"])
         self.model_id = str(path)
-        self.model = _load(self.model_id)
+        # task.quantization: the float32 model pretrained above, reloaded through transformers'
+        # BitsAndBytesConfig (docs/quantization.md); the new head stays in float32
+        self._load_kwargs = pretrained_kwargs(config, ("classifier",))
+        self.model = _load(self.model_id, **self._load_kwargs)
         train, evaluation = splits["train"], splits["eval"]
         if config.task.num_eval_samples is not None:
             cap = config.task.num_eval_samples
@@ -397,8 +407,10 @@ class DigitsTask(ClassificationTask):
         return out
 
     def load_base_model(self) -> nn.Module:
-        """``ViTForImageClassification.from_pretrained(model_id)``: the base model again."""
-        return _load(self.model_id)
+        """``ViTForImageClassification.from_pretrained(model_id)``: the base model again (with
+        the run's quantisation, if any).
+        """
+        return _load(self.model_id, **self._load_kwargs)
 
     def describe(self) -> dict[str, Any]:
         """Task facts plus the evaluation size and the pretraining classes."""

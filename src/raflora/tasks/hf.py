@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from raflora.schema import setting
 from raflora.tasks.base import Batch, ClassificationTask, TaskError
+from raflora.tasks.quantize import one_cpu_path, pretrained_kwargs
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -506,6 +507,7 @@ class HFClassificationTask(ClassificationTask):
     data_column_defaults: tuple[str, ...]
     label_column_defaults: tuple[str, ...] = ("label", "labels")
     Options = SplitOptions
+    supports_quantization = True
 
     def __init__(self, config: RunConfig) -> None:
         tc = config.task
@@ -576,9 +578,17 @@ class HFClassificationTask(ClassificationTask):
             "label2id": {n: i for i, n in enumerate(names)},
         }
 
+        # task.quantization: BitsAndBytesConfig through from_pretrained (docs/quantization.md);
+        # the subclasses load in float32 already, and a quantised model takes no dtype cast
+        quantized = pretrained_kwargs(self.config)
+        quantized.pop("dtype", None)
+        label_kwargs.update(quantized)
+
         def build(model_dir: str) -> nn.Module:
             with seeded(self._seed):
                 model = self._create_model(model_dir, label_kwargs)
+            if quantized:
+                return one_cpu_path(model)
             return model.to(device="cpu", dtype=torch.float32)
 
         return load_pretrained("task.model", self.model_id, build)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from raflora.schema import setting
 from raflora.tasks.base import Batch, Task, TaskError, move_batch
 from raflora.tasks.hf import SplitOptions, check_options, load_pretrained
+from raflora.tasks.quantize import one_cpu_path, pretrained_kwargs
 
 if TYPE_CHECKING:
     from raflora.config import RunConfig
@@ -399,6 +400,7 @@ class CausalLMTask(Task):
     default_max_new_tokens: int = 256
     task_type = "CAUSAL_LM"
     Options: ClassVar[type | None] = CausalLMOptions
+    supports_quantization = True
 
     train_examples: list[Example]
     eval_examples: list[Example]
@@ -469,10 +471,17 @@ class CausalLMTask(Task):
         )
 
     def load_base_model(self) -> nn.Module:
-        """``AutoModelForCausalLM.from_pretrained(model_id)`` in the run's dtype, on the CPU."""
+        """``AutoModelForCausalLM.from_pretrained(model_id)`` in the run's dtype, on the CPU;
+        with ``task.quantization``, through transformers' ``BitsAndBytesConfig`` on the run's
+        device (docs/quantization.md).
+        """
         from transformers import AutoModelForCausalLM
 
+        quantized = pretrained_kwargs(self.config)
+
         def build(model_dir: str) -> nn.Module:
+            if quantized:
+                return one_cpu_path(AutoModelForCausalLM.from_pretrained(model_dir, **quantized))
             model: nn.Module = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
             return model.to(device="cpu")
 
