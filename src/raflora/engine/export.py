@@ -9,11 +9,12 @@ SVD (all singular directions for the full export, the top ``r`` for a truncated 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -22,11 +23,18 @@ from torch import Tensor, nn
 
 from raflora.adapters.factors import PEFT_PREFIX
 from raflora.engine.rundir import replace_dir, write_failure
-from raflora.linalg import frobenius_norm
+from raflora.linalg import factored_svd, frobenius_norm
 from raflora.methods import Aggregator, GlobalState
 from raflora.methods.base import Factors
 
-__all__ = ["AdapterExport", "adapter_factors", "export_peft_adapter", "write_adapter"]
+__all__ = [
+    "AdapterExport",
+    "DeltaSVD",
+    "adapter_factors",
+    "delta_svd",
+    "export_peft_adapter",
+    "write_adapter",
+]
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,42 @@ class AdapterExport:
     rank: int
     energy_kept: float
 
+    @property
+    def relative_error(self) -> float:
+        """``‖ΔW − B_r A_r‖_F / ‖ΔW‖_F = √(1 − energy_kept)`` over the modules (0 for the full
+        export, to rounding): written to the adapter's metadata with the rank.
+        """
+        return math.sqrt(max(0.0, 1.0 - self.energy_kept))
+
 
 _RANK_TOL = 1e-6
 """Singular values below this fraction of a module's largest are numerically zero."""
+
+_DENSE_BELOW = 512
+"""Modules with ``min(d, n)`` below this take the dense SVD (a fraction of a second each)."""
+_SKETCH_START = 64
+"""First sketch size of the adaptive range finder (doubled until the residual is negligible)."""
+_OVERSAMPLE = 10
+"""Least extra sketch columns of the randomized SVD (Halko et al. 2011, §4.2); it takes
+``max(10, rank)`` (a sketch of twice the rank: slowly decaying spectra need it)."""
+_POWER_ITERATIONS = 3
+"""Subspace (power) iterations of the randomized SVD (Halko et al. 2011, Alg. 4.4)."""
+_TEST_VECTORS = 10
+"""Gaussian test vectors of the a-posteriori residual bound (Halko et al. 2011, §4.3)."""
+
+
+class DeltaSVD(NamedTuple):
+    """Thin SVD ``U diag(S) Vh`` of one module's delta (descending ``S``).
+
+    ``exact``: the singular triplets are those of the dense SVD to rounding — the dense or
+    factored route, or a sketch whose residual is below ``_RANK_TOL σ_1`` (what the dense route
+    counts as zero); ``False`` only for a randomized SVD of a matrix of larger numerical rank.
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+    exact: bool
 
 
 def _numerical_rank(S: Tensor) -> int:
@@ -60,29 +101,151 @@ def _numerical_rank(S: Tensor) -> int:
     return int(torch.count_nonzero(S / S[0] > _RANK_TOL))
 
 
-def _delta_factors(delta: Mapping[str, Tensor], rank: int | None) -> tuple[Factors, int]:
-    """SVD factors ``(UΣ, Vᵀ)`` of dense deltas, all at one rank (zero-padded where smaller).
+def _gaussian(rows: int, cols: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    """Standard normal ``(rows, cols)`` drawn on the CPU from ``generator`` (every device gets
+    the same numbers, and the global RNG is never touched: an export must not change a run's
+    random stream), in ``like``'s dtype and device.
+    """
+    draw = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    return draw.to(device=like.device, dtype=like.dtype)
+
+
+def _residual_bound(M: Tensor, Q: Tensor, generator: torch.Generator) -> float:
+    """Probabilistic bound on ``‖M − Q Qᵀ M‖_2`` (Halko et al. 2011, Eq. 4.3): ``10 √(2/π)``
+    times the largest ``‖(M − Q Qᵀ M) ω_i‖`` over ``_TEST_VECTORS`` Gaussian ``ω_i``; it holds
+    with probability ``1 − 10^{-10}``. Each vector costs one product with ``M``.
+    """
+    Y = M @ _gaussian(M.shape[1], _TEST_VECTORS, generator, M)
+    R = Y - Q @ (Q.T @ Y)
+    return 10.0 * math.sqrt(2.0 / math.pi) * float(torch.linalg.vector_norm(R, dim=0).max())
+
+
+def _top_singular_value(M: Tensor, generator: torch.Generator, steps: int = 8) -> float:
+    """A lower bound on ``σ_1(M)`` from a few power iterations (``‖M x‖`` for a unit ``x``)."""
+    x = _gaussian(M.shape[1], 1, generator, M)
+    value = 0.0
+    for _ in range(steps):
+        x = x / torch.linalg.vector_norm(x).clamp_min(1e-300)
+        y = M @ x
+        value = max(value, float(torch.linalg.vector_norm(y)))
+        x = M.T @ y
+    return value
+
+
+def _from_range(M: Tensor, Q: Tensor, exact: bool) -> DeltaSVD:
+    """The SVD of ``Q Qᵀ M`` through the small ``Qᵀ M`` (``k × n``)."""
+    U_c, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return DeltaSVD(Q @ U_c, S, Vh, exact)
+
+
+def _adaptive_range(M: Tensor, generator: torch.Generator, limit: int) -> DeltaSVD | None:
+    """Exact SVD of a numerically low-rank ``M`` from a growing Gaussian sketch, or ``None``
+    when the sketch reaches ``limit`` columns first (Halko et al. 2011, §4.4: the sketch is
+    doubled until the a-posteriori bound is below ``_RANK_TOL σ_1``). Cost ``O(d n k)`` for a
+    numerical rank ``k``, against ``O(d n min(d, n))`` for the dense SVD.
+    """
+    sigma = _top_singular_value(M, generator)
+    if sigma == 0.0:
+        return None  # a zero delta: the dense route answers it at once
+    Y = M.new_zeros(M.shape[0], 0)
+    k = _SKETCH_START
+    while k <= limit:
+        Y = torch.cat([Y, M @ _gaussian(M.shape[1], k - Y.shape[1], generator, M)], dim=1)
+        Q, _ = torch.linalg.qr(Y)
+        if _residual_bound(M, Q, generator) <= _RANK_TOL * sigma:
+            return _from_range(M, Q, exact=True)
+        k *= 2
+    return None
+
+
+def _randomized(M: Tensor, rank: int, generator: torch.Generator) -> DeltaSVD:
+    """Randomized SVD with ``rank + max(10, rank)`` sketch columns and three subspace
+    iterations (Halko et al. 2011, Alg. 4.4 and 5.1; what ``torch.svd_lowrank`` does, here with
+    an explicit generator), truncated to ``rank``. Exact when ``M``'s residual is negligible.
+    """
+    k = rank + max(_OVERSAMPLE, rank)
+    Q, _ = torch.linalg.qr(M @ _gaussian(M.shape[1], k, generator, M))
+    for _ in range(_POWER_ITERATIONS):
+        Z, _ = torch.linalg.qr(M.T @ Q)  # re-orthonormalised each half step (Alg. 4.4)
+        Q, _ = torch.linalg.qr(M @ Z)
+    U, S, Vh, _ = _from_range(M, Q, exact=False)
+    exact = _residual_bound(M, Q, generator) <= _RANK_TOL * float(S[0]) if S.numel() else True
+    return DeltaSVD(U[:, :rank], S[:rank], Vh[:rank], exact)
+
+
+def delta_svd(
+    delta: Tensor | None,
+    factors: tuple[Tensor, Tensor] | None = None,
+    rank: int | None = None,
+    *,
+    seed: int = 0,
+) -> DeltaSVD:
+    """Thin SVD of one module's cumulative delta ``M = delta + B A`` (either part may be absent),
+    in float64: every singular triplet for ``rank=None``, the top ``rank`` otherwise.
+
+    The route (docs/methods.md#flora; ``benchmarks/flora_export.py`` times them):
+
+    * **factored** (``delta`` is ``None``): ``B A`` is a sum of known low-rank factors, and the
+      QR of the stacked factors plus the SVD of the small core is exact
+      (:func:`raflora.linalg.factored_svd`), ``O((d + n) R²)``;
+    * **dense** (``min(d, n) < 512``, or a sketch as large as ``min(d, n) / 2``): the dense SVD,
+      exact;
+    * **sketch** (``rank=None``): a Gaussian sketch doubled until the residual is below what the
+      dense route counts as zero (``1e-6 σ_1``), so the result is the dense one to rounding, at
+      ``O(d n k)`` for numerical rank ``k``;
+    * **randomized** (``rank`` given): a randomized SVD with oversampling and three subspace
+      iterations; exact when ``M``'s numerical rank fits the sketch, otherwise the top ``rank``
+      triplets to the accuracy ``benchmarks/flora_export.py`` reports.
+
+    Random draws come from a generator seeded with ``seed`` on the CPU: the same delta gives the
+    same adapter in every process, and the run's random stream is left alone.
+    """
+    if delta is None:
+        if factors is None:
+            raise ValueError("delta_svd: neither a delta nor factors given")
+        B, A = factors
+        U, S, Vh = factored_svd(B.double(), A.double(), rank)
+        return DeltaSVD(U, S, Vh, exact=True)
+    M = delta.double()
+    if factors is not None:
+        M = M + factors[0].double() @ factors[1].double()
+    small = min(M.shape)
+    generator = torch.Generator().manual_seed(seed)
+    if small >= _DENSE_BELOW:
+        if rank is None:
+            found = _adaptive_range(M, generator, small // 2)
+            if found is not None:
+                return found
+        elif rank + max(_OVERSAMPLE, rank) < small // 2:
+            return _randomized(M, rank, generator)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    if rank is not None:
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    return DeltaSVD(U, S, Vh, exact=True)
+
+
+def _delta_factors(delta: Mapping[str, Tensor], rank: int | None) -> tuple[Factors, int, int]:
+    """SVD factors ``(UΣ, Vᵀ)`` of dense deltas, all at one rank (zero-padded where smaller),
+    and the largest numerical rank seen (exact where every module's SVD was complete or reached
+    past it).
 
     ``rank=None`` keeps every numerically non-zero direction: the largest numerical rank over
     the modules (so the adapter reproduces the deltas to float precision without carrying
     ``min(d, n)`` columns of zeros).
     """
-    svds = {k: torch.linalg.svd(v.double(), full_matrices=False) for k, v in delta.items()}
-    if rank is None:
-        numerical = [_numerical_rank(S) for _, S, _ in svds.values()]
-        out_rank = max(1, *numerical)
-    else:
-        out_rank = int(rank)
+    svds = {k: delta_svd(v, rank=rank) for k, v in delta.items()}
+    numerical = max(1, *(_numerical_rank(s.S) for s in svds.values()))
+    out_rank = numerical if rank is None else int(rank)
     factors: Factors = {}
-    for name, (U, S, Vh) in svds.items():
+    for name, (U, S, Vh, _) in svds.items():
         k = min(out_rank, S.numel())
         dw = delta[name]
-        B = torch.zeros(dw.shape[0], out_rank, dtype=torch.float64)
-        A = torch.zeros(out_rank, dw.shape[1], dtype=torch.float64)
+        B = torch.zeros(dw.shape[0], out_rank, dtype=torch.float64, device=dw.device)
+        A = torch.zeros(out_rank, dw.shape[1], dtype=torch.float64, device=dw.device)
         B[:, :k] = U[:, :k] * S[:k]
         A[:k] = Vh[:k]
         factors[name] = (B.float(), A.float())
-    return factors, out_rank
+    return factors, out_rank, numerical
 
 
 def adapter_factors(
@@ -102,27 +265,28 @@ def adapter_factors(
     Returns
     -------
     tuple[Factors, int, float]
-        The factors, their rank and the share of energy kept.
+        The factors, their rank and the share of energy kept (``Σ‖B_r A_r‖²_F / Σ‖ΔW‖²_F``;
+        the relative Frobenius error of the adapter is ``√(1 − kept)``).
     """
     if state.base_delta:
-        # merged residuals (FLoRA, FedEx-LoRA) plus the global product on top of them
+        # merged residuals (FLoRA, FedEx-LoRA, FedHL) plus the global product on top of them
         delta = dict(state.base_delta)
         for name, (B, A) in aggregator.model_factors(state).items():
             if B.any() and A.any():
                 delta[name] = delta[name] + B @ A
-        full, full_rank = _delta_factors(delta, None)
+        factors, out_rank, full_rank = _delta_factors(delta, rank)
         if rank is not None and not 1 <= rank <= full_rank:
             raise ValueError(f"rank must be in 1…{full_rank}, got {rank}")
-        factors, out_rank = (full, full_rank) if rank is None else _delta_factors(delta, rank)
+        total = sum(float(torch.linalg.vector_norm(v.double())) ** 2 for v in delta.values())
     else:
         full = aggregator.model_factors(state)
         out_rank = aggregator.r_max if rank is None else int(rank)
         if out_rank < 1 or out_rank > aggregator.r_max:
             raise ValueError(f"rank must be in 1…{aggregator.r_max} (r_max), got {out_rank}")
         factors = {k: (B[:, :out_rank], A[:out_rank]) for k, (B, A) in full.items()}
-    total = sum(float(frobenius_norm(B, A)) ** 2 for B, A in full.values())
+        total = sum(float(frobenius_norm(B, A)) ** 2 for B, A in full.values())
     kept = sum(float(frobenius_norm(B, A)) ** 2 for B, A in factors.values())
-    return factors, out_rank, (kept / total if total > 0 else 1.0)
+    return factors, out_rank, (min(1.0, kept / total) if total > 0 else 1.0)
 
 
 def write_adapter(
@@ -141,6 +305,13 @@ def write_adapter(
     interruption leaves the previous adapter or the new one, never half of one.
     """
     factors, out_rank, kept = adapter_factors(aggregator, state, rank)
+    result = AdapterExport(Path(out_dir), out_rank, kept)
+    # what the adapter is, in its own file: its rank and how far it is from the global update
+    metadata = {
+        "raflora.rank": str(out_rank),
+        "raflora.energy_kept": repr(kept),
+        "raflora.relative_error": repr(result.relative_error),
+    }
 
     def build(tmp: Path) -> None:
         try:
@@ -154,12 +325,13 @@ def write_adapter(
                 modules_to_save=meta.get("modules_to_save"),
                 task_type=meta.get("task_type"),
                 base_model_name_or_path=meta.get("model_id"),
+                metadata=metadata,
             )
         except SafetensorError as err:  # safetensors reports a failed write (a full disk) so
             raise write_failure(Path(out_dir), err) from err
 
     replace_dir(Path(out_dir), build)
-    return AdapterExport(Path(out_dir), out_rank, kept)
+    return result
 
 
 def export_peft_adapter(
@@ -173,6 +345,7 @@ def export_peft_adapter(
     modules_to_save: Sequence[str] | None = None,
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a standard PEFT LoRA adapter directory for the given effective factors.
 
@@ -204,6 +377,8 @@ def export_peft_adapter(
         PEFT task type.
     base_model_name_or_path : str | None
         Recorded in ``adapter_config.json``; defaults to the model's ``name_or_path``.
+    metadata : Mapping[str, str] | None
+        Extra string metadata of ``adapter_model.safetensors`` (besides ``format: pt``).
 
     Returns
     -------
@@ -283,5 +458,9 @@ def export_peft_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        tensors,
+        str(out / "adapter_model.safetensors"),
+        metadata={**(metadata or {}), "format": "pt"},
+    )
     return out
