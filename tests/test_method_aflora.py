@@ -4,6 +4,7 @@ clients that kept each column; ``Λ`` folded into what is uploaded and exported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from raflora.methods import (
     RoundContext,
     get_aggregator,
 )
-from raflora.methods.aflora import AFLoRA, shared_a_init
+from raflora.methods.aflora import AFLoRA, AFLoRAClientRound, shared_a_init
 from raflora.tasks import build_task
 
 # ------------------------------------------------------------------------ the dense reference
@@ -50,42 +51,56 @@ def ref_columns(previous_B: Tensor, uploads: list[tuple[list[int], Tensor, int]]
     return out
 
 
+@dataclass(frozen=True)
+class RoundCase:
+    """One module's round: levels, shapes, and per client its rank, samples and stored scores
+    (``None``: a client the server has no scores of)."""
+
+    levels: tuple[int, ...]
+    d: int
+    n: int
+    ranks: list[int]
+    samples: list[int]
+    scores: list[list[float] | None]
+    seed: int
+
+    def scores_of(self, client: int) -> list[float]:
+        """The client's scores, 1 for every component when it has none."""
+        return self.scores[client] or [1.0] * self.levels[-1]
+
+
 @st.composite
-def rounds(draw: st.DrawFn) -> dict[str, object]:
-    """One module's round: levels, clients (rank, samples, stored scores or none), shapes."""
+def rounds(draw: st.DrawFn) -> RoundCase:
     levels = tuple(sorted(draw(st.sets(st.integers(1, 6), min_size=1, max_size=3))))
     R = levels[-1]
-    d, n, clients = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    clients = draw(st.integers(1, 4))
     score = st.sampled_from([-2.0, -0.5, 0.0, 0.5, 1.0, 1.5, 3.0])
-    return {
-        "levels": levels,
-        "d": d,
-        "n": n,
-        "ranks": draw(st.lists(st.sampled_from(levels), min_size=clients, max_size=clients)),
-        "samples": draw(st.lists(st.integers(1, 500), min_size=clients, max_size=clients)),
-        "scores": draw(
+    return RoundCase(
+        levels=levels,
+        d=draw(st.integers(1, 6)),
+        n=draw(st.integers(1, 6)),
+        ranks=draw(st.lists(st.sampled_from(levels), min_size=clients, max_size=clients)),
+        samples=draw(st.lists(st.integers(1, 500), min_size=clients, max_size=clients)),
+        scores=draw(
             st.lists(
                 st.none() | st.lists(score, min_size=R, max_size=R),
                 min_size=clients,
                 max_size=clients,
             )
         ),
-        "seed": draw(st.integers(0, 2**30)),
-    }
+        seed=draw(st.integers(0, 2**30)),
+    )
 
 
-def round_state(case: dict[str, object]) -> tuple[AFLoRA, GlobalState, list[ClientUpdate]]:
+def round_state(case: RoundCase) -> tuple[AFLoRA, GlobalState, list[ClientUpdate]]:
     """A float64 state with the clients' stored scores, and their uploads at their selections."""
-    levels, d, n, seed = case["levels"], case["d"], case["n"], case["seed"]
-    assert isinstance(levels, tuple) and isinstance(d, int) and isinstance(n, int)
-    assert isinstance(seed, int)
-    R = levels[-1]
-    method = get_aggregator("aflora", levels)
+    d, n, seed, R = case.d, case.n, case.seed, case.levels[-1]
+    method = get_aggregator("aflora", case.levels)
     assert isinstance(method, AFLoRA)
     A_g = shared_a_init(R, n, torch.Generator().manual_seed(seed)).double()
     stored = {
         k: {"m": torch.tensor(s, dtype=torch.float32)}
-        for k, s in enumerate(case["scores"])  # type: ignore[arg-type]
+        for k, s in enumerate(case.scores)
         if s is not None
     }
     state = GlobalState(
@@ -94,8 +109,8 @@ def round_state(case: dict[str, object]) -> tuple[AFLoRA, GlobalState, list[Clie
         extras={"scores": stored},
     )
     updates = []
-    for k, (r, samples) in enumerate(zip(case["ranks"], case["samples"], strict=True)):  # type: ignore[call-overload]
-        sel = ref_selection(case["scores"][k] or [1.0] * R, r)  # type: ignore[index]
+    for k, (r, samples) in enumerate(zip(case.ranks, case.samples, strict=True)):
+        sel = ref_selection(case.scores_of(k), r)
         updates.append(
             ClientUpdate(
                 client_id=k,
@@ -110,17 +125,14 @@ def round_state(case: dict[str, object]) -> tuple[AFLoRA, GlobalState, list[Clie
 
 @settings(deadline=None)
 @given(rounds())
-def test_aflora_matches_the_dense_column_reference(case: dict[str, object]) -> None:
+def test_aflora_matches_the_dense_column_reference(case: RoundCase) -> None:
     method, state, updates = round_state(case)
     outcome = method.aggregate(state, updates)
     assert outcome.accepted == tuple(u.client_id for u in updates)
     B, A = outcome.state.factors["m"]
     B_prev, A_prev = state.factors["m"]
-    R = B_prev.shape[1]
-    scores = case["scores"]
-    assert isinstance(scores, list)
     uploads = [
-        (ref_selection(scores[u.client_id] or [1.0] * R, u.rank), u.factors["m"][0], u.num_samples)
+        (ref_selection(case.scores_of(u.client_id), u.rank), u.factors["m"][0], u.num_samples)
         for u in updates
     ]
     B_ref = ref_columns(B_prev, uploads)
@@ -129,24 +141,23 @@ def test_aflora_matches_the_dense_column_reference(case: dict[str, object]) -> N
     # each client's scores: what it reported at its selection, the old ones elsewhere
     for (sel, _, _), u in zip(uploads, updates, strict=True):
         row = outcome.state.extras["scores"][u.client_id]["m"]
-        old = scores[u.client_id] or [1.0] * R
-        expect = torch.tensor(old, dtype=torch.float32)
+        expect = torch.tensor(case.scores_of(u.client_id), dtype=torch.float32)
         expect[sel] = u.extras["lambda/m"]
         assert torch.equal(row, expect)
 
 
 @settings(deadline=None)
 @given(rounds())
-def test_with_every_column_kept_the_product_is_fedavg_exactly(case: dict[str, object]) -> None:
+def test_with_every_column_kept_the_product_is_fedavg_exactly(case: RoundCase) -> None:
     """Every client at rank R keeps every column: ``B̃_g A_g = Σ p_i B_i Λ_i A`` (shared A)."""
-    levels = case["levels"]
-    assert isinstance(levels, tuple)
-    case = {**case, "ranks": [levels[-1]] * len(case["ranks"])}  # type: ignore[arg-type]
+    case = replace(case, ranks=[case.levels[-1]] * len(case.ranks))
     method, state, updates = round_state(case)
     B, A = method.aggregate(state, updates).state.factors["m"]
     total = sum(u.num_samples for u in updates)
-    fedavg = sum((u.num_samples / total) * (u.factors["m"][0] @ u.factors["m"][1]) for u in updates)
-    torch.testing.assert_close(B @ A, fedavg, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
+    fedavg = torch.zeros(case.d, case.n, dtype=torch.float64)
+    for u in updates:
+        fedavg += (u.num_samples / total) * (u.factors["m"][0] @ u.factors["m"][1])
+    torch.testing.assert_close(B @ A, fedavg, rtol=1e-10, atol=1e-12)
 
 
 def test_nested_updates_through_aggregate_module_keep_a_and_carry_uncovered_columns() -> None:
@@ -201,14 +212,17 @@ def test_pruning_keeps_the_largest_lambdas_within_the_budget(
 # ------------------------------------------------------------- the client's B and Λ training
 
 
-def client_round(R: int, r: int, d: int, n: int, seed: int) -> tuple[AFLoRA, object, Tensor]:
+def client_round(
+    R: int, r: int, d: int, n: int, seed: int
+) -> tuple[AFLoRA, AFLoRAClientRound, Tensor]:
     method = get_aggregator("aflora", [R])
     assert isinstance(method, AFLoRA)
     A_g = shared_a_init(R, n, torch.Generator().manual_seed(seed))
     sel = torch.arange(R)[R - r :]
     received = ClientMessage({"m": (randn(seed, d, r, dtype=torch.float32), A_g[sel].clone())})
-    ctx = RoundContext(1).for_client(0, r)
-    return method, method.client_round(ctx, received), A_g[sel]
+    client = method.client_round(RoundContext(1).for_client(0, r), received)
+    assert isinstance(client, AFLoRAClientRound)
+    return method, client, A_g[sel]
 
 
 def loss_of(B: Tensor, A: Tensor, seed: int) -> Tensor:
@@ -222,7 +236,7 @@ def loss_of(B: Tensor, A: Tensor, seed: int) -> Tensor:
 def test_lora_a_stays_lambda_times_the_shared_rows_under_the_optimizer(optimizer: str) -> None:
     """Every step keeps row j of lora_A at λ_j a_j, entry for entry (bit for bit)."""
     _, client, a = client_round(R=6, r=4, d=5, n=7, seed=3)
-    B0, A0 = client.start()["m"]  # type: ignore[attr-defined]
+    B0, A0 = client.start()["m"]
     B, A = B0.clone().requires_grad_(), A0.clone().requires_grad_()
     opt: torch.optim.Optimizer = (
         torch.optim.AdamW([B, A], lr=0.05, weight_decay=0.1)
@@ -232,7 +246,7 @@ def test_lora_a_stays_lambda_times_the_shared_rows_under_the_optimizer(optimizer
     for _ in range(20):
         opt.zero_grad()
         loss_of(B, A, 3).backward()  # type: ignore[no-untyped-call]
-        client.correct_gradients({"m": (B.grad, A.grad)})  # type: ignore[attr-defined]
+        client.correct_gradients({"m": (B.grad, A.grad)})
         torch.nn.utils.clip_grad_norm_([B, A], 1.0)
         opt.step()
     lam = A.detach()[:, :1] / a[:, :1]
@@ -244,17 +258,17 @@ def test_lora_a_stays_lambda_times_the_shared_rows_under_the_optimizer(optimizer
 def test_sgd_on_lora_a_is_exactly_sgd_on_lambda() -> None:
     """One SGD step: the λ the client reports is 1 − η ∂L/∂λ of ``L(B diag(λ) A)``."""
     _, client, a = client_round(R=5, r=3, d=4, n=6, seed=8)
-    B0, A0 = client.start()["m"]  # type: ignore[attr-defined]
+    B0, A0 = client.start()["m"]
     A = A0.clone().requires_grad_()
     loss_of(B0, A, 8).backward()  # type: ignore[no-untyped-call]
-    client.correct_gradients({"m": (torch.zeros_like(B0), A.grad)})  # type: ignore[attr-defined]
+    client.correct_gradients({"m": (torch.zeros_like(B0), A.grad)})
     assert A.grad is not None
     A_new = (A - 0.1 * A.grad).detach()
     # the independent reference: λ as its own parameter
     lam = torch.ones(3, requires_grad=True)
     loss_of(B0, lam[:, None] * a, 8).backward()  # type: ignore[no-untyped-call]
     assert lam.grad is not None
-    upload = client.finish({"m": (B0, A_new)})  # type: ignore[attr-defined]
+    upload = client.finish({"m": (B0, A_new)})
     torch.testing.assert_close(upload.extras["lambda/m"], 1 - 0.1 * lam.grad)
 
 
@@ -262,7 +276,7 @@ def test_the_upload_folds_lambda_into_b_and_sends_the_shared_rows() -> None:
     _, client, a = client_round(R=4, r=2, d=3, n=5, seed=2)
     B = randn(9, 3, 2, dtype=torch.float32)
     lam = torch.tensor([0.5, -2.0])
-    upload = client.finish({"m": (B, lam[:, None] * a)})  # type: ignore[attr-defined]
+    upload = client.finish({"m": (B, lam[:, None] * a)})
     B_up, A_up = upload.factors["m"]
     torch.testing.assert_close(B_up, B * lam)
     assert torch.equal(A_up, a)
@@ -287,7 +301,7 @@ def test_engine_rounds_keep_a_shared_and_identical_across_clients() -> None:
                 lam = u.extras["lambda/" + name]
                 assert lam.shape == (u.rank,) and not torch.equal(lam, torch.ones(u.rank))
             _, A_sent = step.received[u.client_id]
-            assert torch.equal(first_module(u.factors)[1], A_sent)
+            assert torch.equal(first_module(dict(u.factors))[1], A_sent)
         for name, (_, A) in step.outcome.state.factors.items():
             assert torch.equal(A, A0[name])
         # every sampled client's scores are kept for its next selection
