@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
-	$(PIP) install --quiet -c constraints.txt -e ".[test,flower,tensorboard,privacy]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,flower,tensorboard,privacy,quantization]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/aggregation.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/partition.py
+	$(PY) benchmarks/quantization.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
