@@ -56,6 +56,7 @@ from raflora.privacy import (
     calibrate_noise,
     client_noise_std,
     default_delta,
+    epsilon,
     noised_unclipped_fraction,
     split_noise_multiplier,
 )
@@ -232,7 +233,21 @@ def check_budget(fed: Federation, round_index: int) -> None:
     run = fed.privacy
     if run is None or run.target_epsilon is None:
         return
-    ahead = run.ledger.peek(run.noise_multiplier, run.sample_rate, run.delta)
+    rounds = run.ledger.rounds
+    if all(r[0] == run.noise_multiplier and r[1] == run.sample_rate for r in rounds):
+        # one (z, q) so far: the library composes the next round in one evaluation, where a
+        # peek would rebuild the ledger first (each costs seconds under fixed sampling)
+        ahead = epsilon(
+            run.noise_multiplier,
+            run.sample_rate,
+            run.ledger.steps + 1,
+            run.delta,
+            sampling=run.ledger.sampling,
+            num_clients=run.ledger.num_clients,
+            accountant=run.ledger.accountant,
+        )
+    else:
+        ahead = run.ledger.peek(run.noise_multiplier, run.sample_rate, run.delta)
     if ahead > run.target_epsilon * (1 + 1e-9):
         raise PrivacyBudgetError(
             f"privacy: round {round_index} would take epsilon to {ahead:.4g}, past "
