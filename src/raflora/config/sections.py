@@ -36,7 +36,7 @@ Device = Literal["cpu", "cuda", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 LRSchedule = Literal["linear", "constant"]
 Optimizer = Literal["adamw", "sgd"]
-PrivacySampling = Literal["fixed", "poisson"]
+PrivacySampling = Literal["poisson", "fixed"]
 PrivacyNoise = Literal["server", "client"]
 PrivacyAccountant = Literal["rdp", "pld"]
 Quantization = Literal["none", "nf4", "fp4", "int8"]
@@ -283,11 +283,11 @@ class PrivacyConfig(Section):
         None, "δ of the (ε, δ) guarantee (None: 1 / fl.num_clients^1.1).", gt=0, lt=1
     )
     sampling: PrivacySampling = field(
-        default="fixed",
+        default="poisson",
         metadata=_help(
-            "'fixed': fl.clients_per_round clients without replacement (replace-one adjacency); "
-            "'poisson': each client joins with q = clients_per_round / num_clients "
-            "(add-or-remove-one)."
+            "'poisson': each client joins a round with q = clients_per_round / num_clients "
+            "(add-or-remove-one adjacency, as raflora privacy plans); 'fixed': the run's sample "
+            "of fl.clients_per_round without replacement (replace-one adjacency)."
         ),
     )
     noise: PrivacyNoise = field(
