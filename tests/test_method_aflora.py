@@ -17,7 +17,7 @@ from torch import Tensor
 
 from conftest import config_with, randn
 from method_cases import SYNTHETIC, engine_rounds, first_module
-from raflora.engine import load_checkpoint, run_local
+from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.methods import (
     ClientMessage,
     ClientUpdate,
@@ -27,6 +27,7 @@ from raflora.methods import (
     get_aggregator,
 )
 from raflora.methods.aflora import AFLoRA, AFLoRAClientRound, shared_a_init
+from raflora.methods.private import PrivateRule
 from raflora.tasks import build_task
 
 # ------------------------------------------------------------------------ the dense reference
@@ -350,3 +351,48 @@ def test_public_refinement_is_refused_with_a_reason() -> None:
         get_aggregator("aflora", [2, 4], public_dataset="digits")
     with pytest.raises(OptionsError, match="selection"):
         get_aggregator("aflora", [2, 4], selection="largest")
+
+
+# ------------------------------------------------------------------ nested selection, privacy
+
+
+def test_nested_selection_uploads_no_lambda_and_sends_no_indices() -> None:
+    step = engine_rounds("aflora", 1, method_options={"selection": "nested"})[0]
+    fed, state = step.fed, step.before
+    shapes = state.module_shapes.values()
+    for result in step.results:
+        u = result.update
+        assert u.extras == {}
+        for name, (_, A_k) in u.factors.items():
+            assert torch.equal(A_k, state.factors[name][1][: u.rank])
+        ctx = fed.context(1).for_client(u.client_id, u.rank)
+        assert fed.aggregator.download_numel(ctx, state) == sum(d * u.rank for d, _ in shapes)
+        assert fed.aggregator.upload_bytes(ctx, u) == sum(d * u.rank * 4 for d, _ in shapes)
+    assert step.outcome.state.extras["scores"] == {}
+
+
+def test_privacy_is_refused_with_pruning_and_per_index_on_b_when_nested() -> None:
+    pruning = get_aggregator("aflora", [2, 4])
+    assert pruning.private_rule(RoundContext(1)) is None
+    reason = pruning.privacy_refusal()
+    assert reason is not None and "selection: nested" in reason
+    nested = get_aggregator("aflora", [2, 4], selection="nested")
+    assert nested.privacy_refusal() is None
+    rule = nested.private_rule(RoundContext(1))
+    assert rule == PrivateRule.factor("B", per_index=True)
+
+
+def test_a_private_nested_run_trains_b_only_and_keeps_a_shared(tmp_path: Path) -> None:
+    cfg = config_with(
+        SYNTHETIC,
+        method="aflora",
+        method_options={"selection": "nested"},
+        **{"fl.rounds": 2, "privacy.enabled": True, "privacy.noise_multiplier": 0.5},
+    )
+    result = run_local(cfg, tmp_path, progress=False)
+    assert [r["accepted"] for r in result.metrics] == [3, 3]
+    state = load_checkpoint(tmp_path).state
+    start = build_federation(cfg).initial_state()
+    for name, (B, A) in state.factors.items():
+        assert torch.equal(A, start.factors[name][1])  # the shared A, untouched by the noise
+        assert bool(B.abs().sum() > 0)

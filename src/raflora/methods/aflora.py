@@ -78,6 +78,7 @@ from raflora.methods.base import (
 from raflora.methods.context import RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import pad_rank
+from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
 from raflora.methods.state import tensor_bytes
 from raflora.methods.validation import ClientUpdate
@@ -201,8 +202,8 @@ class AFLoRAClientRound(ClientRound):
             g_A.copy_(dlam * a)
 
     def finish(self, trained: Factors) -> ClientUpload:
-        """``(B_i Λ_i, A_g[S_i])`` and ``λ_i`` (``lambda/<module>``), with
-        ``λ_j = (lora_A[j] · a_j) / ‖a_j‖²``.
+        """``(B_i Λ_i, A_g[S_i])`` and, when the method prunes, ``λ_i`` (``lambda/<module>``),
+        with ``λ_j = (lora_A[j] · a_j) / ‖a_j‖²``.
         """
         factors: Factors = {}
         extras: dict[str, Tensor] = {}
@@ -210,7 +211,8 @@ class AFLoRAClientRound(ClientRound):
             a = self._rows[name].to(device=A.device, dtype=torch.float64)
             lam = (A.double() * a).sum(dim=-1) / (a * a).sum(dim=-1)  # (r,)
             factors[name] = ((B.double() * lam).to(B.dtype), self._rows[name].to(A.dtype))
-            extras[_LAMBDA + name] = lam.to(torch.float32)
+            if self.method.prunes:  # the server's pruning scores; nothing to keep without it
+                extras[_LAMBDA + name] = lam.to(torch.float32)
         return ClientUpload(factors, extras)
 
 
@@ -224,6 +226,11 @@ class AFLoRA(Method):
     Options = AFLoRAOptions
     ClientRoundType = AFLoRAClientRound
     options: AFLoRAOptions
+
+    @property
+    def prunes(self) -> bool:
+        """Whether clients train the components of largest ``|λ|`` (``selection: lambda``)."""
+        return self.options.selection == "lambda"
 
     # ------------------------------------------------------------------ server: state
     def init_state(
@@ -267,7 +274,7 @@ class AFLoRA(Method):
         with ``selection: nested``.
         """
         self._check_rank(budget)
-        if self.options.selection == "nested":
+        if not self.prunes:
             return torch.arange(budget, device=state.device)
         return top_components(self.scores(state, client_id, module), budget)
 
@@ -282,9 +289,10 @@ class AFLoRA(Method):
 
     def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
         """``B̃_g[:, S_i]`` and the indices of ``S_i``: ``(d + 1) r_i`` per module (the client
-        regenerates ``A_g`` from the run's seed).
+        regenerates ``A_g`` from the run's seed); ``d r_i`` with ``selection: nested``.
         """
-        return sum((d + 1) * ctx.rank for d, _ in state.module_shapes.values())
+        extra = 1 if self.prunes else 0
+        return sum((d + extra) * ctx.rank for d, _ in state.module_shapes.values())
 
     def upload_bytes(self, ctx: RoundContext, update: ClientUpdate) -> int:
         """``B_i Λ_i`` and ``λ_i`` (the ``A`` rows are the server's own)."""
@@ -295,7 +303,9 @@ class AFLoRA(Method):
     def upload_extra_shapes(
         self, ctx: RoundContext, state: GlobalState
     ) -> dict[str, tuple[int, ...]]:
-        """``λ_i``: ``lambda/<module> (r_i,)``."""
+        """``λ_i``: ``lambda/<module> (r_i,)`` (none with ``selection: nested``)."""
+        if not self.prunes:
+            return {}
         return {_LAMBDA + name: (ctx.rank,) for name in state.module_shapes}
 
     # ------------------------------------------------------------- server: aggregation
@@ -343,8 +353,10 @@ class AFLoRA(Method):
         accepted: Sequence[ClientUpdate],
     ) -> GlobalState:
         """Each accepted client's scores: its reported ``λ_i`` at ``S_i``
-        (``extras["scores"][client][module]``, ``(R,)``).
+        (``extras["scores"][client][module]``, ``(R,)``); nothing with ``selection: nested``.
         """
+        if not self.prunes:
+            return state
         before: dict[int, dict[str, Tensor]] = previous.extras.get("scores", {})
         scores: dict[int, dict[str, Tensor]] = {k: dict(v) for k, v in before.items()}
         for u in accepted:
@@ -356,3 +368,25 @@ class AFLoRA(Method):
                 own[name] = row
         extras: dict[str, Any] = {**state.extras, "scores": scores}
         return replace(state, extras=extras)
+
+    # ---------------------------------------------------------------------- privacy
+    def private_rule(self, ctx: RoundContext) -> PrivateRule | None:
+        """``selection: nested``: factor space, ``B Λ`` only (``A`` is shared and public), column
+        ``j``'s noised sum divided by ``q N_j``, the clients of the federation reaching it —
+        RBLA's per-index rule on ``B``, which is this rule with the nested selection. ``None``
+        with the ``|λ|``-guided pruning (:meth:`privacy_refusal`).
+        """
+        if self.prunes:
+            return None
+        return PrivateRule.factor("B", per_index=True)
+
+    def privacy_refusal(self) -> str | None:
+        """The ``|λ|``-guided pruning picks a client's columns from its data: refused."""
+        if self.prunes:
+            return (
+                "aflora's pruning picks the columns a client trains from its learned λ (its "
+                "data), and the server needs the λ to pick them, so the per-column counts and "
+                "the λ travel outside the private update; run aflora with selection: nested "
+                "(B Λ per column over the clients reaching it, divided by the public q·N_j)"
+            )
+        return super().privacy_refusal()
