@@ -371,3 +371,31 @@ def test_privacy_is_refused_with_the_reason(truncate: bool) -> None:
     lines = [p for p in info.value.problems if p.startswith("privacy:")]
     assert len(lines) == 1 and "data-dependent" in lines[0], info.value.problems
     assert ("scores" in lines[0]) is truncate
+
+
+def test_truncation_on_flower_equals_the_local_engine_bit_for_bit(tmp_path: Path) -> None:
+    """The variant whose messages carry indices and whose uploads carry scores (the default is
+    in test_flower's every-method test)."""
+    pytest.importorskip("flwr")
+    from raflora.flower import run_flower
+    from test_flower import assert_same_client_states, tiny
+
+    threads = torch.get_num_threads()
+    try:
+        config = tiny("haflq", "threads=1", "method_options.haflq.truncate=true")
+        local = run_local(config, tmp_path / "local", progress=False)
+        flower = run_flower(config, tmp_path / "flower", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    skip = {"time", "transport_bytes"}
+    rows = [
+        [{k: v for k, v in r.items() if k not in skip} for r in m]
+        for m in (local.metrics, flower.metrics)
+    ]
+    assert rows[0] == rows[1]
+    a, b = load_checkpoint(local.run_dir).state, load_checkpoint(flower.run_dir).state
+    for name, (B, A) in a.factors.items():
+        assert torch.equal(b.factors[name][0], B) and torch.equal(b.factors[name][1], A)
+    for name, imp in a.extras["importance"].items():
+        assert torch.equal(b.extras["importance"][name], imp)
+    assert_same_client_states(local.run_dir, flower.run_dir)
