@@ -66,7 +66,8 @@ Every level's model is the global model (every client holds the whole adapter; w
 ``truncate`` a level holds its top-``r`` components). Traffic (docs/design.md#communication): the
 whole adapter down (``(d + n) R`` per module), the trained components and the mask up
 (``(d + n) n_k + R``); with ``truncate`` ``(d + n + 1) r_k`` down (the indices) and
-``(d + n + 1) r_k`` up (the scores).
+``(d + n + 1) r_k`` up (the scores). Privacy (docs/privacy.md): refused — the components a
+client trains are chosen from its data (:meth:`HAFLQ.privacy_refusal`).
 """
 
 from __future__ import annotations
