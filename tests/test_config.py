@@ -74,15 +74,18 @@ def test_configs_and_their_lists_are_frozen() -> None:
 
 def test_every_field_has_help_and_is_described() -> None:
     text = describe_config()
-    sections = {"task", "fl", "data", "train", "lora", "eval", "flower", "output"}
+    sections = {"task", "fl", "data", "train", "lora", "eval", "flower", "output", "privacy"}
     for f in dataclasses.fields(RunConfig):
         assert f.metadata.get("help"), f.name
         if f.name in sections:
             assert f"\n{f.name}:  " in text
-            section_cls = type(getattr(RunConfig(), f.name))
-            for sub in dataclasses.fields(section_cls):
+            section = getattr(RunConfig(), f.name)
+            for sub in dataclasses.fields(section):
                 assert sub.metadata.get("help"), f"{f.name}.{sub.name}"
-                assert f"  {f.name}.{sub.name} (" in text
+                if dataclasses.is_dataclass(getattr(section, sub.name)):  # a nested section
+                    assert f"\n{f.name}.{sub.name}:  " in text
+                else:
+                    assert f"  {f.name}.{sub.name} (" in text
         else:
             assert f"  {f.name} (" in text
     assert "data.partition (str, default iid)" in text
