@@ -14,6 +14,7 @@ from raflora.adapters.factors import (
     adapter_name,
     get_factors,
     module_shapes,
+    scaling_for,
     set_factors,
 )
 from raflora.adapters.heads import _saved_modules, get_dense, set_dense, trainable_parameters
@@ -106,6 +107,14 @@ class AdapterBank:
             lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
             task_type=self.task_type,
+        )
+
+    def scaling(self, rank: int) -> float:
+        """The LoRA scaling ``s`` of rank ``rank`` (``α / r``, or ``α / sqrt(r)`` under rsLoRA),
+        as PEFT computes it for the adapter :meth:`config` describes.
+        """
+        return scaling_for(
+            int(rank), float(_alpha_for(self.lora_alpha, int(rank))), use_rslora=self.use_rslora
         )
 
     @property

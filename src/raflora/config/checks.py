@@ -112,6 +112,19 @@ def check(
             f"fl.clients_per_round: must be ≤ fl.num_clients ({fl.num_clients}), "
             f"got {fl.clients_per_round}"
         )
+    concurrent = config.train.concurrent_clients
+    if ok("train.concurrent_clients", "fl.clients_per_round") and (
+        concurrent > fl.clients_per_round >= 1
+    ):
+        problems.append(  # an error, not a silent clamp: the number asked for is not used
+            f"train.concurrent_clients: at most fl.clients_per_round ({fl.clients_per_round}) "
+            f"clients of a round can train at once, got {concurrent}"
+        )
+    if ok("train.concurrent_clients", "engine") and concurrent > 1 and config.engine != "local":
+        problems.append(
+            f"train.concurrent_clients: engine {config.engine!r} trains one client per message "
+            f"(docs/concurrency.md); use engine: local, or train.concurrent_clients: 1"
+        )
     levels_ok = _rank_problems(fl, problems, ok("fl.rank_levels"), ok("fl.rank_probs"))
     if ok("data.partition"):
         try:

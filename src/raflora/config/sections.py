@@ -153,6 +153,13 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Enable gradient checkpointing in the model.")
     )
+    concurrent_clients: int = setting(
+        1,
+        "Clients of a round trained together in one model (one frozen base, one adapter slot "
+        "per client, one forward and backward per step; docs/concurrency.md). 1: one after "
+        "another. At most fl.clients_per_round.",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from raflora.diagnostics import EnergyReport, energy_report
 from raflora.engine.client_round import ClientResult, train_client
+from raflora.engine.concurrent import train_concurrent
 from raflora.engine.evaluation import evaluate_round
 from raflora.engine.federation import Federation, learning_rate
 from raflora.engine.metering import device_clock, tensor_bytes
@@ -220,19 +221,22 @@ def run_round(fed: Federation, state: GlobalState, round_index: int) -> Complete
     plan = plan_round(fed, state, round_index)
     # Trained grouped by rank so the shared model switches adapters as rarely as possible.
     order = sorted(zip(plan.ranks, plan.clients, strict=True))
-    results = [
-        train_client(
-            fed,
-            client_id,
-            rank,
-            fed.client_message(state, client_id, round_index),
-            state.dense,
-            round_index,
-            plan.lr,
-            state=fed.client_states.get(client_id, device=fed.device),
-        )
-        for rank, client_id in order
-    ]
+    if fed.config.train.concurrent_clients > 1:  # K clients at once (docs/concurrency.md)
+        results = train_concurrent(fed, state, order, round_index, plan.lr)
+    else:
+        results = [
+            train_client(
+                fed,
+                client_id,
+                rank,
+                fed.client_message(state, client_id, round_index),
+                state.dense,
+                round_index,
+                plan.lr,
+                state=fed.client_states.get(client_id, device=fed.device),
+            )
+            for rank, client_id in order
+        ]
     train_seconds = device_clock(fed.device) - t0
     private = privatize_results(fed, state, round_index, results)  # None without privacy
     return complete_round(fed, state, plan, results, train_seconds=train_seconds, private=private)

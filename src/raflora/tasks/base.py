@@ -18,6 +18,7 @@ import math
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
@@ -36,7 +37,9 @@ __all__ = [
     "Task",
     "TaskError",
     "available_tasks",
+    "batch_rows",
     "build_task",
+    "concat_batches",
     "move_batch",
     "parse_options",
     "register_task",
@@ -109,6 +112,19 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Scalar training loss of ``model`` on ``batch`` (already on the model's device)."""
 
+    #: Fill values when client batches are padded to a group's widest
+    #: (:func:`concat_batches`); keys not listed pad with 0.
+    group_pad_values: Mapping[str, int] = MappingProxyType({})
+
+    def group_losses(self, model: nn.Module, batches: Sequence[Batch]) -> list[Tensor]:
+        """Each batch's :meth:`loss` from ONE forward pass over their concatenation (the clients
+        of a group trained together, docs/concurrency.md): the batches' rows are concatenated in
+        order (:func:`concat_batches`) and the ``i``-th loss must equal ``loss(model,
+        batches[i])`` (each batch's own mean, never a mean over the group). A task that cannot
+        do this keeps this default, and ``train.concurrent_clients > 1`` is refused for it.
+        """
+        raise NotImplementedError(f"task {self.name!r} defines no group_losses")
+
     @abstractmethod
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
         """Metrics of ``model`` on the evaluation split: at least ``accuracy`` and ``eval_loss``.
@@ -149,6 +165,13 @@ class ClassificationTask(Task):
         """Mean cross-entropy of the logits."""
         return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
 
+    def group_losses(self, model: nn.Module, batches: Sequence[Batch]) -> list[Tensor]:
+        """Each batch's mean cross-entropy, from one forward pass over their concatenation."""
+        group, bounds = concat_batches(batches, self.group_pad_values)
+        logits = self.logits(model, group).float()
+        labels = group["labels"]
+        return [F.cross_entropy(logits[lo:hi], labels[lo:hi]) for lo, hi in bounds]
+
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
         """``accuracy`` and mean cross-entropy ``eval_loss`` over the evaluation split."""
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -173,6 +196,44 @@ def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = N
         else:
             out[key] = value.to(device=device)
     return out
+
+
+def batch_rows(batch: Batch) -> int:
+    """Number of examples (rows) in a batch: the first dimension of its tensors."""
+    return int(next(iter(batch.values())).shape[0])
+
+
+def concat_batches(
+    batches: Sequence[Batch], pad_values: Mapping[str, int] | None = None
+) -> tuple[Batch, list[tuple[int, int]]]:
+    """Concatenate batches row-wise; ``(group, [(lo, hi) rows of each batch])``.
+
+    Tensors whose trailing dimensions differ (token sequences of different lengths) are
+    right-padded to the group's widest first, with ``pad_values[key]`` (default 0: an
+    ``attention_mask`` of 0 hides the padding from the real tokens).
+    """
+    pad_values = pad_values or {}
+    bounds: list[tuple[int, int]] = []
+    lo = 0
+    for batch in batches:
+        rows = batch_rows(batch)
+        bounds.append((lo, lo + rows))
+        lo += rows
+    group: Batch = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if len({tuple(p.shape[1:]) for p in parts}) > 1:
+            widest = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+            fill = pad_values.get(key, 0)
+            padded = []
+            for p in parts:
+                spec: list[int] = []
+                for d in reversed(range(1, p.dim())):
+                    spec += [0, widest[d - 1] - p.shape[d]]
+                padded.append(F.pad(p, spec, value=fill))
+            parts = padded
+        group[key] = torch.cat(parts)
+    return group, bounds
 
 
 _O = TypeVar("_O")

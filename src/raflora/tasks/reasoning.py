@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raflora.schema import setting
-from raflora.tasks.base import Batch, Task, TaskError, move_batch
+from raflora.tasks.base import Batch, Task, TaskError, concat_batches, move_batch
 from raflora.tasks.hf import SplitOptions, check_options, load_pretrained
 from raflora.tasks.quantize import one_cpu_path, pretrained_kwargs
 
@@ -500,6 +501,28 @@ class CausalLMTask(Task):
         """Mean next-token cross-entropy over the answer tokens of the batch."""
         loss: Tensor = model(**batch).loss
         return loss
+
+    def group_losses(self, model: nn.Module, batches: Sequence[Batch]) -> list[Tensor]:
+        """Each batch's :meth:`loss` from one forward pass over their concatenation.
+
+        Batches are right-padded to the group's longest (``attention_mask`` 0, labels ignored):
+        with causal attention a real token never sees the padding after it, and the positions
+        are those of the batch alone, so each batch's mean cross-entropy over its own answer
+        tokens (next-token targets, as the model's loss shifts them) is its sequential loss.
+        """
+        pad = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        group, bounds = concat_batches(batches, pad)
+        inputs = {k: v for k, v in group.items() if k != "labels"}
+        logits = model(**inputs).logits.float()
+        targets = F.pad(group["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+        return [
+            F.cross_entropy(
+                logits[lo:hi].reshape(-1, logits.shape[-1]),
+                targets[lo:hi].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+            for lo, hi in bounds
+        ]
 
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict[str, float]:
         """Exact-match ``accuracy`` of greedy generations, ``answer_rate`` and ``eval_loss``.

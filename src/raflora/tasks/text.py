@@ -57,6 +57,9 @@ class TextClassificationTask(HFClassificationTask):
         if self.tokenizer.pad_token is None:
             # Decoder-style tokenizers have no pad token; padding positions are masked anyway.
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        # a group of clients' batches is right-padded to its longest (docs/concurrency.md),
+        # with the pad id: a classifier that finds the last real token by it still does
+        self.group_pad_values = {"input_ids": int(self.tokenizer.pad_token_id)}
 
     def _create_model(self, model_dir: str, label_kwargs: dict[str, Any]) -> nn.Module:
         from transformers import AutoModelForSequenceClassification

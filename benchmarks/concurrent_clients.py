@@ -1,0 +1,282 @@
+"""Concurrent clients (``train.concurrent_clients: K``, docs/concurrency.md): the client phase of
+a round at K = 1, 2, 5, 10, side by side in one invocation.
+
+Three federations, 10 clients per round:
+
+(a) ``quickstart`` — configs/quickstart.yaml (the digits ViT, width 64, batch 16);
+(b) ``bert`` — text classification on a 6-layer, 384-wide BERT (random weights; batch 16,
+    32 tokens; the paper's rank levels 8–64);
+(c) ``llm`` — math reasoning on a tiny Llama (batch 4, answers of different lengths).
+
+Each (case, K) runs in a fresh subprocess (its own peak memory): one warm-up client phase of
+round 1, then ``--repeats`` timed ones (the minimum is reported), the ratio K=1 / K, and peak
+memory (resident set on the CPU — the process's high-water mark, model included;
+``torch.cuda.max_memory_allocated`` on CUDA). ``--modes`` instead times the client phase at
+K = 10 under each of :mod:`raflora.adapters.slots`' ways of running mixed ranks in one pass.
+
+Usage::
+
+    python benchmarks/concurrent_clients.py                       # CPU, every case
+    python benchmarks/concurrent_clients.py --device cuda --cases bert --ks 1,8
+    python benchmarks/concurrent_clients.py --modes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ("quickstart", "bert", "llm")
+KS = (1, 2, 5, 10)
+MODES = ("buckets", "padded", "segments")
+
+
+def make_bert(directory: Path, layers: int = 6, width: int = 384) -> Path:
+    """A random BERT (``layers`` × ``width``, 12 heads, MLP 4× wide) with a word-level
+    tokenizer (the test fixtures' words) saved for ``from_pretrained``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_fixtures import WORDS
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=4 * width,
+        num_labels=20,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+def make_texts(path: Path, n: int = 2000, classes: int = 20) -> Path:
+    """``n`` texts of 40 words (truncated to 32 tokens), ``classes`` labels, as CSV."""
+    import csv
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_fixtures import WORDS
+
+    rng = np.random.default_rng(0)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        for i in range(n):
+            writer.writerow({"text": " ".join(rng.choice(WORDS, 40)), "label": i % classes})
+    return path
+
+
+def prepare(root: Path, cases: list[str]) -> dict[str, str]:
+    """The models and data the cases need, written under ``root``."""
+    paths: dict[str, str] = {}
+    if "bert" in cases:
+        paths["bert"] = str(make_bert(root / "bert"))
+        paths["texts"] = str(make_texts(root / "texts.csv"))
+    if "llm" in cases:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from hf_fixtures import make_gsm8k_jsonl, make_tiny_llama
+
+        paths["llama"] = str(make_tiny_llama(root / "llama", hidden_size=64, intermediate_size=128))
+        paths["gsm8k"] = str(make_gsm8k_jsonl(root / "gsm8k", n_train=400, n_test=8))
+    return paths
+
+
+def overrides(case: str, paths: dict[str, str], k: int, device: str) -> list[str]:
+    common = [
+        f"train.concurrent_clients={k}",
+        f"device={device}",
+        "fl.clients_per_round=10",
+        "output.plots=false",
+    ]
+    if case == "quickstart":
+        return common
+    if case == "bert":
+        return [
+            *common,
+            "task.name=text-classification",
+            f"task.model={paths['bert']}",
+            f"task.dataset={paths['texts']}",
+            "task.max_length=32",
+            "fl.num_clients=50",
+            "fl.rank_levels=[8,16,32,48,64]",
+            "data.partition=iid",
+            "train.batch_size=16",
+            "lora.target_modules=[query,key,value,dense]",
+        ]
+    return [
+        *common,
+        "task.name=math-reasoning",
+        f"task.model={paths['llama']}",
+        f"task.dataset={paths['gsm8k']}",
+        "task.max_length=96",
+        "fl.num_clients=50",
+        "fl.rank_levels=[2,4,8]",
+        "data.partition=iid",
+        "train.batch_size=4",
+        "lora.target_modules=[q_proj,v_proj]",
+    ]
+
+
+def client_phase(fed: Any, state: Any, round_index: int) -> None:
+    """Round ``round_index``'s client phase exactly as ``run_round`` runs it."""
+    from raflora.engine.client_round import train_client
+    from raflora.engine.concurrent import train_concurrent
+    from raflora.engine.server_round import plan_round
+
+    plan = plan_round(fed, state, round_index)
+    order = sorted(zip(plan.ranks, plan.clients, strict=True))
+    if fed.config.train.concurrent_clients > 1:
+        train_concurrent(fed, state, order, round_index, plan.lr)
+        return
+    for rank, client_id in order:
+        train_client(
+            fed,
+            client_id,
+            rank,
+            fed.client_message(state, client_id, round_index),
+            state.dense,
+            round_index,
+            plan.lr,
+            state=fed.client_states.get(client_id, device=fed.device),
+        )
+
+
+def _hwm_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def one(args: argparse.Namespace) -> dict[str, Any]:
+    """One (case, K) in this process: the timings and the peak memory."""
+    import torch
+
+    import raflora.adapters.slots as slots
+    from raflora.config import load_config
+    from raflora.engine import build_federation
+
+    if args.mode:
+        slots.MODE = args.mode
+    paths = json.loads(args.paths)
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    fed = build_federation(load_config(config, overrides(args.one, paths, args.k, args.device)))
+    state = fed.initial_state()
+    cuda = fed.device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(fed.device)
+
+    client_phase(fed, state, 1)  # warm-up (adapters created, kernels chosen)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(fed.device)
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        client_phase(fed, state, 1)
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(fed.device) / 2**20 if cuda else _hwm_kib() / 1024
+    return {"seconds": min(times), "peak_mib": peak, "device": str(fed.device)}
+
+
+def spawn(case: str, k: int, args: argparse.Namespace, paths: dict[str, str], mode: str) -> Any:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        case,
+        "--k",
+        str(k),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--paths",
+        json.dumps(paths),
+        "--mode",
+        mode,
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--ks", default=",".join(map(str, KS)))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", action="store_true", help="compare the mixed-rank modes")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--paths", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    cases = [c for c in args.cases.split(",") if c]
+    ks = [int(k) for k in args.ks.split(",")]
+    with TemporaryDirectory() as tmp:
+        paths = prepare(Path(tmp), cases)
+        if args.modes:
+            print("| case | mode | client phase at K=10 (s) |")
+            print("|---|---|---|")
+            for case in cases:
+                for mode in MODES:
+                    got = spawn(case, 10, args, paths, mode)
+                    print(f"| {case} | {mode} | {got['seconds']:.3f} |", flush=True)
+            return
+        print("| case | K | client phase (s) | speed-up vs K=1 | peak memory (MiB) |")
+        print("|---|---|---|---|---|")
+        for case in cases:
+            base = None
+            for k in ks:
+                got = spawn(case, k, args, paths, "")
+                base = got["seconds"] if k == 1 or base is None else base
+                print(
+                    f"| {case} | {k} | {got['seconds']:.3f} | {base / got['seconds']:.2f}× "
+                    f"| {got['peak_mib']:.0f} |",
+                    flush=True,
+                )
+        print(f"device: {got['device']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Adapter slots: several clients' LoRA factors and heads on one frozen PEFT model, one pass.
+
+A :class:`SlotGroup` holds up to ``K`` :class:`Slot` s — one per client being trained, not one
+per rank: two clients of the same rank train in two slots. Each slot owns leaf parameters of its
+own rank in PEFT's layout (``B (d, r_k)``, ``A (r_k, n)``; ``ΔW = s_k · B A`` with the client's
+``s_k = α / r_k``, docs/methods.md#notation-and-the-lora-convention) and its own copy of the
+trained heads (``modules_to_save``). While :meth:`SlotGroup.attached` is active, PEFT's own
+adapters are switched off and a forward hook on every adapted layer adds, for each slot, its LoRA
+term over its own rows of the batch; a hook on every head replaces its output by each slot's
+head applied to that slot's rows. Rows never meet: a slot's parameters see only its client's
+examples, so the gradient of the summed loss with respect to them is the gradient of that
+client's own loss.
+
+Mixed ranks: the slots' factors are zero-padded *at forward time* to the group's largest rank
+``r_c`` and stacked, so one batched matrix product per factor (``torch.bmm`` over the slots)
+serves every slot (:data:`MODE` ``"padded"``), instead of ``K`` pairs of small products over row
+segments (``"segments"``). The parameters themselves are never padded: the padded block of a
+stacked factor is a constant, its gradient is exactly zero (the gradient of ``B``'s padded
+columns is a product with ``A``'s padded rows and the reverse, both zero) and no optimizer ever
+sees it — ``tests/test_concurrent_clients.py`` checks the stacked gradients. Slots whose row counts
+differ (a client's last, smaller minibatch) are row-padded with a zero row by one gather.
+
+Measured (``benchmarks/concurrent_clients.py --modes``, 2-core CPU, float32): one forward and
+backward of a group of 10 clients, ranks mixed in {4, 8, 16, 32}, batch 16 each —
+
+===========================================  ========  ==========
+model                                        padded    segments
+===========================================  ========  ==========
+quickstart ViT (2 layers, width 64, 17 tok)  MODE_QS_P  MODE_QS_S
+BERT 6×384, 32 tokens                        MODE_BE_P  MODE_BE_S
+===========================================  ========  ==========
+
+so ``"padded"`` is the default: on the small model, where a step costs per-operation overhead,
+``K`` segment products per layer cost more than the padding, and on the compute-bound encoder
+the extra multiply-adds of the padded ranks are a small part of the base's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import ModulesToSaveWrapper
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from raflora.adapters.factors import _canonical, _layer_map, adapter_name
+from raflora.methods.base import Factors
+
+__all__ = ["MODE", "Slot", "SlotGroup"]
+
+MODE: Literal["buckets", "padded", "segments"] = "buckets"
+"""How mixed ranks share a pass (see the module docstring for the measurement)."""
+
+
+@dataclass
+class Slot:
+    """One client's adapter in a :class:`SlotGroup`.
+
+    Attributes
+    ----------
+    rank : int
+        The client's rank ``r_k``.
+    scale : float
+        Its LoRA scaling ``s_k`` (``α / r_k``, or ``α / sqrt(r_k)`` under rsLoRA).
+    lora : dict[str, tuple[nn.Parameter, nn.Parameter]]
+        Module → ``(B (d, r_k), A (r_k, n))`` in PEFT's layout, leaf parameters; a factor the
+        client's method freezes this round does not require grad.
+    heads : dict[str, dict[str, Tensor]]
+        Head module → its tensors by parameter/buffer name (parameters trainable).
+    """
+
+    rank: int
+    scale: float
+    lora: dict[str, tuple[nn.Parameter, nn.Parameter]]
+    heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable tensor of the slot — factors (``A``, ``B`` per module, in the
+        model's order, as PEFT's ``named_parameters`` lists them) then the heads.
+        """
+        out: list[nn.Parameter] = []
+        for B, A in self.lora.values():
+            out += [A, B]
+        for tensors in self.heads.values():
+            out += [t for t in tensors.values() if isinstance(t, nn.Parameter)]
+        return out
+
+    def factors(self) -> Factors:
+        """Effective factors ``(s · B, A)``, detached float32 clones (as ``get_factors``)."""
+        return {
+            name: (
+                (B.detach().to(torch.float32) * self.scale).clone(),
+                A.detach().to(torch.float32).clone(),
+            )
+            for name, (B, A) in self.lora.items()
+        }
+
+    def live_factors(self) -> Factors:
+        """Effective factors ``(s · B, A)`` that keep the autograd graph (a method's penalty)."""
+        return {name: (B * self.scale, A) for name, (B, A) in self.lora.items()}
+
+    def dense(self) -> dict[str, Tensor]:
+        """The head tensors in float32, keyed as :func:`~raflora.adapters.get_dense` keys them."""
+        return {
+            f"{module}.{key}": value.detach().to(torch.float32).clone()
+            for module, tensors in self.heads.items()
+            for key, value in tensors.items()
+        }
+
+
+class _Layout:
+    """Which rows of the current group batch belong to which slot (contiguous, in order)."""
+
+    def __init__(self, slots: Sequence[Slot], rows: Sequence[int], device: torch.device) -> None:
+        self.slots = list(slots)
+        self.bounds: list[tuple[int, int]] = []
+        lo = 0
+        for count in rows:
+            self.bounds.append((lo, lo + int(count)))
+            lo += int(count)
+        self.total = lo
+        self.rank = max(s.rank for s in self.slots)
+        self.scales = torch.tensor([s.scale for s in self.slots], device=device).view(-1, 1, 1)
+        width = max(rows)
+        self.width = width
+        # runs of consecutive slots with the same rank and row count: one batched product each
+        self.buckets: list[tuple[int, int, list[Slot]]] = []
+        for slot, (a, b) in zip(self.slots, self.bounds, strict=True):
+            last = self.buckets[-1] if self.buckets else None
+            if (
+                last is not None
+                and last[2][0].rank == slot.rank
+                and b - a == (last[1] - last[0]) // len(last[2])
+            ):
+                self.buckets[-1] = (last[0], b, [*last[2], slot])
+            else:
+                self.buckets.append((a, b, [slot]))
+        self.bucket_scales = [
+            torch.tensor([s.scale for s in group], device=device).view(-1, 1, 1)
+            for _, _, group in self.buckets
+        ]
+        self.uniform = all(int(c) == width for c in rows)
+        self.gather: Tensor | None = None
+        self.scatter: Tensor | None = None
+        if not self.uniform:
+            # padded position (slot, i) ← row lo+i, or the zero row appended at index ``total``
+            gather = torch.full((len(rows), width), lo, dtype=torch.long)
+            scatter = torch.empty(lo, dtype=torch.long)
+            for s, (a, b) in enumerate(self.bounds):
+                gather[s, : b - a] = torch.arange(a, b)
+                scatter[a:b] = torch.arange(s * width, s * width + b - a)
+            self.gather = gather.flatten().to(device)
+            self.scatter = scatter.to(device)
+
+
+class SlotGroup:
+    """Up to ``capacity`` client adapters on one PEFT model (see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The ``PeftModel`` (its adapters' layers and heads are found through the adapter
+        ``reference``, which every adapted layer carries).
+    reference : str
+        An existing adapter's name (the bank's ``r_max`` adapter).
+    dropout : float
+        LoRA dropout probability (applied to each slot's rows before ``A``, as PEFT does).
+    """
+
+    def __init__(self, model: nn.Module, reference: str, dropout: float = 0.0) -> None:
+        self.model = model
+        self.layers: dict[str, LoraLayer] = dict(_layer_map(model, reference))
+        self.heads: dict[str, ModulesToSaveWrapper] = {
+            _canonical(name): module
+            for name, module in model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper) and reference in module.modules_to_save
+        }
+        self.dropout = float(dropout)
+        self._layout: _Layout | None = None
+
+    @classmethod
+    def for_bank(cls, bank: Any) -> SlotGroup:
+        """The group of an :class:`~raflora.adapters.AdapterBank`."""
+        return cls(bank.model, adapter_name(bank.max_rank), bank.lora_dropout)
+
+    def slot(
+        self,
+        rank: int,
+        scale: float,
+        factors: Mapping[str, tuple[Tensor, Tensor]],
+        dense: Mapping[str, Tensor],
+        trains: frozenset[str] = frozenset({"B", "A"}),
+    ) -> Slot:
+        """A new slot loaded with effective ``factors`` (``B ← B_eff / s`` as ``set_factors``
+        does) and the heads ``dense`` (keys as ``get_dense``'s), in the model's dtype and device.
+        """
+        lora: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        for name, layer in self.layers.items():
+            weight = layer.get_base_layer().weight
+            B_eff, A = factors[name]
+            if tuple(B_eff.shape) != (weight.shape[0], rank) or tuple(A.shape) != (
+                rank,
+                weight.shape[1],
+            ):
+                raise ValueError(
+                    f"slot of rank {rank}, module {name!r}: got B {tuple(B_eff.shape)} and "
+                    f"A {tuple(A.shape)}"
+                )
+            dtype = self._lora_dtype(layer)
+            B = (B_eff.to(device=weight.device, dtype=torch.float32) / scale).to(dtype)
+            # own copies (B / s is one): the optimizer updates them in place, and what was
+            # received must stay as sent (a method reads it in finish: FedRot)
+            A_own = A.to(device=weight.device, dtype=dtype, copy=True)
+            lora[name] = (
+                nn.Parameter(B, requires_grad="B" in trains),
+                nn.Parameter(A_own, requires_grad="A" in trains),
+            )
+        heads: dict[str, dict[str, Tensor]] = {}
+        for module, wrapper in self.heads.items():
+            own = dict(wrapper.original_module.named_parameters())
+            tensors: dict[str, Tensor] = {}
+            for key, ref in wrapper.original_module.state_dict().items():
+                value = dense[f"{module}.{key}"].to(device=ref.device, dtype=ref.dtype).clone()
+                tensors[key] = nn.Parameter(value) if key in own else value
+            heads[module] = tensors
+        return Slot(int(rank), float(scale), lora, heads)
+
+    @staticmethod
+    def _lora_dtype(layer: LoraLayer) -> torch.dtype:
+        """The dtype of the layer's LoRA weights (those of its first adapter)."""
+        first = next(iter(layer.lora_A.values()))
+        assert isinstance(first, nn.Linear)
+        return first.weight.dtype
+
+    # ---------------------------------------------------------------- the grouped pass
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """PEFT's adapters off and the slot hooks on, for the duration of the block."""
+        handles = []
+        flags: list[tuple[Any, bool]] = []
+        try:
+            for name, layer in self.layers.items():
+                flags.append((layer, bool(layer._disable_adapters)))
+                layer._disable_adapters = True
+                handles.append(layer.register_forward_hook(self._lora_hook(name)))
+            for name, wrapper in self.heads.items():
+                flags.append((wrapper, bool(wrapper._disable_adapters)))
+                wrapper._disable_adapters = True
+                handles.append(
+                    wrapper.register_forward_hook(self._head_hook(name), with_kwargs=True)
+                )
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, flag in flags:
+                module._disable_adapters = flag
+            self._layout = None
+
+    @contextmanager
+    def routing(self, slots: Sequence[Slot], rows: Sequence[int]) -> Iterator[None]:
+        """The next forward passes see a batch of ``sum(rows)`` rows: ``rows[i]`` of them, in
+        order, belong to ``slots[i]``.
+        """
+        device = next(iter(self.layers.values())).get_base_layer().weight.device
+        self._layout = _Layout(slots, rows, device)
+        try:
+            yield
+        finally:
+            self._layout = None
+
+    def _current(self, x: Tensor) -> _Layout:
+        layout = self._layout
+        if layout is None:
+            raise RuntimeError("a slot group's forward pass needs routing(): which rows are whose")
+        if x.shape[0] != layout.total:
+            raise RuntimeError(
+                f"the batch has {x.shape[0]} rows, the slots' layout {layout.total}: a layer "
+                "of this model does not keep the batch dimension first"
+            )
+        return layout
+
+    def _lora_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            x = args[0]
+            layout = self._current(x)
+            if MODE == "padded":
+                delta = self._padded(name, x, layout)
+            elif MODE == "buckets":
+                delta = self._buckets(name, x, layout)
+            else:
+                delta = self._segments(name, x, layout)
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    def _dropped(self, x: Tensor) -> Tensor:
+        # one draw over the whole group: every element is dropped independently with the same
+        # probability, as a client's own dropout does (same distribution, not the same masks)
+        return F.dropout(x, self.dropout, training=True) if self.dropout > 0 else x
+
+    def _segments(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
+        x = self._dropped(x)
+        parts = []
+        for slot, (lo, hi) in zip(layout.slots, layout.bounds, strict=True):
+            B, A = slot.lora[name]
+            parts.append(F.linear(F.linear(x[lo:hi].to(A.dtype), A), B) * slot.scale)
+        return torch.cat(parts)
+
+    def _buckets(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
+        x = self._dropped(x)
+        parts = []
+        for (lo, hi, group), scales in zip(layout.buckets, layout.bucket_scales, strict=True):
+            if len(group) == 1:
+                B, A = group[0].lora[name]
+                parts.append(F.linear(F.linear(x[lo:hi].to(A.dtype), A), B) * group[0].scale)
+                continue
+            A_all = torch.stack([slot.lora[name][1] for slot in group])  # (S_b, r, n)
+            B_all = torch.stack([slot.lora[name][0] for slot in group])  # (S_b, d, r)
+            xs = x[lo:hi].to(A_all.dtype)
+            flat = xs.reshape(len(group), -1, xs.shape[-1])  # (S_b, rows·tokens, n)
+            out = torch.bmm(torch.bmm(flat, A_all.transpose(1, 2)), B_all.transpose(1, 2))
+            out = out * scales.to(out.dtype)
+            parts.append(out.reshape(hi - lo, *xs.shape[1:-1], out.shape[-1]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _padded(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
+        r_c = layout.rank
+        As, Bs = [], []
+        for slot in layout.slots:
+            B, A = slot.lora[name]
+            pad = r_c - slot.rank
+            As.append(F.pad(A, (0, 0, 0, pad)) if pad else A)  # (r_c, n): rows ≥ r_k are 0
+            Bs.append(F.pad(B, (0, pad)) if pad else B)  # (d, r_c): columns ≥ r_k are 0
+        A_all = torch.stack(As)  # (S, r_c, n)
+        B_all = torch.stack(Bs)  # (S, d, r_c)
+        x = self._dropped(x).to(A_all.dtype)
+        inner = x.shape[1:-1]
+        n, S = x.shape[-1], len(layout.slots)
+        if layout.uniform:
+            xs = x.reshape(S, -1, n)
+        else:
+            assert layout.gather is not None
+            extended = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+            xs = extended.index_select(0, layout.gather).reshape(S, -1, n)
+        out = torch.bmm(torch.bmm(xs, A_all.transpose(1, 2)), B_all.transpose(1, 2))
+        out = out * layout.scales.to(out.dtype)  # (S, rows·tokens, d), s_k per slot
+        d = out.shape[-1]
+        if layout.uniform:
+            return out.reshape(layout.total, *inner, d)
+        assert layout.scatter is not None
+        return out.reshape(S * layout.width, *inner, d).index_select(0, layout.scatter)
+
+    def _head_hook(self, name: str) -> Any:
+        def hook(
+            module: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: Any,
+        ) -> Tensor:
+            x = args[0]
+            layout = self._current(x)
+            wrapper = self.heads[name]
+            parts = []
+            for slot, (lo, hi) in zip(layout.slots, layout.bounds, strict=True):
+                out = functional_call(
+                    wrapper.original_module, slot.heads[name], (x[lo:hi], *args[1:]), kwargs
+                )
+                if not isinstance(out, Tensor):
+                    raise TypeError(
+                        f"head {name!r}: only modules that return one tensor can be trained "
+                        f"per slot, got {type(out).__name__}"
+                    )
+                parts.append(out)
+            return torch.cat(parts)
+
+        return hook
