@@ -335,3 +335,26 @@ def test_flower_simulation_with_nf4_matches_local(
     assert [{k: v for k, v in r.items() if k not in skip} for r in flower.metrics] == strip
     a, b = load_checkpoint(local.run_dir), load_checkpoint(flower.run_dir)
     assert all(torch.equal(w, b.base_weights[k]) for k, w in a.base_weights.items())
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_gpu_check_covers_nf4(device: str, tmp_path: Path, hf_offline: None, bnb: Any) -> None:
+    from raflora.experiments.gpu_check import build_assets, check_quantized
+
+    assets = build_assets(tmp_path / "assets", ("llama",))
+    result = check_quantized(assets, device, tmp_path / "runs")
+    assert result.ok, result
+    ratio = float(result.detail.split("adapted weights ")[1].split("×")[0])
+    assert 6.0 < ratio < 8.0  # 4 bits a weight and a float32 scale per 64, against 32 bits

@@ -23,6 +23,10 @@ prints one ``PASS name (details)`` or ``FAIL name (reason)`` line per check:
     continued with ``--resume``; its ``metrics.jsonl`` (without ``time``) and adapter must equal
     those of an uninterrupted run — bit for bit, or within :data:`RESUME_RTOL` on CUDA, where the
     difference is printed.
+``quantized llama/nf4/raflora,flora``
+    The tiny Llama with ``task.quantization: nf4`` on the device: 4-bit adapted layers there,
+    finite metrics, float32 states, FLoRA's merges kept as the float32 residual beside the
+    4-bit layers; the adapted weights' memory against float32 is printed.
 
 The exit code is 1 if any check fails. Every check is also a function the ``gpu``-marked tests
 call (``tests/test_gpu.py``).
@@ -64,6 +68,7 @@ __all__ = [
     "Assets",
     "CheckResult",
     "build_assets",
+    "check_quantized",
     "check_resume",
     "check_run",
     "main",
@@ -613,6 +618,67 @@ def check_resume(
 
 
 # --------------------------------------------------------------------------------------------
+# Check 4: a 4-bit (nf4) base on the device (task.quantization, docs/quantization.md)
+# --------------------------------------------------------------------------------------------
+
+
+def check_quantized(
+    assets: Assets,
+    device: str,
+    work: Path,
+    *,
+    model: str = "llama",
+    quantization: str = "nf4",
+    methods: Sequence[str] = ("raflora", "flora"),
+) -> CheckResult:
+    """Check 4: each method over a ``quantization`` base on ``device``: the adapted layers are
+    bitsandbytes layers on the device, the run's metrics finite and its states float32 on the
+    device, FLoRA's merges the float32 residual beside the quantised layers (equal to the
+    state's ``base_delta``); the detail gives the adapted weights' memory against float32.
+    """
+    from raflora.adapters.quantized import RESIDUAL, is_quantized, layer_bytes
+    from raflora.config import config_from_dict
+    from raflora.engine import load_checkpoint, run_local
+
+    name = f"quantized {model}/{quantization}/{','.join(methods)}"
+    t0 = time.perf_counter()
+    problems: list[str] = []
+    ratio = 0.0
+    try:
+        for method in methods:
+            data = run_config(assets, model, method, "float32", device)
+            data["task"]["quantization"] = quantization
+            config = config_from_dict(data)
+            fed = _federation(config, problems)
+            root = fed.bank.model.get_base_model()
+            layers = {n: root.get_submodule(n).get_base_layer() for n in fed.bank.module_shapes()}
+            plain = [n for n, layer in layers.items() if not is_quantized(layer)]
+            away = [n for n, layer in layers.items() if layer.weight.device.type != device]
+            problems += [f"{method}: {n} not quantised" for n in plain[:1]]
+            problems += [f"{method}: {n} not on {device}" for n in away[:1]]
+            stored = sum(layer_bytes(layer) for layer in layers.values())
+            ratio = sum(4 * d * n for d, n in fed.bank.module_shapes().values()) / stored
+            run_dir = work / f"quantized-{model}-{method}"
+            result = run_local(config, run_dir, progress=False, fed=fed, overwrite=True)
+            problems += [f"{method}: {p}" for p in _metric_problems(result.metrics)]
+            state = load_checkpoint(run_dir).state
+            for module, delta in state.base_delta.items():
+                kept = getattr(layers[module], RESIDUAL, None)
+                if kept is None or not torch.equal(kept, delta.to(kept.device)):
+                    problems.append(f"{method}: {module}'s residual is not the merged delta")
+                    break
+    except Exception as err:
+        return CheckResult(name, False, "; ".join([*problems[:2], _error(err)]))
+    detail = (
+        "; ".join(problems[:3])
+        if problems
+        else f"adapted weights {ratio:.2f}× smaller than float32, {ROUNDS} rounds each, "
+        f"merges in a float32 residual; {time.perf_counter() - t0:.1f} s"
+    )
+    return CheckResult(name, not problems, detail)
+
+
+# --------------------------------------------------------------------------------------------
 # The whole check
 # --------------------------------------------------------------------------------------------
 
@@ -644,6 +710,8 @@ def run_checks(
                     keep(result)
     if resume:
         keep(check_resume(assets, device, work, model=models[0]))
+    if "llama" in models:
+        keep(check_quantized(assets, device, work / "runs"))
     return results
 
 
