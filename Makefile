@@ -27,6 +27,7 @@ bench: install
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/partition.py
 	$(PY) benchmarks/quantization.py
+	$(PY) benchmarks/concurrent_clients.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

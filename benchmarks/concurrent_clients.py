@@ -38,73 +38,14 @@ KS = (1, 2, 5, 10)
 MODES = ("buckets", "padded", "segments")
 
 
-def make_bert(directory: Path, layers: int = 6, width: int = 384) -> Path:
-    """A random BERT (``layers`` × ``width``, 12 heads, MLP 4× wide) with a word-level
-    tokenizer (the test fixtures' words) saved for ``from_pretrained``."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_fixtures import WORDS
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
-    tokenizer.save_pretrained(directory)
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=width,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        intermediate_size=4 * width,
-        num_labels=20,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
-
-
-def make_texts(path: Path, n: int = 2000, classes: int = 20) -> Path:
-    """``n`` texts of 40 words (truncated to 32 tokens), ``classes`` labels, as CSV."""
-    import csv
-
-    import numpy as np
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_fixtures import WORDS
-
-    rng = np.random.default_rng(0)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        for i in range(n):
-            writer.writerow({"text": " ".join(rng.choice(WORDS, 40)), "label": i % classes})
-    return path
-
-
 def prepare(root: Path, cases: list[str]) -> dict[str, str]:
     """The models and data the cases need, written under ``root``."""
+    from raflora.experiments.gpu_check import make_bert
+
     paths: dict[str, str] = {}
     if "bert" in cases:
-        paths["bert"] = str(make_bert(root / "bert"))
-        paths["texts"] = str(make_texts(root / "texts.csv"))
+        make_bert(root / "bert", root / "texts")
+        paths["bert"], paths["texts"] = str(root / "bert"), str(root / "texts")
     if "llm" in cases:
         sys.path.insert(0, str(ROOT / "tests"))
         from hf_fixtures import make_gsm8k_jsonl, make_tiny_llama
@@ -128,7 +69,7 @@ def overrides(case: str, paths: dict[str, str], k: int, device: str) -> list[str
             *common,
             "task.name=text-classification",
             f"task.model={paths['bert']}",
-            f"task.dataset={paths['texts']}",
+            f"task.dataset={paths['texts']}/texts.csv",
             "task.max_length=32",
             "fl.num_clients=50",
             "fl.rank_levels=[8,16,32,48,64]",
@@ -150,30 +91,6 @@ def overrides(case: str, paths: dict[str, str], k: int, device: str) -> list[str
     ]
 
 
-def client_phase(fed: Any, state: Any, round_index: int) -> None:
-    """Round ``round_index``'s client phase exactly as ``run_round`` runs it."""
-    from raflora.engine.client_round import train_client
-    from raflora.engine.concurrent import train_concurrent
-    from raflora.engine.server_round import plan_round
-
-    plan = plan_round(fed, state, round_index)
-    order = sorted(zip(plan.ranks, plan.clients, strict=True))
-    if fed.config.train.concurrent_clients > 1:
-        train_concurrent(fed, state, order, round_index, plan.lr)
-        return
-    for rank, client_id in order:
-        train_client(
-            fed,
-            client_id,
-            rank,
-            fed.client_message(state, client_id, round_index),
-            state.dense,
-            round_index,
-            plan.lr,
-            state=fed.client_states.get(client_id, device=fed.device),
-        )
-
-
 def _hwm_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -188,6 +105,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     import raflora.adapters.slots as slots
     from raflora.config import load_config
     from raflora.engine import build_federation
+    from raflora.experiments.gpu_check import client_phase
 
     if args.mode:
         slots.MODE = args.mode
@@ -201,14 +119,14 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(fed.device)
 
-    client_phase(fed, state, 1)  # warm-up (adapters created, kernels chosen)
+    client_phase(fed, state, 1, args.k)  # warm-up (adapters created, kernels chosen)
     if cuda:
         torch.cuda.reset_peak_memory_stats(fed.device)
     times = []
     for _ in range(args.repeats):
         sync()
         t0 = time.perf_counter()
-        client_phase(fed, state, 1)
+        client_phase(fed, state, 1, args.k)
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(fed.device) / 2**20 if cuda else _hwm_kib() / 1024

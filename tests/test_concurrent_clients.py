@@ -25,10 +25,11 @@ from raflora.methods import GlobalState, available_methods
 from raflora.methods.registry import unsupported_reason
 from raflora.tasks import move_batch
 
-# 6 clients, 5 of them per round, ranks 2/4/8, 400 examples in batches of 32: clients of
+# 6 clients, 5 of them per round, ranks 2/4/8, 240 examples in batches of 32: clients of
 # different sizes (a smaller last batch) and mixed ranks in one group
 BASE: dict[str, Any] = {
     **SYNTHETIC,
+    "task": {"name": "synthetic", "options": {"num_train": 240, "num_eval": 50}},
     "fl": {"num_clients": 6, "clients_per_round": 5, "rounds": 2, "rank_levels": [2, 4, 8]},
 }
 
@@ -117,7 +118,7 @@ def test_heads_and_the_digits_vit_with_continuous_batching() -> None:
     cfg = config_with(
         {"task": {"name": "digits"}, "output": {"plots": False}, "seed": 1},
         **{
-            "fl.num_clients": 20,
+            "fl.num_clients": 30,
             "fl.clients_per_round": 5,
             "fl.rank_levels": [4, 8, 16],
             "train.batch_size": 16,
@@ -262,6 +263,9 @@ def test_concurrent_clients_config_errors() -> None:
     message = str(err.value)
     assert "train.concurrent_clients: at most fl.clients_per_round (5)" in message
     assert "got 6" in message and "\n" not in message.strip().splitlines()[0]
+    with pytest.raises(ConfigError, match="trains one client per message"):
+        config_with(BASE, engine="flower", **{"train.concurrent_clients": 2})
+    assert config_with(BASE, **{"train.concurrent_clients": 5}).train.concurrent_clients == 5
 
 
 def test_a_batch_norm_model_is_refused_before_any_client_trains() -> None:
@@ -275,3 +279,19 @@ def test_a_batch_norm_model_is_refused_before_any_client_trains() -> None:
     with pytest.raises(EngineError, match="BatchNorm1d") as err:
         run_round(fed, state, 1)
     assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.usefixtures("hf_offline")
+def test_the_device_check_of_concurrent_clients_rehearses_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh's concurrent checks: the equality runs on any device, the speed-up
+    needs CUDA and says it skipped."""
+    from raflora.experiments.gpu_check import (
+        build_assets,
+        check_concurrent_equal,
+        check_concurrent_speed,
+    )
+
+    result = check_concurrent_equal(build_assets(tmp_path, ["llama"]), "cpu")
+    assert result.ok, str(result)
+    skipped = check_concurrent_speed("cpu", tmp_path / "bert", 6, 384)
+    assert skipped.ok and "skipped" in skipped.detail

@@ -114,6 +114,13 @@ class Slot:
         }
 
 
+def _base_weight(layer: LoraLayer) -> Tensor:
+    """The frozen weight of an adapted layer (``(d, n)``)."""
+    weight = layer.get_base_layer().weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
 class _Layout:
     """Which rows of the current group batch belong to which slot (contiguous, in order)."""
 
@@ -202,7 +209,7 @@ class SlotGroup:
         """
         lora: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
         for name, layer in self.layers.items():
-            weight = layer.get_base_layer().weight
+            weight = _base_weight(layer)
             B_eff, A = factors[name]
             if tuple(B_eff.shape) != (weight.shape[0], rank) or tuple(A.shape) != (
                 rank,
@@ -248,7 +255,9 @@ class SlotGroup:
             for name, layer in self.layers.items():
                 flags.append((layer, bool(layer._disable_adapters)))
                 layer._disable_adapters = True
-                handles.append(layer.register_forward_hook(self._lora_hook(name)))
+                module = layer
+                assert isinstance(module, nn.Module)
+                handles.append(module.register_forward_hook(self._lora_hook(name)))
             for name, wrapper in self.heads.items():
                 flags.append((wrapper, bool(wrapper._disable_adapters)))
                 wrapper._disable_adapters = True
@@ -268,7 +277,7 @@ class SlotGroup:
         """The next forward passes see a batch of ``sum(rows)`` rows: ``rows[i]`` of them, in
         order, belong to ``slots[i]``.
         """
-        device = next(iter(self.layers.values())).get_base_layer().weight.device
+        device = _base_weight(next(iter(self.layers.values()))).device
         self._layout = _Layout(slots, rows, device)
         try:
             yield

@@ -145,6 +145,7 @@ def close_client(
     :meth:`~raflora.methods.ClientRound.finish` makes the upload.
     """
     client_id, rank = client.ctx.client_id, client.rank
+    assert client_id is not None  # a client's context (open_client) names it
     upload = client.finish(trained)
     update = ClientUpdate(
         client_id=client_id,

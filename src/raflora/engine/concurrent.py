@@ -144,8 +144,11 @@ def train_concurrent(
     order: Sequence[tuple[int, int]],
     round_index: int,
     lr: float,
+    *,
+    capacity: int | None = None,
 ) -> list[ClientResult]:
-    """Train the round's clients ``order`` (``(rank, client_id)`` pairs) ``K`` at a time.
+    """Train the round's clients ``order`` (``(rank, client_id)`` pairs) ``K`` at a time
+    (``capacity``; default ``train.concurrent_clients``).
 
     Returns their results, one per client (in the order they finished). ``compute_seconds``
     of a client is its share of the group steps it took part in (the step's time divided by
@@ -163,7 +166,7 @@ def train_concurrent(
     group = _GROUPS.get(model)
     if group is None:
         group = _GROUPS[model] = SlotGroup.for_bank(fed.bank)
-    capacity = fed.config.train.concurrent_clients
+    capacity = capacity if capacity is not None else fed.config.train.concurrent_clients
     # longest first: the clients with most steps start at once, the short ones fill the tail
     size = fed.config.train.batch_size
     queue = deque(

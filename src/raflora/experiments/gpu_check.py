@@ -28,6 +28,16 @@ prints one ``PASS name (details)`` or ``FAIL name (reason)`` line per check:
     finite metrics, float32 states, FLoRA's merges kept as the float32 residual beside the
     4-bit layers; the adapted weights' memory against float32 is printed.
 
+``concurrent llama K=1 vs K=8``
+    ``train.concurrent_clients`` (docs/concurrency.md) on the device: the tiny Llama, 8 clients
+    of one round trained one after another and then 8 at once (answers of different lengths
+    padded in the group) — every client's upload within :data:`CONCURRENT_RTOL` (relative) of
+    its sequential one; the largest difference is printed.
+``concurrent speed bert-6x384 / bert-12x768``
+    CUDA only (skipped otherwise): the client phase of a round of 8 clients (random-weight BERT
+    text classification, batch 16, 32 tokens) at K = 1 and K = 8; the speed-up is printed and
+    must reach :data:`CONCURRENT_TARGET` on the ~100M-parameter 12×768 model.
+
 The exit code is 1 if any check fails. Every check is also a function the ``gpu``-marked tests
 call (``tests/test_gpu.py``).
 """
@@ -68,10 +78,14 @@ __all__ = [
     "Assets",
     "CheckResult",
     "build_assets",
+    "check_concurrent_equal",
+    "check_concurrent_speed",
     "check_quantized",
     "check_resume",
     "check_run",
+    "client_phase",
     "main",
+    "make_bert",
     "run_checks",
     "run_config",
     "state_problems",
@@ -90,6 +104,12 @@ the adapted weights moves a tiny model's loss by well under 1 %.
 EFFECT_RTOL = 0.1
 """The PEFT model's ``eval_loss`` must also be within this fraction of the adapter's effect
 ``|eval_loss(base) − eval_loss(engine)|`` from the engine's (so a lost adapter cannot pass)."""
+CONCURRENT_RTOL = {"cpu": 1e-5, "cuda": 1e-4}
+"""Largest relative difference between a client's upload trained in a group of 8 and alone
+(float32, dropout off): the batched products sum in another order (on the CPU they are
+usually bit-identical; CUDA picks kernels by the batch's size)."""
+CONCURRENT_TARGET = 3.0
+"""Speed-up of the client phase at K = 8 over K = 1 the ~100M-parameter model must reach."""
 RESUME_RTOL = 1e-4
 """Largest relative difference accepted between a resumed and an uninterrupted run on CUDA
 when they are not bit-identical (a kernel without a deterministic implementation); on the CPU
@@ -650,8 +670,10 @@ def check_quantized(
             data["task"]["quantization"] = quantization
             config = config_from_dict(data)
             fed = _federation(config, problems)
-            root = fed.bank.model.get_base_model()
-            layers = {n: root.get_submodule(n).get_base_layer() for n in fed.bank.module_shapes()}
+            root: Any = fed.bank.model.get_base_model()
+            layers: dict[str, Any] = {
+                n: root.get_submodule(n).get_base_layer() for n in fed.bank.module_shapes()
+            }
             plain = [n for n, layer in layers.items() if not is_quantized(layer)]
             away = [n for n, layer in layers.items() if layer.weight.device.type != device]
             problems += [f"{method}: {n} not quantised" for n in plain[:1]]
@@ -691,6 +713,7 @@ def run_checks(
     methods: Sequence[str] | None = None,
     dtypes: Sequence[str] = DTYPES,
     resume: bool = True,
+    concurrent: bool = True,
     report: Callable[[CheckResult], None] = print,
 ) -> list[CheckResult]:
     """Build the assets under ``work`` and run every check, reporting each result as it ends."""
@@ -712,7 +735,235 @@ def run_checks(
         keep(check_resume(assets, device, work, model=models[0]))
     if "llama" in models:
         keep(check_quantized(assets, device, work / "runs"))
+    if concurrent and "llama" in models:
+        keep(check_concurrent_equal(assets, device))
+    if concurrent:
+        for layers, width in ((6, 384), (12, 768)):
+            keep(check_concurrent_speed(device, work / "bert", layers, width))
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrent clients: the same uploads in a group, and the speed-up on the device
+# --------------------------------------------------------------------------------------------
+
+_WORDS = [
+    "the",
+    "a",
+    "space",
+    "rocket",
+    "orbit",
+    "launch",
+    "car",
+    "engine",
+    "wheel",
+    "drive",
+    "hockey",
+    "goal",
+    "team",
+    "season",
+    "game",
+    "god",
+    "church",
+    "belief",
+    "computer",
+    "graphics",
+    "image",
+    "file",
+    "windows",
+    "driver",
+    "printer",
+    "disk",
+    "sale",
+    "price",
+    "offer",
+    "gun",
+    "law",
+    "right",
+    "government",
+    "doctor",
+    "disease",
+    "patient",
+    "medicine",
+]
+
+
+def make_bert(
+    model_dir: Path, data_dir: Path, *, layers: int = 6, width: int = 384, seed: int = 0
+) -> None:
+    """A random BERT (``layers`` × ``width``, 12 heads, MLP 4× wide, no dropout, 20 classes)
+    with a word-level tokenizer, and ``data_dir/texts.csv``: 2000 texts of 40 words (32 tokens
+    after truncation).
+    """
+    import csv
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        [" ".join(_WORDS)], trainers.WordLevelTrainer(special_tokens=specials, show_progress=False)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    tokenizer.save_pretrained(model_dir)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=4 * width,
+        num_labels=20,  # type: ignore[call-arg]  # a PretrainedConfig keyword
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "texts.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        for i in range(2000):
+            writer.writerow({"text": " ".join(rng.choice(_WORDS, 40)), "label": i % 20})
+
+
+def bert_config(model_dir: Path, data_dir: Path, device: str, clients: int) -> dict[str, Any]:
+    """Text classification on :func:`make_bert`'s model: 50 clients, ``clients`` per round,
+    batch 16, 32 tokens, the paper's rank levels 8–64, LoRA on every encoder linear layer.
+    """
+    return {
+        "method": "raflora",
+        "device": device,
+        "task": {
+            "name": "text-classification",
+            "model": str(model_dir),
+            "dataset": str(data_dir / "texts.csv"),
+            "max_length": 32,
+        },
+        "fl": {
+            "num_clients": 50,
+            "clients_per_round": clients,
+            "rounds": 1,
+            "rank_levels": [8, 16, 32, 48, 64],
+        },
+        "data": {"partition": "iid"},
+        "train": {"batch_size": 16},
+        "lora": {"target_modules": ["query", "key", "value", "dense"]},
+        "output": {"plots": False},
+    }
+
+
+def client_phase(fed: Federation, state: GlobalState, round_index: int, k: int) -> list[Any]:
+    """Round ``round_index``'s client phase as ``run_round`` runs it, ``k`` clients at a time
+    (``k = 1``: the sequential loop); the clients' results.
+    """
+    from raflora.engine.client_round import train_client
+    from raflora.engine.concurrent import train_concurrent
+    from raflora.engine.server_round import plan_round
+
+    plan = plan_round(fed, state, round_index)
+    order = sorted(zip(plan.ranks, plan.clients, strict=True))
+    if k > 1:
+        return train_concurrent(fed, state, order, round_index, plan.lr, capacity=k)
+    return [
+        train_client(
+            fed,
+            client_id,
+            rank,
+            fed.client_message(state, client_id, round_index),
+            state.dense,
+            round_index,
+            plan.lr,
+            state=fed.client_states.get(client_id, device=fed.device),
+        )
+        for rank, client_id in order
+    ]
+
+
+def _upload_rel_diff(one: Any, other: Any) -> float:
+    """Largest relative (Frobenius) difference between two uploads' factors and heads."""
+    worst = 0.0
+    pairs = [
+        (x, y)
+        for name, (B, A) in one.update.factors.items()
+        for x, y in ((B, other.update.factors[name][0]), (A, other.update.factors[name][1]))
+    ] + [(v, other.update.dense[k]) for k, v in one.update.dense.items()]
+    for x, y in pairs:
+        scale = max(float(x.double().norm()), 1e-30)
+        worst = max(worst, float((x.double() - y.double()).norm()) / scale)
+    return worst
+
+
+def check_concurrent_equal(assets: Assets, device: str) -> CheckResult:
+    """The tiny Llama's 8 clients of round 1 one after another and 8 at once: equal uploads."""
+    from raflora.config import config_from_dict
+    from raflora.engine import build_federation
+
+    name = "concurrent llama K=1 vs K=8"
+    t0 = time.perf_counter()
+    try:
+        data = run_config(assets, "llama", "raflora", "float32", device)
+        data["fl"].update(num_clients=8, clients_per_round=8, rounds=1)
+        data["train"].update(batch_size=2, concurrent_clients=8)
+        fed = build_federation(config_from_dict(data))
+        state = fed.initial_state()
+        alone = {r.update.client_id: r for r in client_phase(fed, state, 1, 1)}
+        grouped = client_phase(fed, state, 1, 8)
+        worst = max(_upload_rel_diff(alone[r.update.client_id], r) for r in grouped)
+    except Exception as err:  # a check reports, the next one runs
+        return CheckResult(name, False, _error(err))
+    tol = CONCURRENT_RTOL["cuda" if device.startswith("cuda") else "cpu"]
+    detail = f"max relative difference {worst:.1e}, tolerance {tol:g}"
+    return CheckResult(name, worst <= tol, f"{detail}, {time.perf_counter() - t0:.1f} s")
+
+
+def check_concurrent_speed(device: str, work: Path, layers: int, width: int) -> CheckResult:
+    """The client phase at K = 1 and K = 8 on a random BERT (CUDA only); the speed-up."""
+    from raflora.config import config_from_dict
+    from raflora.engine import build_federation
+
+    name = f"concurrent speed bert-{layers}x{width}"
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return CheckResult(name, True, "skipped: CUDA only")
+    try:
+        root = work / f"{layers}x{width}"
+        make_bert(root / "model", root / "data", layers=layers, width=width)
+        fed = build_federation(
+            config_from_dict(bert_config(root / "model", root / "data", device, 8))
+        )
+        state = fed.initial_state()
+        seconds: dict[int, float] = {}
+        for k in (1, 8, 1, 8):  # warm-up, then the timed pair
+            torch.cuda.synchronize(fed.device)
+            t0 = time.perf_counter()
+            client_phase(fed, state, 1, k)
+            torch.cuda.synchronize(fed.device)
+            seconds[k] = time.perf_counter() - t0
+        params = sum(p.numel() for p in fed.bank.model.parameters()) / 1e6
+    except Exception as err:
+        return CheckResult(name, False, _error(err))
+    ratio = seconds[1] / seconds[8]
+    target = CONCURRENT_TARGET if layers >= 12 else 1.0
+    detail = (
+        f"{params:.0f}M parameters: K=1 {seconds[1]:.2f} s, K=8 {seconds[8]:.2f} s, "
+        f"speed-up {ratio:.2f}× (target ≥ {target:g}×)"
+    )
+    return CheckResult(name, ratio >= target, detail)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -726,6 +977,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="", help="comma-separated (default: every method)")
     p.add_argument("--dtypes", default="", help="comma-separated (default: float32,bfloat16)")
     p.add_argument("--no-resume", action="store_true", help="skip the SIGKILL + resume check")
+    p.add_argument(
+        "--no-concurrent", action="store_true", help="skip the concurrent-clients checks"
+    )
     p.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
     return p
 
@@ -783,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods=methods,
             dtypes=dtypes,
             resume=not args.no_resume,
+            concurrent=not args.no_concurrent,
             report=lambda r: print(r, flush=True),
         )
     failed = sum(not r.ok for r in results)
