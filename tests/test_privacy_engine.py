@@ -180,8 +180,8 @@ def test_adaptive_clipping_moves_the_clip_towards_the_quantile(tmp_path: Path) -
         **PRIVATE,
         "privacy.noise_multiplier": 0.3,
         "privacy.clip": 1e-4,  # every update is clipped: the clip must grow
-        "privacy.adaptive_clip.enabled": True,
-        "privacy.adaptive_clip.count_noise_std": 0.2,
+        "privacy.adaptive_clip": True,
+        "privacy.clip_count_noise_std": 0.2,
         "fl.rounds": 3,
     }
     result = run_local(cfg(**over), tmp_path, progress=False)
@@ -213,7 +213,7 @@ def test_adaptive_clipping_moves_the_clip_towards_the_quantile(tmp_path: Path) -
                 "privacy.enabled=true",
                 "privacy.noise_multiplier=1",
                 "privacy.noise=client",
-                "privacy.adaptive_clip.enabled=true",
+                "privacy.adaptive_clip=true",
             ],
             "privacy.adaptive_clip: the unclipped count is noised by the server",
         ),
@@ -233,7 +233,7 @@ def test_adaptive_clipping_that_leaves_no_noise_for_the_update_stops_before_roun
 ) -> None:
     from raflora.engine import EngineError
 
-    over = {**PRIVATE, "privacy.noise_multiplier": 2.0, "privacy.adaptive_clip.enabled": True}
+    over = {**PRIVATE, "privacy.noise_multiplier": 2.0, "privacy.adaptive_clip": True}
     with pytest.raises(EngineError, match=r"privacy\.adaptive_clip: count_noise_std"):
         run_local(cfg(**over), tmp_path, progress=False)
     assert not (tmp_path / "metrics.jsonl").exists() or not read_metrics(tmp_path / "metrics.jsonl")

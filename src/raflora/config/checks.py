@@ -195,7 +195,7 @@ def _privacy_problems(
             "privacy.accountant: 'pld' accounts poisson sampling only; use privacy.sampling: "
             "poisson or privacy.accountant: rdp"
         )
-    if ok("privacy.adaptive_clip.enabled") and pv.adaptive_clip.enabled is True:
+    if ok("privacy.adaptive_clip") and pv.adaptive_clip is True:
         if ok("privacy.noise") and pv.noise != "server":
             problems.append(
                 "privacy.adaptive_clip: the unclipped count is noised by the server; use "

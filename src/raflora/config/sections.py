@@ -10,7 +10,6 @@ from typing import Any, Literal
 from raflora.schema import Bounds, Section, setting
 
 __all__ = [
-    "AdaptiveClipConfig",
     "DataConfig",
     "EvalConfig",
     "FLConfig",
@@ -237,31 +236,6 @@ class OutputConfig(Section):
 
 
 @dataclass(frozen=True)
-class AdaptiveClipConfig(Section):
-    """Adaptive clipping (Andrew et al., NeurIPS 2021; docs/privacy.md): the clip norm follows a
-    quantile of the clients' update norms.
-    """
-
-    enabled: bool = field(
-        default=False,
-        metadata=_help(
-            "Adapt privacy.clip every round: C ← C·exp(−η (b̃ − γ)), b̃ the noised fraction of "
-            "unclipped updates (needs privacy.noise: server and a noise multiplier > 0)."
-        ),
-    )
-    target_quantile: float = setting(
-        0.5, "Target quantile γ: the fraction of updates left unclipped.", ge=0, le=1
-    )
-    learning_rate: float = setting(0.2, "Geometric learning rate η of the clip norm.", ge=0)
-    count_noise_std: float | None = setting(
-        None,
-        "Noise std σ_b of the unclipped count (None: expected clients per round / 20); it spends "
-        "part of the noise multiplier, so 2 σ_b must exceed it.",
-        gt=0,
-    )
-
-
-@dataclass(frozen=True)
 class PrivacyConfig(Section):
     """Client-level differential privacy (DP-FedAvg; docs/privacy.md): each sampled client's
     whole update clipped to ``clip``, Gaussian noise on the sums, ε accounted every round.
@@ -308,8 +282,26 @@ class PrivacyConfig(Section):
         default="rdp",
         metadata=_help("dp-accounting's 'rdp' (any sampling) or 'pld' (poisson only)."),
     )
-    adaptive_clip: AdaptiveClipConfig = field(
-        default_factory=AdaptiveClipConfig, metadata=_help("Adaptive clipping.")
+    adaptive_clip: bool = field(
+        default=False,
+        metadata=_help(
+            "Adaptive clipping (Andrew et al., NeurIPS 2021): after each round "
+            "C ← C·exp(−η (b̃ − γ)), b̃ the noised fraction of unclipped updates (needs "
+            "privacy.noise: server and a noise multiplier > 0)."
+        ),
+    )
+    clip_quantile: float = setting(
+        0.5,
+        "Adaptive clipping's target quantile γ: the fraction of updates left unclipped.",
+        ge=0,
+        le=1,
+    )
+    clip_learning_rate: float = setting(0.2, "Adaptive clipping's geometric learning rate η.", ge=0)
+    clip_count_noise_std: float | None = setting(
+        None,
+        "Adaptive clipping: noise std σ_b of the unclipped count (None: clients_per_round / 20); "
+        "it spends part of the noise multiplier, so 2 σ_b must exceed it.",
+        gt=0,
     )
 
 

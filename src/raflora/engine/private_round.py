@@ -152,7 +152,7 @@ class PrivacyRun:
 
 def _count_noise_std(config: RunConfig) -> float:
     """``σ_b`` of adaptive clipping (default: the expected cohort size / 20, Andrew et al.)."""
-    std = config.privacy.adaptive_clip.count_noise_std
+    std = config.privacy.clip_count_noise_std
     return float(std) if std is not None else config.fl.clients_per_round / 20.0
 
 
@@ -160,7 +160,7 @@ def update_noise_multiplier(config: RunConfig, run: PrivacyRun) -> float:
     """The noise multiplier of the update sums: ``z``, or ``z_Δ`` when adaptive clipping spends
     part of it on the unclipped count (:func:`~raflora.privacy.split_noise_multiplier`).
     """
-    if not config.privacy.adaptive_clip.enabled:
+    if not config.privacy.adaptive_clip:
         return run.noise_multiplier
     return split_noise_multiplier(run.noise_multiplier, _count_noise_std(config))
 
@@ -355,8 +355,7 @@ def aggregate_private(
     outcome = aggregate_mean(fed.aggregator, ctx, state, mean, dense, tuple(accepted))
     outcome = replace(outcome, rejected=rejected)
     clip_used = run.clip
-    if cfg.privacy.adaptive_clip.enabled:
-        ac = cfg.privacy.adaptive_clip
+    if cfg.privacy.adaptive_clip:
         unclipped = sum(1 for c in accepted.values() if not c.clipped)
         fraction = noised_unclipped_fraction(
             unclipped,
@@ -365,7 +364,9 @@ def aggregate_private(
             _count_noise_std(cfg),
             seeds.count_noise_generator(fed.seed, round_index),
         )
-        run.clip = adaptive_clip_update(run.clip, fraction, ac.target_quantile, ac.learning_rate)
+        run.clip = adaptive_clip_update(
+            run.clip, fraction, cfg.privacy.clip_quantile, cfg.privacy.clip_learning_rate
+        )
     run.ledger.record(run.noise_multiplier, run.sample_rate)
     eps = run.epsilon()
     row = {
