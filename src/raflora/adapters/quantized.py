@@ -37,10 +37,10 @@ RESIDUAL = "raflora_residual"
 
 def _bnb_classes() -> tuple[type, ...]:
     try:
-        import bitsandbytes as bnb
+        from bitsandbytes.nn import modules
     except ImportError:  # no bitsandbytes: nothing can be quantised
         return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return (modules.Linear4bit, modules.Linear8bitLt)
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -76,17 +76,20 @@ def dequantized_weight(layer: nn.Module) -> Tensor:
     """The weight ``W_q (d, n)`` a quantised layer computes with, in float32 (a new tensor)."""
     import bitsandbytes.functional as bnbf
 
-    weight = layer.weight
+    weight: Any = layer.weight  # a bitsandbytes Params4bit / Int8Params
     state = getattr(weight, "quant_state", None)
     if state is not None:  # 4-bit: packed codes and their blockwise scales
-        out: Tensor = bnbf.dequantize_4bit(weight.data, state)
+        out = bnbf.dequantize_4bit(weight.data, state)
         return out.to(torch.float32)
     scales = getattr(weight, "SCB", None)
     if scales is None:
         scales = getattr(getattr(layer, "state", None), "SCB", None)
     if weight.dtype == torch.int8 and scales is not None:  # 8-bit: row-wise absmax / 127
-        return weight.data.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)
-    return weight.detach().to(torch.float32)
+        codes: Tensor = weight.data.to(torch.float32)
+        row: Tensor = scales.to(torch.float32)[:, None] / 127.0
+        return codes * row
+    plain: Tensor = weight.detach().to(torch.float32)
+    return plain
 
 
 def _add_residual(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -104,8 +107,9 @@ def residual(layer: nn.Module) -> Tensor:
     if res is not None:
         assert isinstance(res, Tensor)
         return res
+    mod: Any = layer
     return torch.zeros(
-        layer.out_features, layer.in_features, dtype=torch.float32, device=layer.weight.device
+        int(mod.out_features), int(mod.in_features), dtype=torch.float32, device=mod.weight.device
     )
 
 
@@ -113,10 +117,11 @@ def set_residual(layer: nn.Module, value: Tensor) -> None:
     """Set the float32 residual beside a quantised layer to ``value (d, n)`` (a copy), adding
     the forward hook on first use.
     """
-    shape = (int(layer.out_features), int(layer.in_features))
+    mod: Any = layer
+    shape = (int(mod.out_features), int(mod.in_features))
     if tuple(value.shape) != shape:
         raise ValueError(f"residual: the layer is {shape}, got {tuple(value.shape)}")
-    new = value.detach().to(device=layer.weight.device, dtype=torch.float32).clone()
+    new = value.detach().to(device=mod.weight.device, dtype=torch.float32).clone()
     if getattr(layer, RESIDUAL, None) is None:
         layer.register_buffer(RESIDUAL, new, persistent=False)
         layer.register_forward_hook(_add_residual)
@@ -129,7 +134,7 @@ def layer_bytes(layer: nn.Module) -> int:
     float tensor) plus a quantised layer's scales (``quant_state``'s absmax and code book, or
     the int8 row scales); the bias and a residual are not counted.
     """
-    weight = layer.weight
+    weight: Any = layer.weight
     total = weight.numel() * weight.element_size()
     state = getattr(weight, "quant_state", None)
     if state is not None:

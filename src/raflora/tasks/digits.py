@@ -337,7 +337,9 @@ def _load(path: str, **kwargs: Any) -> ViTForImageClassification:
         ) from None
     model.requires_grad_(False)
     model.train(False)  # evaluation mode (no dropout anyway)
-    return one_cpu_path(model) if kwargs else model
+    if kwargs:
+        one_cpu_path(model)
+    return model
 
 
 @register_task("digits")

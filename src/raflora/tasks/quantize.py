@@ -84,8 +84,10 @@ def bnb_config(
     from transformers import BitsAndBytesConfig
 
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
-    return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_8bit=True, llm_int8_skip_modules=list(skip_modules)
+        )
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_compute_dtype=compute_dtype,
@@ -104,7 +106,7 @@ def one_cpu_path(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
     return model
 
 
