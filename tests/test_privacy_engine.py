@@ -207,7 +207,6 @@ def test_adaptive_clipping_moves_the_clip_towards_the_quantile(tmp_path: Path) -
             ],
             "'pld' accounts poisson sampling only",
         ),
-        (["privacy.enabled=true", "privacy.noise_multiplier=1", "engine=flower"], "engine"),
         (
             [
                 "privacy.enabled=true",
@@ -258,3 +257,24 @@ def test_the_cli_plans_what_the_engine_spends(tmp_path: Path) -> None:
     last = read_metrics(tmp_path / "r" / "metrics.jsonl")[-1]
     planned = epsilon(0.8, 0.5, 2, default_delta(6), sampling="poisson")
     assert math.isclose(last["epsilon"], planned, rel_tol=1e-12)
+
+
+def test_the_seed_comparison_reports_epsilon_when_a_run_is_private(tmp_path: Path) -> None:
+    from raflora.experiments.report import default_metrics, write_seed_comparison
+
+    def summary(acc: float, eps: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"final_accuracy": acc, "total_upload_bytes": 1, "wall_seconds": 1}
+        return out if eps is None else {**out, "final_epsilon": eps}
+
+    runs = {
+        "flexlora": {0: (summary(0.5, 4.0), []), 1: (summary(0.6, 4.0), [])},
+        "raflora": {0: (summary(0.7, 4.0), []), 1: (summary(0.8, 4.0), [])},
+    }
+    summaries = [s for seeds_ in runs.values() for s, _ in seeds_.values()]
+    metrics = default_metrics(summaries)
+    assert metrics[-1] == "final_epsilon"
+    assert "final_epsilon" not in default_metrics([summary(0.5, None)])
+    text = write_seed_comparison(
+        tmp_path, runs, seeds=[0, 1], metrics=metrics, baseline="flexlora"
+    ).read_text()
+    assert "| Final acc. (%) | ε |" in text

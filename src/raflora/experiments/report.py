@@ -68,6 +68,7 @@ _LOWER_IS_BETTER = frozenset(
         "final_train_loss",
         "wall_seconds",
         "clients_rejected",
+        "final_epsilon",
     }
 )
 _LABELS = {
@@ -79,6 +80,7 @@ _LABELS = {
     "final_eval_loss": "Final eval loss",
     "final_train_loss": "Final train loss",
     "wall_seconds": "Wall (s)",
+    "final_epsilon": "ε",
 }
 
 Summaries = Mapping[int, Mapping[str, Any]]
@@ -139,9 +141,12 @@ def _level(name: str) -> int:
 
 
 def default_metrics(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
-    """:data:`DEFAULT_METRICS`, then ``final_accuracy@<r>`` for each level any summary has."""
+    """:data:`DEFAULT_METRICS`, then ``final_accuracy@<r>`` for each level any summary has, then
+    ``final_epsilon`` when some run is private (docs/privacy.md).
+    """
     levels = {k for s in summaries for k in s if k.startswith("final_accuracy@") and _level(k)}
-    return [*DEFAULT_METRICS, *sorted(levels, key=_level)]
+    private = ["final_epsilon"] if any("final_epsilon" in s for s in summaries) else []
+    return [*DEFAULT_METRICS, *sorted(levels, key=_level), *private]
 
 
 def metric_value(summary: Mapping[str, Any], name: str) -> float | None:
