@@ -277,4 +277,4 @@ def test_the_seed_comparison_reports_epsilon_when_a_run_is_private(tmp_path: Pat
     text = write_seed_comparison(
         tmp_path, runs, seeds=[0, 1], metrics=metrics, baseline="flexlora"
     ).read_text()
-    assert "| Final acc. (%) | ε |" in text
+    assert "| Traffic | ε |" in text
