@@ -20,7 +20,7 @@ from raflora.engine import load_checkpoint, run_local, seeds
 from raflora.engine.checkpoint import save_checkpoint
 from raflora.engine.private_round import PrivacyBudgetError
 from raflora.privacy import calibrate_noise, default_delta, epsilon
-from raflora.report import read_metrics, write_comparison
+from raflora.report import progress_postfix, read_metrics, write_comparison
 from raflora.report.metrics import PRIVACY_KEYS, ROW_KEYS
 from raflora.report.tensorboard import round_scalars
 
@@ -89,6 +89,7 @@ def test_epsilon_in_every_row_is_the_accountant_s(tmp_path: Path) -> None:
     assert result.summary["privacy"]["epsilon"] == rows[-1]["epsilon"]
     assert result.summary["privacy"]["sampling"] == "fixed"
     assert round_scalars(rows[-1])["privacy/epsilon"] == rows[-1]["epsilon"]
+    assert progress_postfix(rows[-1])["ε"] == f"{rows[-1]['epsilon']:.3g}"
 
 
 def test_a_private_run_is_reproducible_and_noised(tmp_path: Path) -> None:
