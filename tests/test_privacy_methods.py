@@ -225,6 +225,19 @@ def test_the_noise_of_the_mean_has_std_z_c_over_m_in_every_space(
     _assert_std(samples["head"], expected)
 
 
+def test_raflora_s_partitions_add_their_noise_over_their_own_denominators() -> None:
+    """Every partition's sum is a dense ``d × n`` matrix noised with ``z C`` and divided by
+    ``q N_h``; they add up in the product, so its noise std is ``z C √(Σ_h (q N_h)⁻²)`` — the
+    few clients of the high partitions weigh most (docs/privacy.md, the known tension).
+    """
+    samples = _noise_samples(_method("raflora", {}), 40, client_noise=False)
+    q = M / len(CLIENT_RANKS)
+    covering = [sum(1 for r in CLIENT_RANKS if r >= h) for h in LEVELS]  # 6, 4, 2
+    expected = 1.3 * 0.5 * math.sqrt(sum((q * n) ** -2 for n in covering))
+    _assert_std(samples["product"], expected)
+    _assert_std(samples["head"], 1.3 * 0.5 / M)
+
+
 def test_a_wrong_noise_std_is_detected() -> None:
     """The variance test has power: noise 10% off is refused."""
     samples = _noise_samples(FlexLoRA(LEVELS), 40, client_noise=False)
