@@ -18,6 +18,7 @@ from torch import Tensor
 from conftest import config_with, randn
 from method_cases import SYNTHETIC, engine_rounds, first_module
 from raflora.engine import build_federation, load_checkpoint, run_local
+from raflora.engine.client_round import train_client
 from raflora.methods import (
     ClientMessage,
     ClientUpdate,
@@ -285,6 +286,30 @@ def test_the_upload_folds_lambda_into_b_and_sends_the_shared_rows() -> None:
 
 
 # ------------------------------------------------------------------------- real engine rounds
+
+
+def test_real_local_training_keeps_lora_a_on_the_lambda_lines_bit_for_bit() -> None:
+    """The engine's loop (AdamW, clipping, weight decay): the trained lora_A is Λ A_g[S_i]
+    entry for entry, and the upload's product is the trained adapter's."""
+    fed = build_federation(
+        config_with(
+            SYNTHETIC,
+            method="aflora",
+            **{"train.max_grad_norm": 0.5, "train.weight_decay": 0.01, "train.local_epochs": 2},
+        )
+    )
+    state = fed.initial_state()
+    client_id, rank = 1, fed.client_ranks[1]
+    message = fed.client_message(state, client_id, 1)
+    result = train_client(fed, client_id, rank, message, state.dense, 1, 1e-2)
+    trained = fed.bank.get_factors(rank)
+    for name, (B, A) in trained.items():
+        a = message.factors[name][1]
+        lam = result.update.extras["lambda/" + name]
+        assert torch.equal(A.abs(), A.abs()[:, :1].expand_as(A))  # one magnitude per row
+        assert torch.equal(torch.sign(A), torch.sign(lam)[:, None] * torch.sign(a))
+        B_up, A_up = result.update.factors[name]
+        torch.testing.assert_close(B_up @ A_up, B @ A, rtol=1e-5, atol=1e-7)
 
 
 def test_engine_rounds_keep_a_shared_and_identical_across_clients() -> None:
