@@ -40,7 +40,7 @@ the row's gradient by ``(∂L/∂λ_j) a_j``. Because every entry of ``a_j`` has
 point: plain SGD is exactly SGD on ``λ_j`` (and on ``B``); AdamW (elementwise) moves each entry by
 the AdamW step of ``∂L/∂λ_j`` in units of ``c``, i.e. ``λ_j`` with learning rate ``η / c`` — the
 relative pace at which plain LoRA's ``A`` entries move — and its weight decay scales the row
-along the line; gradient clipping counts ``∂L/∂λ_j`` ``n`` times (once per entry of the row).
+along the line; gradient clipping sees the row's norm ``|∂L/∂λ_j| ‖a_j‖ = |∂L/∂λ_j| / √3``.
 
 Departures and readings (docs/methods.md#aflora): ``A`` is a scaled sign matrix (so the
 reparametrisation above is exact) and is never updated (no server data); ``Λ_i`` restarts at
@@ -50,6 +50,8 @@ same rule the client would apply, so that what a client is sent needs no client 
 per-column weights are sample counts; the public-set refinement (``public_refine``) is refused —
 the server would have to train the adapter on a public set, and the method hooks are model-free.
 ``selection: nested`` (always ``{1 … r_i}``) is an ablation without the ``Λ``-guided pruning.
+Privacy (docs/privacy.md): refused with the pruning (its columns are chosen from the client's
+data); with ``selection: nested``, factor space on ``B Λ`` per rank index.
 
 Traffic (docs/design.md#communication): down ``B̃_g[:, S_i]`` and the ``r_i`` indices of
 ``S_i`` (a client regenerates ``A_g`` from the run's seed, as FFA-LoRA's does); up
