@@ -45,10 +45,13 @@ noise) works without the extra.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 __all__ = [
     "ACCOUNTANTS",
@@ -163,6 +166,33 @@ def _fresh_accountant(accountant: str, sampling: str) -> Any:
     return dpa.pld.PLDAccountant(neighboring_relation=relation)
 
 
+@functools.lru_cache(maxsize=64)
+def _round_rdp(
+    noise_multiplier: float,
+    sample_rate: float,
+    sampling: str,
+    num_clients: int | None,
+    m: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(orders, rdp)`` of ONE round at dp-accounting's default orders, computed once per
+    parameters (the library composes ``count`` rounds as ``count × rdp``, so every ε of the RDP
+    accountant is ``compute_epsilon(orders, steps × rdp)``). One evaluation of the
+    without-replacement bound costs seconds at ``N = 100``; a run asks every round.
+    """
+    acc = _fresh_accountant("rdp", sampling)
+    acc.compose(_event(noise_multiplier, sample_rate, sampling, num_clients, m), 1)
+    orders, rdp = acc.orders, acc.rdp
+    orders.setflags(write=False)
+    rdp.setflags(write=False)
+    return orders, rdp
+
+
+def _rdp_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
+    """The library's RDP → (ε, δ) conversion (what ``RdpAccountant.get_epsilon`` calls)."""
+    eps = float(_dpa().rdp.rdp_privacy_accountant.compute_epsilon(orders, rdp, delta)[0])
+    return max(eps, 0.0)
+
+
 def _epsilon_of(acc: Any, delta: float) -> float:
     eps = float(acc.get_epsilon(delta))
     return max(eps, 0.0)
@@ -212,6 +242,9 @@ def epsilon(
         return 0.0
     if noise_multiplier == 0:
         return math.inf
+    if accountant == "rdp":
+        orders, rdp = _round_rdp(noise_multiplier, sample_rate, sampling, num_clients, m)
+        return _rdp_epsilon(orders, steps * rdp, delta)
     acc = _fresh_accountant(accountant, sampling)
     acc.compose(_event(noise_multiplier, sample_rate, sampling, num_clients, m), steps)
     return _epsilon_of(acc, delta)
@@ -305,6 +338,7 @@ class PrivacyLedger:
     num_clients: int | None = None
     rounds: list[list[float]] = field(default_factory=list)
     _acc: Any = field(default=None, init=False, repr=False, compare=False)
+    _rdp: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -325,9 +359,15 @@ class PrivacyLedger:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         m = _check(noise_multiplier, sample_rate, self.sampling, self.num_clients, self.accountant)
-        if self._acc is None:
+        if self._acc is None and self.accountant == "pld":
             self._acc = _fresh_accountant(self.accountant, self.sampling)
-        if noise_multiplier > 0:
+        if noise_multiplier > 0 and self.accountant == "rdp":
+            # the RDP of one round, computed once (_round_rdp): count × it, as the library adds
+            orders, rdp = _round_rdp(
+                noise_multiplier, sample_rate, self.sampling, self.num_clients, m
+            )
+            self._rdp = (orders, count * rdp if self._rdp is None else self._rdp[1] + count * rdp)
+        elif noise_multiplier > 0:
             event = _event(noise_multiplier, sample_rate, self.sampling, self.num_clients, m)
             self._acc.compose(event, count)
         last = self.rounds[-1] if self.rounds else None
@@ -343,6 +383,8 @@ class PrivacyLedger:
             return 0.0
         if any(z == 0 for z, _, _ in self.rounds):
             return math.inf
+        if self.accountant == "rdp":
+            return _rdp_epsilon(self._rdp[0], self._rdp[1], delta)
         return _epsilon_of(self._acc, delta)
 
     def peek(
