@@ -28,6 +28,7 @@ bench: install
 	$(PY) benchmarks/partition.py
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/concurrent_clients.py
+	$(PY) benchmarks/flora_export.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -319,3 +319,8 @@ def test_export_is_w_t_and_truncated_exports_state_their_error(tmp_path: Path) -
     for k, (B, A) in factors.items():
         assert_rel(B.double() @ A.double(), ref_truncate(W[k], r), 1e-4)
     assert math.isfinite(kept)
+
+
+def test_privacy_is_refused_with_the_reason() -> None:
+    reason = FedHL([2, 4]).privacy_refusal()
+    assert reason is not None and "fedhl" in reason and "W_t" in reason

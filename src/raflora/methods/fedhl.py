@@ -26,8 +26,9 @@ server mode). What is the paper's and what is ours:
   (``p_i ∝ 1 / ((ê_i / ‖W_t‖²_F)² + ε)``, scale-free). ``ê_i`` is 0 for a client whose rank
   reaches the rank of ``W_t``, so both error weights give such a client ``1/ε``: ``weight_cap``
   bounds the ratio of two clients' weights (``w_i ← min(w_i, cap · min_j w_j)``). The default
-  is ``samples``: on the quickstart the error weights were not better (docs/methods.md#fedhl
-  gives the measurement), and ``truncation`` depends on the scale of the update.
+  is ``samples``: on the quickstart (seed 0, 10 rounds) it reached 58.2% against 57.7% for
+  both error weights, ``truncation`` depends on the scale of the update, and the claim we can
+  check (the unbiased change) holds for any weights summing to 1.
 * **State (ours).** ``W_t = B_g A_g + T_t``: the global factors ``B_g (d, r_max)``,
   ``A_g (r_max, n)`` are the best rank-``r_max`` part of ``W_t`` in FlexLoRA's split (so the
   nested truncation every method sends *is* ``W_t^{r_i}``), and the rest ``T_t`` is merged into
@@ -51,6 +52,8 @@ server mode). What is the paper's and what is ours:
 * Directions of ``W_t`` whose singular value is below ``1e-10 σ_1`` (what an exactly cancelled
   change leaves in float64) are dropped; a direction of ``B_g, A_g`` with zero singular value
   keeps a unit row of ``A`` (as FlexLoRA's completion does) so that it still trains.
+
+Privacy (docs/privacy.md): refused (:meth:`FedHL.privacy_refusal`).
 
 Traffic (docs/design.md#communication): factors up; factors down plus the last round's
 factored residual, which the merged base needs (counted like FedEx-LoRA's, the round's own).
@@ -411,6 +414,18 @@ class FedHL(Method):
         if extras is None:
             raise RuntimeError("fedhl: finish_state without an aggregation under way")
         return replace(state, extras={**state.extras, **extras})
+
+    # --------------------------------------------------------- privacy (docs/privacy.md)
+    def privacy_refusal(self) -> str | None:
+        """The client's change is a product-space update, but the noised mean must be added to
+        the untruncated ``W_t``, whose part past ``r_max`` the private aggregation never sees.
+        """
+        return (
+            "fedhl adds the clients' mean change to its untruncated W_t, whose part past r_max "
+            "lives in the server state and the merged base, and the private aggregation "
+            "(Method.private_aggregate_module) is given only the global factors; use a "
+            "product-space method (flexlora, raflora) or a factor one (docs/privacy.md)"
+        )
 
     # ------------------------------------------------------------- server: traffic
     def download_numel(self, ctx: RoundContext, state: GlobalState) -> int:
