@@ -110,6 +110,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.mode and args.mode != "all":
         slots.MODE = args.mode
+    if args.threads:
+        torch.set_num_threads(args.threads)
     paths = json.loads(args.paths)
     config = str(ROOT / "configs" / "quickstart.yaml")
     fed = build_federation(load_config(config, overrides(args.one, paths, args.k, args.device)))
@@ -161,6 +163,8 @@ def spawn(case: str, k: int, args: argparse.Namespace, paths: dict[str, str], mo
         json.dumps(paths),
         "--mode",
         mode,
+        "--threads",
+        str(args.threads),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -172,6 +176,12 @@ def main() -> None:
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (0: torch's default; 1 is steadier on a busy machine)",
+    )
     parser.add_argument("--modes", action="store_true", help="compare the mixed-rank modes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
@@ -204,7 +214,8 @@ def main() -> None:
                     f"| {got['peak_mib']:.0f} |",
                     flush=True,
                 )
-        print(f"device: {got['device']}")
+        threads = args.threads or "default"
+        print(f"device: {got['device']}, torch threads: {threads}")
 
 
 if __name__ == "__main__":
