@@ -72,6 +72,11 @@ def test_method_declaring_refuse_is_refused_before_round_1(monkeypatch: pytest.M
     assert validate(config) == []  # a float base is not affected
 
 
+def test_concurrent_clients_over_a_quantised_base_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train\.concurrent_clients=2; set it to 1"):
+        load_config(QUICKSTART, ["task.quantization=nf4", "train.concurrent_clients=2"])
+
+
 def test_merging_methods_declare_the_residual() -> None:
     for name in ("flora", "fedex", "ilora"):
         assert _REGISTRY[name].capabilities.quantized_base == "residual"
