@@ -39,7 +39,7 @@ def test_sketch_of_a_numerically_low_rank_dense_delta_is_the_dense_svd() -> None
     B, A = low_rank_sum(1, [16] * 9)  # rank 144, stored as a float32 sum like base_delta
     delta = (B @ A).float()
     out = delta_svd(delta)
-    U, S, Vh = dense_svd(delta.double())
+    _, S, _ = dense_svd(delta.double())
     assert out.exact
     k = _numerical_rank(S)
     assert _numerical_rank(out.S) == k == 144
@@ -82,6 +82,7 @@ def test_small_modules_keep_the_dense_svd_bit_for_bit() -> None:
         out = delta_svd(M, rank=rank)
         k = S.numel() if rank is None else rank
         assert torch.equal(out.S, S[:k]) and torch.equal(out.U, U[:, :k])
+        assert torch.equal(out.Vh, Vh[:k])
 
 
 def test_routes_are_deterministic_and_leave_the_global_rng_alone() -> None:
