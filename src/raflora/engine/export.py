@@ -9,6 +9,7 @@ SVD (all singular directions for the full export, the top ``r`` for a truncated 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -338,9 +339,39 @@ def write_adapter(
             )
         except SafetensorError as err:  # safetensors reports a failed write (a full disk) so
             raise write_failure(Path(out_dir), err) from err
+        _write_base_requirement(tmp, meta)
 
     replace_dir(Path(out_dir), build)
     return result
+
+
+BASE_FILE = "raflora_base.json"
+"""Written beside a quantised run's adapter: the base it was trained over (docs/quantization.md)."""
+
+
+def _write_base_requirement(out: Path, meta: Mapping[str, Any]) -> None:
+    """Record which base, and which quantisation of it, the adapter was trained over (nothing
+    for a float base: the adapter's ``base_model_name_or_path`` says it all).
+    """
+    quantization = meta.get("quantization", "none")
+    if quantization == "none":
+        return
+    from raflora.tasks.quantize import bnb_config
+
+    record = {
+        "base_model_name_or_path": meta.get("model_id"),
+        "quantization": quantization,
+        "bitsandbytes_config": meta.get("bitsandbytes_config"),
+        "how": "load the base with transformers' BitsAndBytesConfig(**bitsandbytes_config) "
+        "(from_pretrained(..., quantization_config=...)), then PeftModel.from_pretrained; "
+        "the adapter was trained over these quantised weights",
+    }
+    if record["bitsandbytes_config"] is None:
+        quant = bnb_config(str(quantization))
+        record["bitsandbytes_config"] = (
+            None if quant is None else json.loads(quant.to_json_string())
+        )
+    (out / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def export_peft_adapter(
