@@ -64,3 +64,44 @@ def test_bound_is_valid_and_tight_on_randomized_response(eps: float) -> None:
 def test_bad_delta() -> None:
     with pytest.raises(ValueError):
         epsilon_lower_bound(1, 2, 1, 2, delta=1.0)
+
+
+# ------------------------------------------------------------------ the empirical audit
+
+
+def _audit_module():  # type: ignore[no-untyped-def]
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "privacy_audit.py"
+    spec = importlib.util.spec_from_file_location("privacy_audit", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["privacy_audit"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_audit_canary_is_clipped_like_everyone() -> None:
+    audit = _audit_module()
+    others, canary, direction, shapes = audit.contributions(clients=4, clip=0.7, seed=0)
+    assert canary.clipped and canary.norm > 100  # scaled ×1000, then clipped to C
+    norm = math.sqrt(sum(float(p.pow(2).sum()) for p in canary.pieces.values()))
+    assert norm == pytest.approx(0.7, rel=1e-9)
+    assert set(canary.pieces) <= set(shapes) and all(len(c.pieces) > 0 for c in others)
+    assert math.sqrt(sum(float(d.pow(2).sum()) for d in direction.values())) == pytest.approx(1)
+
+
+def test_audit_bound_stays_below_the_accountant_and_the_test_has_power() -> None:
+    audit = _audit_module()
+    noised = audit.audit(1.0, trials=600, seed=1)
+    assert 0 <= noised.epsilon_lb <= noised.epsilon_accountant
+    assert noised.tpr > noised.fpr  # the canary shows, but only as much as ε allows
+    off = audit.audit(0.0, trials=600, seed=1)
+    assert (off.tpr, off.fpr) == (1.0, 0.0)
+    # a perfect test on 300 + 300 trials: the closed form of a perfect Clopper–Pearson bound
+    n = off.trials
+    tpr_lb = 0.025 ** (1 / n)
+    assert off.epsilon_lb == pytest.approx(math.log((tpr_lb - 1e-5) / (1 - tpr_lb)), rel=1e-9)
+    assert off.epsilon_lb > noised.epsilon_lb and math.isinf(off.epsilon_accountant)

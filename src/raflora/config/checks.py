@@ -191,10 +191,6 @@ def _privacy_problems(
             "privacy: set exactly one of privacy.noise_multiplier and privacy.target_epsilon, got "
             + ("both" if pv.noise_multiplier is not None else "neither")
         )
-    if ok("engine") and config.engine != "local":
-        problems.append(
-            f"privacy: engine {config.engine!r} does not run privacy yet; use engine: local"
-        )
     if ok("privacy.accountant", "privacy.sampling") and (pv.accountant, pv.sampling) == (
         "pld",
         "fixed",

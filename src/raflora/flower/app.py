@@ -36,15 +36,35 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
 from raflora.adapters import adapter_name, load_base_weights
 from raflora.config import RunConfig, config_from_dict, load_config, with_changes
-from raflora.engine.client_round import train_client
+from raflora.engine.client_round import ClientResult, train_client
 from raflora.engine.federation import EngineError, Federation, build_federation
+from raflora.engine.private_round import PrivacyRun, privatize_client
 from raflora.engine.run_files import RunResult, check_config, finish_run, lock_run_dir, open_run
-from raflora.flower.records import ARRAYS, CONFIG, METRICS, decode_arrays, encode_result
-from raflora.flower.strategy import QUERY_PARTITION, RankStrategy
-from raflora.methods import ClientMessage
+from raflora.flower.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    PRIVATE,
+    DecodedArrays,
+    decode_arrays,
+    encode_arrays,
+    encode_contribution,
+    encode_result,
+)
+from raflora.flower.strategy import (
+    PRIVACY_CLIP,
+    PRIVACY_COHORT,
+    PRIVACY_DELTA,
+    PRIVACY_RATE,
+    PRIVACY_Z,
+    QUERY_PARTITION,
+    RankStrategy,
+)
+from raflora.methods import ClientMessage, GlobalState
 
 __all__ = [
     "FAULTS",
@@ -153,8 +173,60 @@ def _train(message: Message, context: Context, faults: Mapping[int, str]) -> Mes
     elif fault == "inflate":
         inflated = replace(result.update, num_samples=10 * result.update.num_samples)
         result = replace(result, update=inflated)
+    if PRIVACY_CLIP in config:  # privacy.noise: client — only the noised contribution travels
+        pieces = _private_contribution(fed, config, received, result, round_index)
+        _, metrics = encode_result(result)
+        content = RecordDict(
+            {
+                PRIVATE: encode_contribution(pieces),
+                ARRAYS: encode_arrays({}, {}, state=result.state),
+                METRICS: metrics,
+            }
+        )
+        return Message(content, reply_to=message)
     arrays, metrics = encode_result(result)
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=message)
+
+
+def _float(config: ConfigRecord, key: str) -> float:
+    value = config.get(key)
+    if not isinstance(value, float):
+        raise ValueError(f"train message: {key!r} must be a float, got {value!r}")
+    return value
+
+
+def _private_contribution(
+    fed: Federation,
+    config: ConfigRecord,
+    received: DecodedArrays,
+    result: ClientResult,
+    round_index: int,
+) -> dict[str, Tensor]:
+    """``privacy.noise: client`` (docs/privacy.md): this client's ``U_k`` clipped to ``C``,
+    densified, plus its noise share ``N(0, (z C)² / m)`` from its own seeded stream —
+    :func:`~raflora.engine.private_round.privatize_client`, the local engine's function, with the
+    round's ``z``, ``C`` and cohort size ``m`` the server sent.
+
+    The client knows the global state only through what it was sent (its start factors and the
+    global heads): the module shapes and the heads' starting point are read from them.
+    """
+    fed.privacy = PrivacyRun(
+        noise_multiplier=_float(config, PRIVACY_Z),
+        clip=_float(config, PRIVACY_CLIP),
+        delta=_float(config, PRIVACY_DELTA),
+        sample_rate=_float(config, PRIVACY_RATE),
+        target_epsilon=None,  # the budget is the server's to enforce
+    )
+    state = GlobalState(
+        factors=dict(received.factors),
+        module_shapes={m: (B.shape[0], A.shape[1]) for m, (B, A) in received.factors.items()},
+        dense=dict(received.dense),
+        round=round_index - 1,
+    )
+    sent = ClientMessage(received.factors, received.extras)
+    cohort = _int(config, PRIVACY_COHORT)
+    contribution = privatize_client(fed, state, round_index, result.update, sent, cohort)
+    return contribution.pieces
 
 
 def make_client_app(*, faults: Mapping[int, str] | None = None) -> ClientApp:

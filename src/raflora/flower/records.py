@@ -44,12 +44,15 @@ __all__ = [
     "ARRAYS",
     "CONFIG",
     "METRICS",
+    "PRIVATE",
     "DecodedArrays",
     "MalformedReplyError",
     "SampleCountMismatchError",
     "decode_arrays",
+    "decode_contribution",
     "decode_result",
     "encode_arrays",
+    "encode_contribution",
     "encode_result",
     "record_bytes",
 ]
@@ -57,6 +60,8 @@ __all__ = [
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+PRIVATE = "private"
+"""Record of a ``privacy.noise: client`` reply: the client's clipped, noised contribution."""
 
 _KINDS = ("B", "A", "dense", "base", "extra", "state")
 
@@ -277,3 +282,57 @@ def decode_result(
         seconds=_number(metrics, "seconds"),
         state=decoded.state or None,
     )
+
+
+# ------------------------------------------------------------------ privacy.noise: client
+
+
+def encode_contribution(pieces: Mapping[str, Tensor]) -> ArrayRecord:
+    """The ``"private"`` record of a ``privacy.noise: client`` reply (docs/privacy.md): the
+    client's clipped, densified and noised contribution, one float64 array per piece of the
+    round's public layout. Neither the client's factors nor its heads travel: the server learns
+    only these pieces, and the training metrics (outside the guarantee).
+    """
+    record = ArrayRecord()
+    for name, piece in pieces.items():
+        record[name] = Array.from_torch_tensor(piece.detach().cpu().double().contiguous())
+    return record
+
+
+def decode_contribution(
+    record: object,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    client_id: int,
+    device: torch.device | str,
+) -> dict[str, Tensor]:
+    """The pieces of a ``"private"`` record, checked against the round's public layout.
+
+    Raises
+    ------
+    MalformedReplyError
+        The record is missing or not an :class:`ArrayRecord`, its names are not exactly the
+        layout's, or a piece has another shape, is not float64 or is not finite.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise MalformedReplyError(f"{PRIVATE!r} is missing or not an ArrayRecord")
+    names = set(record.keys())
+    if names != set(shapes):
+        extra, missing = sorted(names - set(shapes)), sorted(set(shapes) - names)
+        what = f"unexpected {extra[0]!r}" if extra else f"missing {missing[0]!r}"
+        raise MalformedReplyError(f"client {client_id}'s contribution: {what}")
+    pieces: dict[str, Tensor] = {}
+    for name in sorted(shapes):
+        try:
+            values = np.array(record[name].numpy(), copy=True)
+        except Exception as err:  # any decoding failure of untrusted bytes
+            raise MalformedReplyError(f"piece {name!r} cannot be read: {err}") from None
+        if values.dtype != np.float64 or tuple(values.shape) != tuple(shapes[name]):
+            raise MalformedReplyError(
+                f"piece {name!r} is {values.dtype} {tuple(values.shape)}, expected float64 "
+                f"{tuple(shapes[name])}"
+            )
+        if not np.isfinite(values).all():
+            raise MalformedReplyError(f"piece {name!r} is not finite")
+        pieces[name] = torch.from_numpy(values).to(device)
+    return pieces

@@ -26,6 +26,7 @@ engine is the node with ``partition-id = k``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
@@ -57,18 +58,38 @@ from raflora.flower.records import (
     ARRAYS,
     CONFIG,
     METRICS,
+    PRIVATE,
     MalformedReplyError,
+    decode_contribution,
     decode_result,
     encode_arrays,
     record_bytes,
 )
 from raflora.methods import GlobalState, InvalidUpdateError
+from raflora.methods.private import private_shapes
 from raflora.methods.validation import validate_named
+from raflora.privacy.mechanism import Contribution
 
-__all__ = ["QUERY_PARTITION", "RankStrategy"]
+__all__ = [
+    "PRIVACY_CLIP",
+    "PRIVACY_COHORT",
+    "PRIVACY_DELTA",
+    "PRIVACY_RATE",
+    "PRIVACY_Z",
+    "QUERY_PARTITION",
+    "RankStrategy",
+]
 
 QUERY_PARTITION = "partition-id"
 """``action`` of the query message that asks a node for its ``partition-id``."""
+
+# Train-message config keys of a ``privacy.noise: client`` round (docs/privacy.md): what a
+# client needs to clip its update and draw its noise share; their presence tells it to.
+PRIVACY_Z = "privacy-noise-multiplier"
+PRIVACY_CLIP = "privacy-clip"
+PRIVACY_DELTA = "privacy-delta"
+PRIVACY_RATE = "privacy-sample-rate"
+PRIVACY_COHORT = "privacy-cohort"
 
 
 def _short(reason: str | None, limit: int = 300) -> str:
@@ -136,6 +157,8 @@ class RankStrategy(Strategy):
         self._sent: dict[int, int] = {}  # node id → client id of this round's messages
         self._unreachable: dict[int, str] = {}
         self._transport = 0  # bytes of this round's messages, both ways (transport_bytes)
+        # privacy.noise: client — this round's contributions (client id → pieces, or why not)
+        self._private: dict[int, Contribution | str] = {}
 
     # ------------------------------------------------------------------ node ↔ client mapping
     @property
@@ -217,6 +240,11 @@ class RankStrategy(Strategy):
         return self.nodes
 
     # ------------------------------------------------------------------ training round
+    @property
+    def client_noise(self) -> bool:
+        """A private run whose clients add the noise (``privacy.noise: client``)."""
+        return self.fed.privacy is not None and self.fed.config.privacy.noise == "client"
+
     def train_message(self, plan: RoundPlan, client_id: int, rank: int, node: int) -> Message:
         """The message client ``client_id`` gets: its rank's start factors, heads, round config."""
         fed, state = self.fed, self.state
@@ -238,6 +266,14 @@ class RankStrategy(Strategy):
                 "run-config": self._run_config,
             }
         )
+        if self.client_noise:
+            run = fed.privacy
+            assert run is not None
+            config[PRIVACY_Z] = float(run.noise_multiplier)
+            config[PRIVACY_CLIP] = float(run.clip)
+            config[PRIVACY_DELTA] = float(run.delta)
+            config[PRIVACY_RATE] = float(run.sample_rate)
+            config[PRIVACY_COHORT] = len(plan.clients)  # m: each client adds (z C)² / m
         return Message(
             content=RecordDict({ARRAYS: arrays, CONFIG: config}),
             dst_node_id=node,
@@ -269,6 +305,7 @@ class RankStrategy(Strategy):
         self._sent = {}
         self._unreachable = {}
         self._transport = 0
+        self._private = {}
         messages = []
         for client_id, rank in zip(plan.clients, plan.ranks, strict=True):
             node = nodes.get(client_id)
@@ -317,6 +354,8 @@ class RankStrategy(Strategy):
                     device=self.fed.device,
                 )
                 self._check_client_state(result)
+                if self.client_noise:
+                    self._private[client_id] = self._contribution(content.get(PRIVATE), client_id)
                 results.append(result)
             except MalformedReplyError as err:  # SampleCountMismatchError included
                 failures[client_id] = f"{err.label}: {err}"
@@ -327,6 +366,20 @@ class RankStrategy(Strategy):
                 failures[client_id] = "no reply (timed out or node lost)"
         results.sort(key=lambda r: r.update.client_id)  # the local engine's order
         return results, failures
+
+    def _contribution(self, record: object, client_id: int) -> Contribution:
+        """A ``privacy.noise: client`` reply's noised contribution, checked against the round's
+        public layout (:func:`~raflora.methods.private.private_shapes`). Its norm and clip scale
+        stay with the client: the server sees only the pieces.
+        """
+        assert self._plan is not None
+        ctx = self.fed.context(self._plan.round_index)
+        rule = self.fed.aggregator.private_rule(ctx)
+        if rule is None:  # refused with the config
+            raise EngineError(f"privacy: {self.fed.aggregator.privacy_refusal()}")
+        shapes = private_shapes(rule, self.state, self.fed.aggregator.r_max)
+        pieces = decode_contribution(record, shapes, client_id=client_id, device=self.fed.device)
+        return Contribution(pieces, math.nan, math.nan)
 
     def _check_client_state(self, result: ClientResult) -> None:
         """Check a reply's per-client state against the method's shapes, like an update's
@@ -359,9 +412,36 @@ class RankStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         results, failures = self.collect(replies)
         train_seconds = time.perf_counter() - self._round_start
+        private = None
+        if self.client_noise:
+            private = {r.update.client_id: self._private[r.update.client_id] for r in results}
+            if failures:
+                # each client carried (z C)² / m of the noise: the missing shares are missing
+                share = math.sqrt(len(results) / max(len(plan.clients), 1))
+                log(
+                    WARNING,
+                    "Round %d: %d of %d noise shares arrived; the sums' noise std is %.3g z C",
+                    plan.round_index,
+                    len(results),
+                    len(plan.clients),
+                    share,
+                )
         self.state, row, energy = complete_round(
-            self.fed, self.state, plan, results, train_seconds=train_seconds, failures=failures
+            self.fed,
+            self.state,
+            plan,
+            results,
+            train_seconds=train_seconds,
+            failures=failures,
+            private=private,
         )
+        if private is not None:  # what travelled up: the dense noised pieces, not factors
+            row["upload_bytes"] = sum(
+                8 * p.numel()
+                for c in private.values()
+                if isinstance(c, Contribution)
+                for p in c.pieces.values()
+            )
         # what the transport moved, beyond the method's algorithmic traffic (the merged base
         # weights of FLoRA and FedEx-LoRA, both factors where a method needs one …)
         row["transport_bytes"] = self._transport
