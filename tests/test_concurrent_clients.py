@@ -145,7 +145,7 @@ def test_a_grouped_round_leaves_the_global_rng_and_the_sequential_path_alone() -
 
 def test_killed_and_resumed_grouped_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     over: dict[str, Any] = {
-        "fl.rounds": 3,
+        "fl.rounds": 2,
         "lora.dropout": 0.1,
         "train.concurrent_clients": 2,
         "method": "ilora",  # per-client state carried across the cut
