@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/concurrent_equivalence.py                       # configs/quickstart.yaml
     python benchmarks/concurrent_equivalence.py --methods raflora,flexlora --out /tmp/eq
+    python benchmarks/concurrent_equivalence.py fl.rounds=8 eval.every=4   # a shorter check
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ ACCURACY_POINTS = 0.5
 ENERGY = 0.01
 
 
-def compare(config: str, methods: str, k: int, out: Path) -> dict[str, dict[str, float]]:
+def compare(
+    config: str, methods: str, k: int, out: Path, overrides: list[str]
+) -> dict[str, dict[str, float]]:
     """``raflora compare`` at ``K = k``: method → its summary."""
     cmd = [
         sys.executable,
@@ -34,6 +37,7 @@ def compare(config: str, methods: str, k: int, out: Path) -> dict[str, dict[str,
         "raflora.cli",
         "compare",
         config,
+        *overrides,
         f"train.concurrent_clients={k}",
         "--methods",
         methods,
@@ -55,11 +59,12 @@ def main() -> int:
     parser.add_argument("--methods", default="all")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     args = parser.parse_args()
     with TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
-        one = compare(args.config, args.methods, 1, root / "k1")
-        many = compare(args.config, args.methods, args.k, root / f"k{args.k}")
+        one = compare(args.config, args.methods, 1, root / "k1", args.overrides)
+        many = compare(args.config, args.methods, args.k, root / f"k{args.k}", args.overrides)
     print(
         f"| method | accuracy K=1 | K={args.k} | Δ points | energy K=1 | K={args.k} | Δ | ok |\n"
         "|---|---|---|---|---|---|---|---|"
