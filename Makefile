@@ -29,6 +29,7 @@ bench: install
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/concurrent_clients.py
 	$(PY) benchmarks/flora_export.py
+	$(PY) benchmarks/privacy_audit.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -326,7 +326,12 @@ def plot(
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=8)
-    fig.suptitle("Client-level DP on the quickstart (mean ± std over seeds)")
+    rounds = sorted({int(x["rounds"]) for rows in found.values() for x in rows if "rounds" in x})
+    seeds = max((len(rows) for rows in found.values()), default=0)
+    fig.suptitle(
+        f"Client-level DP on the quickstart: {', '.join(map(str, rounds))} rounds, "
+        f"mean ± std over {seeds} seed(s)"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
