@@ -16,6 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "raflora"
 
 LAYERS: dict[str, int] = {
+    "_muted_logs": 1,
     "linalg": 1,
     "schema": 1,
     "config": 1,

@@ -4,6 +4,7 @@ The public API for one module — ``aggregate``, ``aggregate_round``, ``energy_s
 ``higher_rank_energy`` — and the method registry for whole models (:mod:`raflora.methods`).
 """
 
+from raflora import _muted_logs  # noqa: F401  (first: before anything imports PEFT)
 from raflora.api import RoundAggregate, aggregate, aggregate_round
 from raflora.diagnostics import energy_report, energy_spectrum, higher_rank_energy
 from raflora.methods import (
