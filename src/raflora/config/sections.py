@@ -243,7 +243,7 @@ class PrivacyConfig(Section):
 
     enabled: bool = field(
         default=False,
-        metadata=_help("Run with client-level differential privacy (the local engine)."),
+        metadata=_help("Run with client-level differential privacy (local and Flower engines)."),
     )
     clip: float = setting(
         1.0, "Clip norm C of a client's whole update (all modules, heads, extras).", gt=0

@@ -60,7 +60,7 @@ class AdapterExport:
     @property
     def relative_error(self) -> float:
         """``‖ΔW − B_r A_r‖_F / ‖ΔW‖_F = √(1 − energy_kept)`` over the modules (0 for the full
-        export, to rounding): written to the adapter's metadata with the rank.
+        export, to rounding): written to ``raflora_export.json`` beside the adapter, with the rank.
         """
         return math.sqrt(max(0.0, 1.0 - self.energy_kept))
 
@@ -319,11 +319,13 @@ def write_adapter(
     """
     factors, out_rank, kept = adapter_factors(aggregator, state, rank)
     result = AdapterExport(Path(out_dir), out_rank, kept)
-    # what the adapter is, in its own file: its rank and how far it is from the global update
-    metadata = {
-        "raflora.rank": str(out_rank),
-        "raflora.energy_kept": repr(kept),
-        "raflora.relative_error": repr(result.relative_error),
+    # what the adapter is, in a file of its own beside it: its rank and how far it is from the
+    # global update (not in the safetensors header, whose metadata map is written in an order
+    # that changes from process to process: the same run would not give the same bytes)
+    record = {
+        "rank": out_rank,
+        "energy_kept": kept,
+        "relative_error": result.relative_error,
     }
 
     def build(tmp: Path) -> None:
@@ -338,15 +340,19 @@ def write_adapter(
                 modules_to_save=meta.get("modules_to_save"),
                 task_type=meta.get("task_type"),
                 base_model_name_or_path=meta.get("model_id"),
-                metadata=metadata,
             )
         except SafetensorError as err:  # safetensors reports a failed write (a full disk) so
             raise write_failure(Path(out_dir), err) from err
+        (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         _write_base_requirement(tmp, meta)
 
     replace_dir(Path(out_dir), build)
     return result
 
+
+EXPORT_FILE = "raflora_export.json"
+"""Written beside every adapter: its rank, the share of the global update's energy it keeps and
+its relative error (``energy_kept``, ``relative_error``, ``rank``)."""
 
 BASE_FILE = "raflora_base.json"
 """Written beside a quantised run's adapter: the base it was trained over (docs/quantization.md)."""
@@ -388,7 +394,6 @@ def export_peft_adapter(
     modules_to_save: Sequence[str] | None = None,
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
-    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a standard PEFT LoRA adapter directory for the given effective factors.
 
@@ -420,8 +425,6 @@ def export_peft_adapter(
         PEFT task type.
     base_model_name_or_path : str | None
         Recorded in ``adapter_config.json``; defaults to the model's ``name_or_path``.
-    metadata : Mapping[str, str] | None
-        Extra string metadata of ``adapter_model.safetensors`` (besides ``format: pt``).
 
     Returns
     -------
@@ -504,6 +507,6 @@ def export_peft_adapter(
     save_file(
         tensors,
         str(out / "adapter_model.safetensors"),
-        metadata={**(metadata or {}), "format": "pt"},
+        metadata={"format": "pt"},  # one key: a map of several is written in no fixed order
     )
     return out
