@@ -39,6 +39,7 @@ __all__ = [
     "energy_metrics",
     "plan_round",
     "run_round",
+    "train_clients",
 ]
 
 
@@ -219,24 +220,34 @@ def run_round(fed: Federation, state: GlobalState, round_index: int) -> Complete
     check_budget(fed, round_index)  # a private run stops before exceeding its epsilon
     t0 = device_clock(fed.device)
     plan = plan_round(fed, state, round_index)
-    # Trained grouped by rank so the shared model switches adapters as rarely as possible.
-    order = sorted(zip(plan.ranks, plan.clients, strict=True))
-    if fed.config.train.concurrent_clients > 1:  # K clients at once (docs/concurrency.md)
-        results = train_concurrent(fed, state, order, round_index, plan.lr)
-    else:
-        results = [
-            train_client(
-                fed,
-                client_id,
-                rank,
-                fed.client_message(state, client_id, round_index),
-                state.dense,
-                round_index,
-                plan.lr,
-                state=fed.client_states.get(client_id, device=fed.device),
-            )
-            for rank, client_id in order
-        ]
+    results = train_clients(fed, state, plan)
     train_seconds = device_clock(fed.device) - t0
     private = privatize_results(fed, state, round_index, results)  # None without privacy
     return complete_round(fed, state, plan, results, train_seconds=train_seconds, private=private)
+
+
+def train_clients(
+    fed: Federation, state: GlobalState, plan: RoundPlan, *, capacity: int | None = None
+) -> list[ClientResult]:
+    """The local engine's client phase of ``plan``: the sampled clients trained one after
+    another, or ``capacity`` (default ``train.concurrent_clients``) at a time in one model
+    (docs/concurrency.md); their results.
+    """
+    k = fed.config.train.concurrent_clients if capacity is None else capacity
+    # Trained grouped by rank so the shared model switches adapters as rarely as possible.
+    order = sorted(zip(plan.ranks, plan.clients, strict=True))
+    if k > 1:
+        return train_concurrent(fed, state, order, plan.round_index, plan.lr, capacity=k)
+    return [
+        train_client(
+            fed,
+            client_id,
+            rank,
+            fed.client_message(state, client_id, plan.round_index),
+            state.dense,
+            plan.round_index,
+            plan.lr,
+            state=fed.client_states.get(client_id, device=fed.device),
+        )
+        for rank, client_id in order
+    ]

@@ -872,27 +872,9 @@ def client_phase(fed: Federation, state: GlobalState, round_index: int, k: int) 
     """Round ``round_index``'s client phase as ``run_round`` runs it, ``k`` clients at a time
     (``k = 1``: the sequential loop); the clients' results.
     """
-    from raflora.engine.client_round import train_client
-    from raflora.engine.concurrent import train_concurrent
-    from raflora.engine.server_round import plan_round
+    from raflora.engine.server_round import plan_round, train_clients
 
-    plan = plan_round(fed, state, round_index)
-    order = sorted(zip(plan.ranks, plan.clients, strict=True))
-    if k > 1:
-        return train_concurrent(fed, state, order, round_index, plan.lr, capacity=k)
-    return [
-        train_client(
-            fed,
-            client_id,
-            rank,
-            fed.client_message(state, client_id, round_index),
-            state.dense,
-            round_index,
-            plan.lr,
-            state=fed.client_states.get(client_id, device=fed.device),
-        )
-        for rank, client_id in order
-    ]
+    return train_clients(fed, state, plan_round(fed, state, round_index), capacity=k)
 
 
 def _upload_rel_diff(one: Any, other: Any) -> float:
