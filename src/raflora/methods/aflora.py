@@ -244,19 +244,12 @@ class AFLoRA(Method):
         """``B̃_g = 0`` and the shared ``A_g = c S`` (:func:`shared_a_init`, modules in sorted
         name order from ``ctx.generator``); no client scores yet.
         """
-        if ctx.generator is None:
-            raise ValueError(f"{self.name}: init_state needs ctx.generator (the init stream)")
-        factors: Factors = {}
-        for name in sorted(module_shapes):
-            d, n = module_shapes[name]
-            A = shared_a_init(self.r_max, n, ctx.generator).to(device=ctx.device, dtype=ctx.dtype)
-            factors[name] = (torch.zeros(d, self.r_max, dtype=ctx.dtype, device=ctx.device), A)
-        return GlobalState(
-            factors=factors,
-            module_shapes={k: (int(d), int(n)) for k, (d, n) in module_shapes.items()},
-            dense={k: v.detach().clone() for k, v in (dense or {}).items()},
-            extras={"scores": {}},
-        )
+        state = super().init_state(ctx, module_shapes, dense)  # A from initial_a, below
+        return replace(state, extras={"scores": {}})
+
+    def initial_a(self, n: int, generator: torch.Generator) -> Tensor:
+        """The shared ``A = c S`` of one module (:func:`shared_a_init`)."""
+        return shared_a_init(self.r_max, n, generator)
 
     def scores(self, state: GlobalState, client_id: int | None, module: str) -> Tensor:
         """Client ``client_id``'s pruning scores of ``module``'s ``R`` components: its last

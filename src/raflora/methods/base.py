@@ -250,13 +250,19 @@ class Method(ABC):
         factors: Factors = {}
         for name in sorted(module_shapes):
             d, n = module_shapes[name]
-            A = lora_a_init(self.r_max, n, ctx.generator).to(device=ctx.device, dtype=ctx.dtype)
+            A = self.initial_a(n, ctx.generator).to(device=ctx.device, dtype=ctx.dtype)
             factors[name] = (torch.zeros(d, self.r_max, dtype=ctx.dtype, device=ctx.device), A)
         return GlobalState(
             factors=factors,
             module_shapes={k: (int(d), int(n)) for k, (d, n) in module_shapes.items()},
             dense={k: v.detach().clone() for k, v in (dense or {}).items()},
         )
+
+    def initial_a(self, n: int, generator: torch.Generator) -> Tensor:
+        """The round-0 ``A_g (r_max, n)`` of one module, drawn from ``generator`` (the run's init
+        stream; default PEFT's ``lora_A`` init, :func:`lora_a_init`).
+        """
+        return lora_a_init(self.r_max, n, generator)
 
     def module_shape_problem(self, module_shapes: Mapping[str, tuple[int, int]]) -> str | None:
         """Why the method cannot adapt modules of these ``(d, n)`` shapes (``None``: it can).
