@@ -112,3 +112,23 @@ def test_delta_factors_reproduce_the_deltas_and_find_the_numerical_rank() -> Non
         # the best rank-4 energy: to rounding (small "c", low-rank "b") or near it ("a": rank
         # 32 with a flat spectrum, past the sketch of 4 + 10)
         assert abs(kept / float(S[:4].square().sum()) - 1) < (3e-2 if name == "a" else 1e-6)
+
+
+def test_whole_export_of_a_full_rank_delta_carries_it_bit_for_bit() -> None:
+    # numerical rank past min(d, n) / 2: no dense SVD, the delta itself as (ΔW, I) or (I, ΔW)
+    tall = randn(11, D, N).float()
+    wide = randn(12, N, D).float()
+    B1, A1 = low_rank_sum(13, [8, 8])  # a low-rank module beside them: its SVD, padded
+    delta = {"tall": tall, "wide": wide, "low": (B1 @ A1).float()}
+    factors, rank, numerical = _delta_factors(delta, None)
+    assert rank == numerical == N  # min(d, n) of the full-rank modules
+    B, A = factors["tall"]
+    assert B.shape == (D, N) and torch.equal(B, tall) and torch.equal(A, torch.eye(N))
+    B, A = factors["wide"]
+    assert torch.equal(B, torch.eye(N)) and torch.equal(A, wide)
+    B, A = factors["low"]
+    assert B.shape == (D, N) and float(B[:, 16:].norm()) < 1e-6 * float(B.norm())
+    assert rel(B.double() @ A.double(), delta["low"].double()) < 1e-6
+    # a truncated export of the same delta takes the randomized route, never the whole delta
+    factors, rank, _ = _delta_factors({"tall": tall}, 8)
+    assert rank == 8 and factors["tall"][0].shape == (D, 8)

@@ -202,7 +202,8 @@ def delta_svd(
       QR of the stacked factors plus the SVD of the small core is exact
       (:func:`raflora.linalg.factored_svd`), ``O((d + n) R²)``;
     * **dense** (``min(d, n) < 512``, or a sketch as large as ``min(d, n) / 2``): the dense SVD,
-      exact;
+      exact (the adapter export skips it for a whole export of such a delta and carries the
+      delta itself, :func:`_delta_factors`);
     * **sketch** (``rank=None``): a Gaussian sketch doubled until the residual is below what the
       dense route counts as zero (``1e-6 σ_1``), so the result is the dense one to rounding, at
       ``O(d n k)`` for numerical rank ``k``;
@@ -222,37 +223,81 @@ def delta_svd(
     M = delta.double()
     if factors is not None:
         M = M + factors[0].double() @ factors[1].double()
-    small = min(M.shape)
-    generator = torch.Generator().manual_seed(seed)
-    if small >= _DENSE_BELOW:
-        if rank is None:
-            found = _adaptive_range(M, generator, small // 2)
-            if found is not None:
-                return found
-        elif rank + max(_OVERSAMPLE, rank) < small // 2:
-            return _randomized(M, rank, generator)
+    found = _sketched_svd(M, rank, seed)
+    if found is not None:
+        return found
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     if rank is not None:
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
     return DeltaSVD(U, S, Vh, exact=True)
 
 
+def _sketched_svd(M: Tensor, rank: int | None, seed: int) -> DeltaSVD | None:
+    """The sketch route (``rank=None``) or the randomized route (``rank`` given) of
+    :func:`delta_svd` for a float64 ``M``; ``None`` where only the dense SVD answers: a module
+    under ``_DENSE_BELOW`` wide, a numerical rank past ``min(d, n) / 2``, or a sketch for
+    ``rank`` that large.
+    """
+    small = min(M.shape)
+    if small < _DENSE_BELOW:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return _adaptive_range(M, generator, small // 2)
+    if rank + max(_OVERSAMPLE, rank) < small // 2:
+        return _randomized(M, rank, generator)
+    return None
+
+
+def _whole_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Exact factors of a delta of (nearly) full numerical rank, padded to ``rank`` columns:
+    ``(ΔW, I_n)`` when ``n ≤ d``, ``(I_d, ΔW)`` otherwise. The delta itself, bit for bit: a
+    whole export keeps every direction of such a delta anyway, so its SVD (the one dense
+    ``O(d n min(d, n))`` step left, ~80 s for 39 modules of 2048² on two cores) buys nothing.
+    """
+    d, n = delta.shape
+    B = delta.new_zeros(d, rank, dtype=torch.float32)
+    A = delta.new_zeros(rank, n, dtype=torch.float32)
+    if n <= d:
+        B[:, :n] = delta
+        A[:n] = torch.eye(n, dtype=torch.float32, device=delta.device)
+    else:
+        B[:, :d] = torch.eye(d, dtype=torch.float32, device=delta.device)
+        A[:d] = delta
+    return B, A
+
+
 def _delta_factors(delta: Mapping[str, Tensor], rank: int | None) -> tuple[Factors, int, int]:
-    """SVD factors ``(UΣ, Vᵀ)`` of dense deltas, all at one rank (zero-padded where smaller),
-    and the largest numerical rank seen (exact where every module's SVD was complete or reached
-    past it).
+    """Factors of dense deltas, all at one rank (zero-padded where smaller), and the largest
+    numerical rank seen (exact where every module's SVD was complete or reached past it).
+
+    Each module's factors are its SVD's ``(UΣ, Vᵀ)`` (:func:`delta_svd`), except in a whole
+    export (``rank=None``) of a module at least ``_DENSE_BELOW`` wide whose numerical rank passes
+    ``min(d, n) / 2``: that delta is carried whole (:func:`_whole_factors`, rank ``min(d, n)``).
 
     ``rank=None`` keeps every numerically non-zero direction: the largest numerical rank over
     the modules (so the adapter reproduces the deltas to float precision without carrying
     ``min(d, n)`` columns of zeros).
     """
-    svds = {k: delta_svd(v, rank=rank) for k, v in delta.items()}
-    numerical = max(1, *(_numerical_rank(s.S) for s in svds.values()))
+    svds: dict[str, DeltaSVD | None] = {}
+    for name, dw in delta.items():
+        M = dw.double()
+        found = _sketched_svd(M, rank, seed=0)
+        if found is None and (rank is not None or min(M.shape) < _DENSE_BELOW):
+            found = delta_svd(dw, rank=rank)  # the dense SVD
+        svds[name] = found  # None: carried whole
+    numerical = max(
+        1, *(min(delta[k].shape) if s is None else _numerical_rank(s.S) for k, s in svds.items())
+    )
     out_rank = numerical if rank is None else int(rank)
     factors: Factors = {}
-    for name, (U, S, Vh, _) in svds.items():
-        k = min(out_rank, S.numel())
+    for name, found in svds.items():
         dw = delta[name]
+        if found is None:
+            factors[name] = _whole_factors(dw, out_rank)
+            continue
+        U, S, Vh, _ = found
+        k = min(out_rank, S.numel())
         B = torch.zeros(dw.shape[0], out_rank, dtype=torch.float64, device=dw.device)
         A = torch.zeros(out_rank, dw.shape[1], dtype=torch.float64, device=dw.device)
         B[:, :k] = U[:, :k] * S[:k]
