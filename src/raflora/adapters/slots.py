@@ -119,10 +119,19 @@ class Slot:
 
 
 def _base_weight(layer: LoraLayer) -> Tensor:
-    """The frozen weight of an adapted layer (``(d, n)``)."""
+    """The frozen weight of an adapted layer: its device (a 4/8-bit weight is stored packed,
+    so its shape is not the layer's, :func:`_base_shape`).
+    """
     weight = layer.get_base_layer().weight
     assert isinstance(weight, Tensor)
     return weight
+
+
+def _base_shape(layer: LoraLayer) -> tuple[int, int]:
+    """``(d, n)`` of an adapted layer — output and input features, as PEFT records them (for a
+    quantised base too, whose packed weight has another shape).
+    """
+    return int(layer.out_features), int(layer.in_features)
 
 
 class _Layout:
@@ -214,11 +223,9 @@ class SlotGroup:
         lora: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
         for name, layer in self.layers.items():
             weight = _base_weight(layer)
+            d, n = _base_shape(layer)
             B_eff, A = factors[name]
-            if tuple(B_eff.shape) != (weight.shape[0], rank) or tuple(A.shape) != (
-                rank,
-                weight.shape[1],
-            ):
+            if tuple(B_eff.shape) != (d, rank) or tuple(A.shape) != (rank, n):
                 raise ValueError(
                     f"slot of rank {rank}, module {name!r}: got B {tuple(B_eff.shape)} and "
                     f"A {tuple(A.shape)}"

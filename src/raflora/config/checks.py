@@ -148,14 +148,6 @@ def _quantization_problems(
     """
     if config.task.quantization == "none":
         return
-    concurrent = config.train.concurrent_clients
-    if isinstance(concurrent, int) and concurrent > 1:
-        # the adapter slots read the base weight's (d, n), which a packed 4-bit weight is not
-        problems.append(
-            f"task.quantization: {config.task.quantization!r} runs the clients one after another "
-            f"(the concurrent adapter slots do not take quantised layers yet), got "
-            f"train.concurrent_clients={concurrent}; set it to 1"
-        )
     from raflora.methods.registry import _REGISTRY
 
     run = methods if methods is not None else [config.method]
