@@ -131,7 +131,10 @@ def _base_shape(layer: LoraLayer) -> tuple[int, int]:
     """``(d, n)`` of an adapted layer — output and input features, as PEFT records them (for a
     quantised base too, whose packed weight has another shape).
     """
-    return int(layer.out_features), int(layer.in_features)
+    d, n = layer.out_features, layer.in_features
+    if d is None or n is None:
+        raise ValueError(f"{type(layer).__name__}: PEFT recorded no in/out features")
+    return int(d), int(n)
 
 
 class _Layout:
