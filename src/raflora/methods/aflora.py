@@ -82,7 +82,7 @@ from raflora.methods.options import MethodOptions, option
 from raflora.methods.padding import pad_rank
 from raflora.methods.private import PrivateRule
 from raflora.methods.registry import register
-from raflora.methods.state import tensor_bytes
+from raflora.methods.state import FactorAggregation, tensor_bytes
 from raflora.methods.validation import ClientUpdate
 
 __all__ = [
@@ -318,12 +318,12 @@ class AFLoRA(Method):
             raise ValueError("aflora needs previous=(B_g, A_g): A_g is the shared A")
         return column_average(updates, previous, self.r_max), previous[1].clone()
 
-    def _aggregate_factors(
+    def aggregate_factors(
         self, ctx: RoundContext, state: GlobalState, accepted: Sequence[ClientUpdate]
-    ) -> tuple[Factors, Factors | None]:
+    ) -> FactorAggregation:
         """Each update spread to ``R`` components first (:meth:`spread`), then per module."""
         spread = [replace(u, factors=self.spread(state, u)) for u in accepted]
-        return super()._aggregate_factors(ctx, state, spread)
+        return super().aggregate_factors(ctx, state, spread)
 
     def spread(self, state: GlobalState, update: ClientUpdate) -> Factors:
         """An update at its components: ``B_k`` in columns ``S_k`` of a zero ``(d, R)``, and

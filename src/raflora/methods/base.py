@@ -48,6 +48,7 @@ from raflora.methods.state import (
     AggregationResult,
     ClientMessage,
     ClientUpload,
+    FactorAggregation,
     Factors,
     GlobalState,
     lora_a_init,
@@ -68,6 +69,7 @@ __all__ = [
     "ClientMessage",
     "ClientRound",
     "ClientUpload",
+    "FactorAggregation",
     "Factors",
     "GlobalState",
     "Method",
@@ -458,13 +460,16 @@ class Method(ABC):
             accepted.append(_as_dtype(update, state.dtype))
         if not accepted:
             return AggregationResult(state, (), rejected)
-        new_factors, residual = self._aggregate_factors(ctx, state, accepted)
+        result = self.aggregate_factors(ctx, state, accepted)
+        residual = result.residual
         weights = sample_weights([u.num_samples for u in accepted], like=torch.empty(0))
         dense = {
             name: weighted_average([u.dense[name] for u in accepted], weights)
             for name in state.dense
         }
-        new_state = replace(state, factors=new_factors, dense=dense, round=state.round + 1)
+        new_state = replace(state, factors=dict(result.factors), dense=dense, round=state.round + 1)
+        if result.extras:
+            new_state = replace(new_state, extras={**state.extras, **result.extras})
         if residual is not None:
             new_state = self.with_residual(new_state, residual)
         new_state = self.finish_state(ctx, state, new_state, accepted)
@@ -564,11 +569,14 @@ class Method(ABC):
         """The context of the round after ``state`` when the caller gave none."""
         return RoundContext(round_index=state.round + 1, dtype=state.dtype, device=state.device)
 
-    def _aggregate_factors(
+    def aggregate_factors(
         self, ctx: RoundContext, state: GlobalState, accepted: Sequence[ClientUpdate]
-    ) -> tuple[Factors, Factors | None]:
-        """Run :meth:`aggregate_module` (and :meth:`module_residual`) once per group of
-        same-shape modules (batched); the new factors and the residual (``None`` if none).
+    ) -> FactorAggregation:
+        """The round's new factors from the accepted (validated, float32) updates: by default
+        :meth:`aggregate_module` (and :meth:`module_residual`) once per group of same-shape
+        modules, batched. A method whose rule is not per module overrides this — FedHL (one set
+        of weights for every module, and the tail it returns as ``extras``), AFLoRA (each update
+        spread to its components first).
         """
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
         for name in sorted(state.module_shapes):
@@ -594,7 +602,7 @@ class Method(ABC):
                 out[m] = (B[i], A[i])
                 if res is not None:
                     residual[m] = (res[0][i], res[1][i])
-        return out, (residual if residual else None)
+        return FactorAggregation(out, residual if residual else None)
 
     def _check_rank(self, rank: int) -> None:
         if rank <= 0 or rank > self.r_max:

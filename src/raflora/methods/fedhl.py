@@ -63,15 +63,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from raflora.linalg import factored_svd, frobenius_norm, guarded_svd
 from raflora.methods.averaging import sample_weights
-from raflora.methods.base import Factors, GlobalState, Method, ModuleUpdates
+from raflora.methods.base import FactorAggregation, Factors, GlobalState, Method, ModuleUpdates
 from raflora.methods.context import RoundContext
 from raflora.methods.options import MethodOptions, option
 from raflora.methods.registry import register
@@ -260,11 +260,6 @@ class FedHL(Method):
     Options = FedHLOptions
     options: FedHLOptions
 
-    def __init__(self, rank_levels: Sequence[int], options: MethodOptions | None = None) -> None:
-        super().__init__(rank_levels, options)
-        # the new extras of the aggregation under way, from _aggregate_factors to finish_state
-        self._next_extras: dict[str, Any] | None = None
-
     # ------------------------------------------------------------------ server: state
     def init_state(
         self,
@@ -373,10 +368,12 @@ class FedHL(Method):
         )
         return new, res
 
-    def _aggregate_factors(
+    def aggregate_factors(
         self, ctx: RoundContext, state: GlobalState, accepted: Sequence[ClientUpdate]
-    ) -> tuple[Factors, Factors | None]:
-        """The run's aggregation: every module with its tail, one set of weights for all."""
+    ) -> FactorAggregation:
+        """The run's aggregation: every module with its tail, one set of weights for all; the
+        new tail (factored modules), the dense modules and the residual's rank as ``extras``.
+        """
         ranks = [u.rank for u in accepted]
         errors, total = self.truncation_errors(state, ranks)
         p = fedhl_weights([u.num_samples for u in accepted], errors, total, self.options)
@@ -395,25 +392,12 @@ class FedHL(Method):
                 dense.add(name)
             else:
                 tails[name] = new_tail
-        self._next_extras = {
+        extras = {
             _TAIL: tails,
             _DENSE: sorted(dense),
             _RESIDUAL_RANK: 2 * sum(ranks) + 2 * self.r_max,
         }
-        return factors, residual
-
-    def finish_state(
-        self,
-        ctx: RoundContext,
-        previous: GlobalState,
-        state: GlobalState,
-        accepted: Sequence[ClientUpdate],
-    ) -> GlobalState:
-        """Store the new tail (factored modules), the dense modules and the residual's rank."""
-        extras, self._next_extras = self._next_extras, None
-        if extras is None:
-            raise RuntimeError("fedhl: finish_state without an aggregation under way")
-        return replace(state, extras={**state.extras, **extras})
+        return FactorAggregation(factors, residual, extras)
 
     # --------------------------------------------------------- privacy (docs/privacy.md)
     def privacy_refusal(self) -> str | None:

@@ -132,6 +132,26 @@ class GlobalState:
 
 
 @dataclass(frozen=True)
+class FactorAggregation:
+    """What :meth:`~raflora.methods.Method.aggregate_factors` returns for one round.
+
+    Attributes
+    ----------
+    factors : Factors
+        The new global factors, every module.
+    residual : Factors or None
+        The factored delta merged into the base weights this round (``None``: nothing merged).
+    extras : Mapping[str, Any]
+        Entries of ``state.extras`` the aggregation itself produced (FedHL's tail), set on the
+        new state before :meth:`~raflora.methods.Method.finish_state`; empty by default.
+    """
+
+    factors: Factors
+    residual: Factors | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class AggregationResult:
     """Outcome of one round's aggregation.
 
