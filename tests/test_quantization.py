@@ -307,6 +307,19 @@ def test_concurrent_clients_over_nf4_give_the_sequential_run(tmp_path: Path, bnb
     assert rows[3] == rows[1]
 
 
+def test_export_records_the_base_as_it_was_loaded(tmp_path: Path, bnb: Any) -> None:
+    # the compute dtype and the modules left unquantised are the run's, not defaults
+    from raflora.engine.export import BASE_FILE, write_adapter
+    from raflora.engine.run_files import adapter_meta
+
+    fed = build_federation(small("task.quantization=nf4", "dtype=bfloat16"))
+    write_adapter(tmp_path / "adapter", fed.aggregator, fed.initial_state(), adapter_meta(fed))
+    record = json.loads((tmp_path / "adapter" / BASE_FILE).read_text())
+    quant = record["bitsandbytes_config"]
+    assert quant["bnb_4bit_compute_dtype"] == "bfloat16"
+    assert quant["llm_int8_skip_modules"] == ["classifier"]
+
+
 def test_ilora_reads_the_dequantised_weights(bnb: Any) -> None:
     fed = build_federation(small("method=ilora", "task.quantization=nf4"))
     ctx = fed.context(0)

@@ -99,7 +99,22 @@ def adapter_meta(fed: Federation) -> dict[str, Any]:
         "modules_to_save": fed.bank.modules_to_save,
         "task_type": fed.task.task_type,
         "quantization": fed.config.task.quantization,  # export records the base it needs
+        **_bitsandbytes_config(fed),
     }
+
+
+def _bitsandbytes_config(fed: Federation) -> dict[str, Any]:
+    """``{"bitsandbytes_config": …}`` as the quantised base was loaded (its compute dtype, the
+    modules left unquantised), read from the model's own config; empty for a float base.
+    """
+    if fed.config.task.quantization == "none":
+        return {}
+    base = fed.bank.model.get_base_model()
+    quant = getattr(getattr(base, "config", None), "quantization_config", None)
+    if quant is None:
+        return {}
+    text = quant.to_json_string() if hasattr(quant, "to_json_string") else json.dumps(quant)
+    return {"bitsandbytes_config": json.loads(text)}
 
 
 def make_checkpoint(
