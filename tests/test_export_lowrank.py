@@ -129,6 +129,9 @@ def test_whole_export_of_a_full_rank_delta_carries_it_bit_for_bit() -> None:
     B, A = factors["low"]
     assert B.shape == (D, N) and float(B[:, 16:].norm()) < 1e-6 * float(B.norm())
     assert rel(B.double() @ A.double(), delta["low"].double()) < 1e-6
+    # a zero module beside a low-rank one is zeros at the other's rank, not "full rank"
+    factors, rank, _ = _delta_factors({"zero": torch.zeros(D, N), "low": delta["low"]}, None)
+    assert rank == 16 and not factors["zero"][0].any() and not factors["zero"][1].any()
     # a truncated export of the same delta takes the randomized route, never the whole delta
     factors, rank, _ = _delta_factors({"tall": tall}, 8)
     assert rank == 8 and factors["tall"][0].shape == (D, 8)

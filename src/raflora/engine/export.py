@@ -282,6 +282,12 @@ def _delta_factors(delta: Mapping[str, Tensor], rank: int | None) -> tuple[Facto
     svds: dict[str, DeltaSVD | None] = {}
     for name, dw in delta.items():
         M = dw.double()
+        if min(M.shape) >= _DENSE_BELOW and not M.any():
+            # a wide zero delta has no direction (it is not "full rank"; small ones keep their
+            # dense SVD, bit for bit as before)
+            d, n = M.shape
+            svds[name] = DeltaSVD(M.new_zeros(d, 0), M.new_zeros(0), M.new_zeros(0, n), True)
+            continue
         found = _sketched_svd(M, rank, seed=0)
         if found is None and (rank is not None or min(M.shape) < _DENSE_BELOW):
             found = delta_svd(dw, rank=rank)  # the dense SVD
