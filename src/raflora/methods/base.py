@@ -564,11 +564,6 @@ class Method(ABC):
         B, A = mean
         return self.aggregate_module(ctx, [(B, A, 1)], previous)
 
-    # ------------------------------------------------------------------ internals
-    def _round_context(self, state: GlobalState) -> RoundContext:
-        """The context of the round after ``state`` when the caller gave none."""
-        return RoundContext(round_index=state.round + 1, dtype=state.dtype, device=state.device)
-
     def aggregate_factors(
         self, ctx: RoundContext, state: GlobalState, accepted: Sequence[ClientUpdate]
     ) -> FactorAggregation:
@@ -603,6 +598,11 @@ class Method(ABC):
                 if res is not None:
                     residual[m] = (res[0][i], res[1][i])
         return FactorAggregation(out, residual if residual else None)
+
+    # ------------------------------------------------------------------ internals
+    def _round_context(self, state: GlobalState) -> RoundContext:
+        """The context of the round after ``state`` when the caller gave none."""
+        return RoundContext(round_index=state.round + 1, dtype=state.dtype, device=state.device)
 
     def _check_rank(self, rank: int) -> None:
         if rank <= 0 or rank > self.r_max:
