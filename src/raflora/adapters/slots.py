@@ -336,7 +336,7 @@ class SlotGroup:
     def _segments(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
         x = self._dropped(x)
         parts = []
-        for slot, rows in zip(layout.slots, x.split(layout.slot_rows), strict=True):
+        for slot, rows in zip(layout.slots, torch.split(x, layout.slot_rows), strict=True):
             B, A = slot.lora[name]
             parts.append(F.linear(F.linear(rows.to(A.dtype), A), B) * slot.scale)
         return torch.cat(parts)
@@ -345,7 +345,7 @@ class SlotGroup:
         x = self._dropped(x)
         parts = []
         for (_, _, group), scales, rows in zip(
-            layout.buckets, layout.bucket_scales, x.split(layout.bucket_rows), strict=True
+            layout.buckets, layout.bucket_scales, torch.split(x, layout.bucket_rows), strict=True
         ):
             if len(group) == 1:
                 B, A = group[0].lora[name]
@@ -398,7 +398,7 @@ class SlotGroup:
             layout = self._current(x)
             wrapper = self.heads[name]
             parts = []
-            for slot, rows in zip(layout.slots, x.split(layout.slot_rows), strict=True):
+            for slot, rows in zip(layout.slots, torch.split(x, layout.slot_rows), strict=True):
                 out = functional_call(
                     wrapper.original_module, slot.heads[name], (rows, *args[1:]), kwargs
                 )
