@@ -20,23 +20,28 @@ factors zero-padded *at forward time* to the group's largest rank ``r_c`` and st
 ``bmm`` for all; the padded block of a stacked factor is a constant whose gradient is exactly
 zero — the gradient of ``B``'s padded columns is a product with ``A``'s padded rows and the
 reverse — so no optimizer ever sees it, ``tests/test_concurrent_clients.py`` checks it). Measured
-(``benchmarks/concurrent_clients.py --modes``, this project's 2-core CPU, float32, the client
-phase of a round of 10 clients at K = 10):
+(``benchmarks/concurrent_clients.py --modes``, this project's 2-core CPU with nothing else
+running, float32, the client phase of a round of 10 clients at K = 10, the modes interleaved in
+one process; seconds, lower wins):
 
-==========================================  =========  ==========  ========
-client phase, K = 10 (seconds, lower wins)  buckets    segments    padded
-==========================================  =========  ==========  ========
-quickstart (digits ViT, width 64)           7.28       10.00       13.83
-==========================================  =========  ==========  ========
+==========================================  ==========  ==========  ==========
+torch threads 1 / 2                         buckets     segments    padded
+==========================================  ==========  ==========  ==========
+quickstart (digits ViT, width 64)           0.087/0.072 0.085/0.079 0.101/0.073
+BERT 6×384, batch 16 × 32 tokens            5.87/3.35   5.47/3.32   6.12/3.49
+tiny Llama, batch 4                         0.146/0.101 0.155/0.110 0.153/0.097
+==========================================  ==========  ==========  ==========
 
-(taken while the 2-core machine was shared with other jobs — load average ≈ 20 —, so read the
-ratios, not the seconds; the modes ran interleaved in one process.)
+No mode wins everywhere (within ~10% of each other); exactness decided it: with ``"buckets"``
+and ``"segments"`` every client's upload came out bit-identical to the sequential loop's on the
+CPU (the products have the sequential shapes); ``"padded"`` rounds differently (inner dimension
+``r_c`` instead of ``r_k``: 5.6e-8 relative on the synthetic federation), which FedRot's
+Procrustes rotation then amplifies to 1e-2. Between the two exact ones, ``"buckets"`` issues
+fewer operations per layer when several clients share a rank (a GPU's case).
 
-Exactness decided it: with ``"buckets"`` and ``"segments"`` every client's upload came out
-bit-identical to the sequential loop's on the CPU (the products have the sequential shapes);
-``"padded"`` rounds differently (inner dimension ``r_c`` instead of ``r_k``: 5.6e-8 relative on
-the synthetic federation), which FedRot's Procrustes rotation then amplifies to 1e-2 — and it did
-not buy speed.
+The group batch is cut into its pieces with ``torch.split``, whose backward is one ``cat`` of the
+pieces' gradients: a slice ``x[lo:hi]`` per piece would zero-fill a gradient as large as the whole
+group batch for each piece and add them up (that cost 13% of a BERT group step).
 """
 
 from __future__ import annotations
@@ -168,9 +173,7 @@ class _Layout:
             torch.tensor([s.scale for s in group], device=device).view(-1, 1, 1)
             for _, _, group in self.buckets
         ]
-        # row counts for ``Tensor.split``: its backward is one ``cat`` of the pieces' gradients,
-        # where a slice ``x[lo:hi]`` per piece would zero-fill a gradient as large as the whole
-        # group batch for each piece and add them up (measured: 13% of a BERT group step)
+        # row counts for ``torch.split`` (not slices: see the module docstring)
         self.slot_rows = [b - a for a, b in self.bounds]
         self.bucket_rows = [hi - lo for lo, hi, _ in self.buckets]
         self.uniform = all(int(c) == width for c in rows)
