@@ -3,7 +3,9 @@ a round at K = 1, 2, 5, 10, side by side in one invocation.
 
 Three federations, 10 clients per round:
 
-(a) ``quickstart`` — configs/quickstart.yaml (the digits ViT, width 64, batch 16);
+(a) ``quickstart`` — configs/quickstart.yaml (the digits ViT, width 64, batch 16), and
+    ``uniform``, the same with one rank level (8), an IID partition and FedIT: clients of one
+    rank and one size share every batched product (the best case of the slots);
 (b) ``bert`` — text classification on a 6-layer, 384-wide BERT (random weights; batch 16,
     32 tokens; the paper's rank levels 8–64);
 (c) ``llm`` — math reasoning on a tiny Llama (batch 4, answers of different lengths).
@@ -34,7 +36,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("quickstart", "bert", "llm")
+CASES = ("quickstart", "uniform", "bert", "llm")
 KS = (1, 2, 5, 10)
 MODES = ("buckets", "padded", "segments")
 
@@ -65,6 +67,8 @@ def overrides(case: str, paths: dict[str, str], k: int, device: str) -> list[str
     ]
     if case == "quickstart":
         return common
+    if case == "uniform":
+        return [*common, "method=fedit", "fl.rank_levels=[8]", "data.partition=iid"]
     if case == "bert":
         return [
             *common,
