@@ -125,6 +125,28 @@ TINY_SYNTHETIC: dict[str, Any] = {
 """The smallest synthetic federation: 4 clients, 2 per round, 2 rounds, ranks 2 and 4."""
 
 
+FLOWER_TINY = [
+    "task.name=synthetic",
+    "task.options={num_train: 400, num_eval: 200}",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.rounds=3",
+    "fl.rank_levels=[4,8]",
+    "output.plots=false",
+]
+"""The Flower tests' federation, as overrides: 4 synthetic clients, 2 per round, 3 rounds."""
+
+
+@pytest.fixture
+def flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's home in a temporary directory, telemetry and update checks off (a module of
+    Flower tests uses it for every test: ``pytestmark = pytest.mark.usefixtures("flower_env")``).
+    """
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
 def config_with(data: dict[str, Any], **over: Any) -> Any:
     """A validated ``RunConfig`` from ``data`` with dotted overrides (``fl.rounds=3``)."""
     from raflora.config import config_from_dict

@@ -20,6 +20,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from conftest import FLOWER_TINY
 from raflora.config import RunConfig, load_config
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.client_states import CLIENTS_DIR
@@ -29,22 +30,10 @@ from raflora.methods import ClientMessage, available_methods
 from raflora.methods.registry import unsupported_reason
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "task.name=synthetic",
-    "task.options={num_train: 400, num_eval: 200}",
-    "fl.num_clients=4",
-    "fl.clients_per_round=2",
-    "fl.rounds=3",
-    "fl.rank_levels=[4,8]",
-    "output.plots=false",
-]
+TINY = FLOWER_TINY
 
 
-@pytest.fixture(autouse=True)
-def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+pytestmark = pytest.mark.usefixtures("flower_env")
 
 
 def tiny(method: str, *extra: str) -> RunConfig:

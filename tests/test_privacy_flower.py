@@ -18,19 +18,14 @@ pytest.importorskip("dp_accounting")
 
 from flwr.app import Array, ArrayRecord
 
+from conftest import FLOWER_TINY
 from raflora.config import RunConfig, load_config
 from raflora.engine import load_checkpoint, run_local
 from raflora.flower import run_flower
 from raflora.flower.records import MalformedReplyError, decode_contribution, encode_contribution
 
 TINY = [
-    "task.name=synthetic",
-    "task.options={num_train: 400, num_eval: 200}",
-    "fl.num_clients=4",
-    "fl.clients_per_round=2",
-    "fl.rounds=3",
-    "fl.rank_levels=[4,8]",
-    "output.plots=false",
+    *FLOWER_TINY,
     "flower.cpus_per_client=1",
     "threads=1",
     "privacy.enabled=true",
@@ -40,11 +35,7 @@ TINY = [
 SKIP = {"time", "transport_bytes"}
 
 
-@pytest.fixture(autouse=True)
-def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+pytestmark = pytest.mark.usefixtures("flower_env")
 
 
 def tiny(method: str, *extra: str) -> RunConfig:
