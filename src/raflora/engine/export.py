@@ -224,8 +224,11 @@ def delta_svd(
     if factors is not None:
         M = M + factors[0].double() @ factors[1].double()
     found = _sketched_svd(M, rank, seed)
-    if found is not None:
-        return found
+    return found if found is not None else _dense_svd(M, rank)
+
+
+def _dense_svd(M: Tensor, rank: int | None) -> DeltaSVD:
+    """The dense SVD of ``M`` (every triplet, or the top ``rank``): exact."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     if rank is not None:
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
@@ -290,7 +293,7 @@ def _delta_factors(delta: Mapping[str, Tensor], rank: int | None) -> tuple[Facto
             continue
         found = _sketched_svd(M, rank, seed=0)
         if found is None and (rank is not None or min(M.shape) < _DENSE_BELOW):
-            found = delta_svd(dw, rank=rank)  # the dense SVD
+            found = _dense_svd(M, rank)
         svds[name] = found  # None: carried whole
     numerical = max(
         1, *(min(delta[k].shape) if s is None else _numerical_rank(s.S) for k, s in svds.items())
