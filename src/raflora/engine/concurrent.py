@@ -95,47 +95,71 @@ class _Running:
     slot: Slot
     params: list[nn.Parameter]
     batches: Iterator[list[int]]
+    optimizer: _FlatOptimizer
     t0: float
     batch: dict[str, Tensor] | None = None
     losses: list[float] = field(default_factory=list)
     compute: float = 0.0
 
 
-class _GroupOptimizer:
-    """The running clients' optimizers as ONE torch optimizer (multi-tensor, one call a step).
+class _FlatOptimizer:
+    """One client's optimizer, over its trained tensors laid end to end in flat tensors (one
+    per device and dtype).
 
-    AdamW and SGD act on each tensor alone — its own moments and step count in
-    ``optimizer.state`` — and every client of a round has the same learning rate and weight
-    decay, so one parameter group over all the clients' tensors is each client's own
-    optimizer: a client that joins adds its tensors with fresh state, one that leaves takes its
-    tensors and their state out.
+    AdamW and SGD act element by element, so one step over a flat tensor is, bit for bit, the
+    step torch's per-tensor loop takes over each of its pieces (tests/test_concurrent_clients.py
+    checks it); the client's tensors become views of the flat ones. A client's tensors all step
+    together, so they share one step count, as their own counts would be. It replaced one
+    multi-tensor optimizer over every running client's tensors: the CPU has no multi-tensor
+    kernels, and that optimizer's per-tensor work cost more than the clients' own loops.
+
+    The flat tensors are made at the first step, from the tensors that got a gradient (torch
+    skips a tensor without one); a later step whose gradients are not on the same tensors is
+    refused, as a flat step could not skip some of them.
     """
 
-    def __init__(self, fed: Federation, lr: float) -> None:
-        self.fed, self.lr = fed, lr
+    def __init__(self, fed: Federation, params: list[nn.Parameter], lr: float) -> None:
+        self.fed, self.lr, self.params = fed, lr, params
+        self.pieces: list[list[nn.Parameter]] = []
+        self.flats: list[nn.Parameter] = []
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def add(self, params: list[nn.Parameter]) -> None:
-        if self.optimizer is None:
-            self.optimizer = make_optimizer(self.fed, list(params), self.lr, foreach=True)
-        else:
-            self.optimizer.param_groups[0]["params"].extend(params)
-
-    def remove(self, params: list[nn.Parameter]) -> None:
-        assert self.optimizer is not None
-        gone = {id(p) for p in params}
-        group = self.optimizer.param_groups[0]
-        group["params"] = [p for p in group["params"] if id(p) not in gone]
-        for param in params:
-            self.optimizer.state.pop(param, None)
-
     def zero_grad(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        for param in self.params:
+            param.grad = None
 
     def step(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.step()
+        with_grad = [p for p in self.params if p.grad is not None]
+        if self.optimizer is None:
+            if not with_grad:
+                return
+            by_kind: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+            for param in with_grad:
+                by_kind.setdefault((param.device, param.dtype), []).append(param)
+            self.pieces = list(by_kind.values())
+            self.flats = [_flatten(pieces) for pieces in self.pieces]
+            self.optimizer = make_optimizer(self.fed, self.flats, self.lr)
+        elif sum(map(len, self.pieces)) != len(with_grad) or any(
+            p.grad is None for pieces in self.pieces for p in pieces
+        ):
+            raise EngineError(
+                "train.concurrent_clients: a client's trained tensors got gradients in one "
+                "step but not in another; train it with train.concurrent_clients=1"
+            )
+        for flat, pieces in zip(self.flats, self.pieces, strict=True):
+            flat.grad = torch.cat([p.grad.reshape(-1) for p in pieces])  # type: ignore[union-attr]
+        self.optimizer.step()
+
+
+def _flatten(pieces: list[nn.Parameter]) -> nn.Parameter:
+    """One flat parameter holding ``pieces`` end to end; each piece becomes a view of it."""
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in pieces]))
+    offset = 0
+    for piece in pieces:
+        size = piece.numel()
+        piece.data = flat.data[offset : offset + size].view_as(piece)
+        offset += size
+    return flat
 
 
 def train_concurrent(
@@ -173,7 +197,6 @@ def train_concurrent(
         sorted(order, key=lambda rc: (-math.ceil(fed.num_samples(rc[1]) / size), rc[0], rc[1]))
     )
     results: list[ClientResult] = []
-    optimizer = _GroupOptimizer(fed, lr)
     with torch.random.fork_rng(devices=rng_devices(fed.device), device_type=fed.device.type):
         seed_forked(fed.device, seeds.torch_seed(fed.seed, _GROUP_STREAM, round_index))
         if not model.training:
@@ -182,19 +205,17 @@ def train_concurrent(
         with group.attached():
             while queue or running:
                 while queue and len(running) < capacity:
-                    joined = _join(fed, group, state, *queue.popleft(), round_index)
+                    joined = _join(fed, group, state, *queue.popleft(), round_index, lr)
                     if joined.batch is None:  # no example: nothing to train
                         results.append(_leave(fed, joined))
                     else:
-                        optimizer.add(joined.params)
                         running.append(joined)
-                _group_step(fed, group, running, optimizer)
+                _group_step(fed, group, running)
                 still: list[_Running] = []
                 for run in running:
                     if _advance(fed, run):
                         still.append(run)
                     else:
-                        optimizer.remove(run.params)
                         results.append(_leave(fed, run))
                 running = still
     return results
@@ -207,6 +228,7 @@ def _join(
     rank: int,
     client_id: int,
     round_index: int,
+    lr: float,
 ) -> _Running:
     """A client takes a free slot: its start factors, heads and first batch."""
     t0 = device_clock(fed.device)
@@ -216,7 +238,14 @@ def _join(
     slot = group.slot(rank, fed.bank.scaling(rank), client.start(), state.dense, client.trains)
     _, params = trained_split(client, slot.lora, slot.parameters())
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
-    run = _Running(client, slot, params, batch_order(fed, client_id, shuffle), t0)
+    run = _Running(
+        client,
+        slot,
+        params,
+        batch_order(fed, client_id, shuffle),
+        _FlatOptimizer(fed, params, lr),
+        t0,
+    )
     _advance(fed, run)
     return run
 
@@ -232,16 +261,15 @@ def _advance(fed: Federation, run: _Running) -> bool:
     return run.batch is not None
 
 
-def _group_step(
-    fed: Federation, group: SlotGroup, running: list[_Running], optimizer: _GroupOptimizer
-) -> None:
+def _group_step(fed: Federation, group: SlotGroup, running: list[_Running]) -> None:
     """One forward and backward over the running clients' batches, then each client's step."""
     c0 = device_clock(fed.device)
     # the rows in (rank, rows) order: equal slots sit side by side and share one batched
     # LoRA product (raflora.adapters.slots)
     running = sorted(running, key=lambda r: (r.slot.rank, batch_rows(r.batch) if r.batch else 0))
     batches = [run.batch for run in running if run.batch is not None]
-    optimizer.zero_grad()
+    for run in running:
+        run.optimizer.zero_grad()
     with group.routing([run.slot for run in running], [batch_rows(b) for b in batches]):
         losses = fed.task.group_losses(fed.bank.model, batches)
     total: Tensor | None = None
@@ -255,7 +283,8 @@ def _group_step(
     total.backward()  # type: ignore[no-untyped-call]
     for run in running:
         prepare_step(fed, run.client, run.params, run.slot.lora)
-    optimizer.step()
+    for run in running:
+        run.optimizer.step()
     values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync
     share = (device_clock(fed.device) - c0) / len(running)
     for run, value in zip(running, values, strict=True):
