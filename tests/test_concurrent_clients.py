@@ -17,7 +17,7 @@ from raflora.adapters.slots import SlotGroup
 from raflora.config import ConfigError, RunConfig
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.client_round import ClientResult, train_client
-from raflora.engine.concurrent import _FlatOptimizer, grouping_problem, train_concurrent
+from raflora.engine.concurrent import _GroupOptimizer, grouping_problem, train_concurrent
 from raflora.engine.errors import EngineError
 from raflora.engine.federation import Federation
 from raflora.engine.server_round import complete_round, plan_round, run_round
@@ -256,42 +256,43 @@ def test_padded_ranks_get_exactly_zero_gradient_and_stay_zero_under_adamw() -> N
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_a_clients_flat_optimizer_steps_bit_for_bit_as_torchs_per_tensor_one(
-    optimizer: str,
-) -> None:
-    """The grouped engine steps each client's tensors as one flat tensor: the same bits as
-    torch's own optimizer over the tensors, a tensor that never gets a gradient is left alone
-    (as torch skips it), and gradients that move between tensors are refused."""
+def test_the_grouped_optimizer_steps_bit_for_bit_as_torchs_per_tensor_one(optimizer: str) -> None:
+    """The grouped engine's one optimizer over each client's tensors laid flat: the same bits
+    as torch's optimizer over each client's tensors, for clients that join at different steps
+    (their own step counts) and one that leaves; a tensor without a gradient is refused."""
     fed = build_federation(
         method_config("raflora", **{"train.weight_decay": 0.01, "train.optimizer": optimizer})
     )
-    shapes = [(64, 8), (8, 256), (10, 64), (10,), (7, 3), (5,)]
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(*shape, generator=gen) for shape in shapes]
-    ours = [nn.Parameter(t.clone()) for t in start]
-    theirs = [nn.Parameter(t.clone()) for t in start]
-    flat = _FlatOptimizer(fed, ours, lr=5e-3)
     reference = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
-    torch_opt = reference(theirs, lr=5e-3, weight_decay=0.01, foreach=False)
-    for _ in range(4):
-        flat.zero_grad()
-        torch_opt.zero_grad(set_to_none=True)
-        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-            if i == 4:  # never gets a gradient
-                continue
-            scale = 10.0 ** int(torch.randint(-6, 2, (1,), generator=gen))
-            grad = torch.randn(a.shape, generator=gen) * scale
-            a.grad, b.grad = grad.clone(), grad.clone()
-        flat.step()
-        torch_opt.step()
-        for a, b in zip(ours, theirs, strict=True):
-            assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32))
-    assert torch.equal(ours[4].detach(), start[4])
-    flat.zero_grad()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 8), (8, 256), (10, 64), (10,), (7, 3)]
+    grouped = _GroupOptimizer(fed, lr=5e-3)
+    clients: list[tuple[list[nn.Parameter], list[nn.Parameter], Any, Any]] = []
+    for step in range(5):
+        if step in (0, 2):  # a client joins
+            start = [torch.randn(*shape, generator=gen) for shape in shapes]
+            ours = [nn.Parameter(t.clone()) for t in start]
+            theirs = [nn.Parameter(t.clone()) for t in start]
+            own = reference(theirs, lr=5e-3, weight_decay=0.01, foreach=False)
+            clients.append((ours, theirs, grouped.add(ours), own))
+        if step == 4:  # the first leaves
+            grouped.remove(clients.pop(0)[2])
+        for ours, theirs, _, own in clients:
+            for a, b in zip(ours, theirs, strict=True):
+                grad = torch.randn(a.shape, generator=gen)
+                a.grad, b.grad = grad * 10.0 ** (step - 3), grad * 10.0 ** (step - 3)
+            own.step()
+            own.zero_grad(set_to_none=True)
+        grouped.step([flat for client in clients for flat in client[2]])
+        for ours, theirs, _, _ in clients:
+            assert all(p.grad is None for p in ours)
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32))
+    ours, _, flats, _ = clients[0]
     for a in ours[1:]:
         a.grad = torch.zeros_like(a)
-    with pytest.raises(EngineError, match="gradients in one step but not in another"):
-        flat.step()
+    with pytest.raises(EngineError, match="got no gradient in a step"):
+        grouped.step(flats)
 
 
 def test_concurrent_clients_config_errors() -> None:

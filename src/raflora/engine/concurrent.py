@@ -95,71 +95,96 @@ class _Running:
     slot: Slot
     params: list[nn.Parameter]
     batches: Iterator[list[int]]
-    optimizer: _FlatOptimizer
     t0: float
+    flats: list[_Flat] = field(default_factory=list)
     batch: dict[str, Tensor] | None = None
     losses: list[float] = field(default_factory=list)
     compute: float = 0.0
 
 
-class _FlatOptimizer:
-    """One client's optimizer, over its trained tensors laid end to end in flat tensors (one
-    per device and dtype).
-
-    AdamW and SGD act element by element, so one step over a flat tensor is, bit for bit, the
-    step torch's per-tensor loop takes over each of its pieces (tests/test_concurrent_clients.py
-    checks it); the client's tensors become views of the flat ones. A client's tensors all step
-    together, so they share one step count, as their own counts would be. It replaced one
-    multi-tensor optimizer over every running client's tensors: the CPU has no multi-tensor
-    kernels, and that optimizer's per-tensor work cost more than the clients' own loops.
-
-    The flat tensors are made at the first step, from the tensors that got a gradient (torch
-    skips a tensor without one); a later step whose gradients are not on the same tensors is
-    refused, as a flat step could not skip some of them.
+@dataclass
+class _Flat:
+    """A client's trained tensors of one device and dtype, laid end to end in one flat
+    tensor of which each of them is now a view.
     """
 
-    def __init__(self, fed: Federation, params: list[nn.Parameter], lr: float) -> None:
-        self.fed, self.lr, self.params = fed, lr, params
-        self.pieces: list[list[nn.Parameter]] = []
-        self.flats: list[nn.Parameter] = []
+    pieces: list[nn.Parameter]
+    flat: nn.Parameter
+
+    @classmethod
+    def of(cls, pieces: list[nn.Parameter]) -> _Flat:
+        flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in pieces]))
+        offset = 0
+        for piece in pieces:
+            size = piece.numel()
+            piece.data = flat.data[offset : offset + size].view_as(piece)
+            offset += size
+        return cls(pieces, flat)
+
+    def gather_grad(self) -> None:
+        """The pieces' gradients, end to end, as the flat tensor's."""
+        grads = [p.grad for p in self.pieces]
+        if any(g is None for g in grads):
+            raise EngineError(
+                "train.concurrent_clients: a trained tensor of a client got no gradient in "
+                "a step (the grouped optimizer steps every trained tensor); use "
+                "train.concurrent_clients=1"
+            )
+        self.flat.grad = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+
+
+class _GroupOptimizer:
+    """The running clients' optimizers as ONE torch optimizer over flat tensors.
+
+    AdamW and SGD act element by element, with each tensor's own moments and step count in
+    ``optimizer.state``, and every client of a round has the same learning rate and weight
+    decay. So one optimizer over each client's trained tensors laid end to end (:class:`_Flat`,
+    one per device and dtype) is, bit for bit, each client's own optimizer over its tensors
+    (tests/test_concurrent_clients.py checks it against torch's). A client that joins adds
+    its flat tensors with fresh state; one that leaves takes them and their state out.
+
+    Flat: the CPU has no multi-tensor kernels, and a step over every running client's
+    tensors one by one cost more than the clients' own loops (measured:
+    benchmarks/concurrent_clients.py).
+    """
+
+    def __init__(self, fed: Federation, lr: float) -> None:
+        self.fed, self.lr = fed, lr
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
-
-    def step(self) -> None:
-        with_grad = [p for p in self.params if p.grad is not None]
+    def add(self, params: list[nn.Parameter]) -> list[_Flat]:
+        """Lay a joining client's trained ``params`` flat and take them in."""
+        kinds: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for param in params:
+            kinds.setdefault((param.device, param.dtype), []).append(param)
+        flats = [_Flat.of(pieces) for pieces in kinds.values()]
+        tensors = [f.flat for f in flats]
         if self.optimizer is None:
-            if not with_grad:
-                return
-            by_kind: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
-            for param in with_grad:
-                by_kind.setdefault((param.device, param.dtype), []).append(param)
-            self.pieces = list(by_kind.values())
-            self.flats = [_flatten(pieces) for pieces in self.pieces]
-            self.optimizer = make_optimizer(self.fed, self.flats, self.lr)
-        elif sum(map(len, self.pieces)) != len(with_grad) or any(
-            p.grad is None for pieces in self.pieces for p in pieces
-        ):
-            raise EngineError(
-                "train.concurrent_clients: a client's trained tensors got gradients in one "
-                "step but not in another; train it with train.concurrent_clients=1"
-            )
-        for flat, pieces in zip(self.flats, self.pieces, strict=True):
-            flat.grad = torch.cat([p.grad.reshape(-1) for p in pieces])  # type: ignore[union-attr]
+            self.optimizer = make_optimizer(self.fed, tensors, self.lr)
+        else:
+            self.optimizer.param_groups[0]["params"].extend(tensors)
+        return flats
+
+    def remove(self, flats: list[_Flat]) -> None:
+        assert self.optimizer is not None
+        gone = {id(f.flat) for f in flats}
+        group = self.optimizer.param_groups[0]
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+        for f in flats:
+            self.optimizer.state.pop(f.flat, None)
+
+    def step(self, flats: Sequence[_Flat]) -> None:
+        """One step of every client whose ``flats`` are given; their gradients are then
+        cleared (the pieces' and the flat tensors').
+        """
+        for flat in flats:
+            flat.gather_grad()
+        assert self.optimizer is not None
         self.optimizer.step()
-
-
-def _flatten(pieces: list[nn.Parameter]) -> nn.Parameter:
-    """One flat parameter holding ``pieces`` end to end; each piece becomes a view of it."""
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in pieces]))
-    offset = 0
-    for piece in pieces:
-        size = piece.numel()
-        piece.data = flat.data[offset : offset + size].view_as(piece)
-        offset += size
-    return flat
+        for flat in flats:
+            flat.flat.grad = None
+            for piece in flat.pieces:
+                piece.grad = None
 
 
 def train_concurrent(
@@ -197,6 +222,7 @@ def train_concurrent(
         sorted(order, key=lambda rc: (-math.ceil(fed.num_samples(rc[1]) / size), rc[0], rc[1]))
     )
     results: list[ClientResult] = []
+    optimizer = _GroupOptimizer(fed, lr)
     with torch.random.fork_rng(devices=rng_devices(fed.device), device_type=fed.device.type):
         seed_forked(fed.device, seeds.torch_seed(fed.seed, _GROUP_STREAM, round_index))
         if not model.training:
@@ -205,17 +231,19 @@ def train_concurrent(
         with group.attached():
             while queue or running:
                 while queue and len(running) < capacity:
-                    joined = _join(fed, group, state, *queue.popleft(), round_index, lr)
+                    joined = _join(fed, group, state, *queue.popleft(), round_index)
                     if joined.batch is None:  # no example: nothing to train
                         results.append(_leave(fed, joined))
                     else:
+                        joined.flats = optimizer.add(joined.params)
                         running.append(joined)
-                _group_step(fed, group, running)
+                _group_step(fed, group, running, optimizer)
                 still: list[_Running] = []
                 for run in running:
                     if _advance(fed, run):
                         still.append(run)
                     else:
+                        optimizer.remove(run.flats)
                         results.append(_leave(fed, run))
                 running = still
     return results
@@ -228,7 +256,6 @@ def _join(
     rank: int,
     client_id: int,
     round_index: int,
-    lr: float,
 ) -> _Running:
     """A client takes a free slot: its start factors, heads and first batch."""
     t0 = device_clock(fed.device)
@@ -243,7 +270,6 @@ def _join(
         slot,
         params,
         batch_order(fed, client_id, shuffle),
-        _FlatOptimizer(fed, params, lr),
         t0,
     )
     _advance(fed, run)
@@ -261,15 +287,15 @@ def _advance(fed: Federation, run: _Running) -> bool:
     return run.batch is not None
 
 
-def _group_step(fed: Federation, group: SlotGroup, running: list[_Running]) -> None:
+def _group_step(
+    fed: Federation, group: SlotGroup, running: list[_Running], optimizer: _GroupOptimizer
+) -> None:
     """One forward and backward over the running clients' batches, then each client's step."""
     c0 = device_clock(fed.device)
     # the rows in (rank, rows) order: equal slots sit side by side and share one batched
     # LoRA product (raflora.adapters.slots)
     running = sorted(running, key=lambda r: (r.slot.rank, batch_rows(r.batch) if r.batch else 0))
     batches = [run.batch for run in running if run.batch is not None]
-    for run in running:
-        run.optimizer.zero_grad()
     with group.routing([run.slot for run in running], [batch_rows(b) for b in batches]):
         losses = fed.task.group_losses(fed.bank.model, batches)
     total: Tensor | None = None
@@ -283,8 +309,7 @@ def _group_step(fed: Federation, group: SlotGroup, running: list[_Running]) -> N
     total.backward()  # type: ignore[no-untyped-call]
     for run in running:
         prepare_step(fed, run.client, run.params, run.slot.lora)
-    for run in running:
-        run.optimizer.step()
+    optimizer.step([flat for run in running for flat in run.flats])
     values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync
     share = (device_clock(fed.device) - c0) / len(running)
     for run, value in zip(running, values, strict=True):
