@@ -214,6 +214,19 @@ class SlotGroup:
         }
         self.dropout = float(dropout)
         self._layout: _Layout | None = None
+        # what a slot's tensors are, looked up once: per layer (device, d, n, LoRA dtype), per
+        # head tensor (device, dtype, whether it is a trained parameter)
+        self._lora_specs = {
+            name: (_base_weight(layer).device, *_base_shape(layer), self._lora_dtype(layer))
+            for name, layer in self.layers.items()
+        }
+        self._head_specs: dict[str, dict[str, tuple[torch.device, torch.dtype, bool]]] = {}
+        for module, wrapper in self.heads.items():
+            own = dict(wrapper.original_module.named_parameters())
+            self._head_specs[module] = {
+                key: (ref.device, ref.dtype, key in own)
+                for key, ref in wrapper.original_module.state_dict().items()
+            }
 
     @classmethod
     def for_bank(cls, bank: Any) -> SlotGroup:
@@ -232,31 +245,27 @@ class SlotGroup:
         does) and the heads ``dense`` (keys as ``get_dense``'s), in the model's dtype and device.
         """
         lora: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
-        for name, layer in self.layers.items():
-            weight = _base_weight(layer)
-            d, n = _base_shape(layer)
+        for name, (device, d, n, dtype) in self._lora_specs.items():
             B_eff, A = factors[name]
             if tuple(B_eff.shape) != (d, rank) or tuple(A.shape) != (rank, n):
                 raise ValueError(
                     f"slot of rank {rank}, module {name!r}: got B {tuple(B_eff.shape)} and "
                     f"A {tuple(A.shape)}"
                 )
-            dtype = self._lora_dtype(layer)
-            B = (B_eff.to(device=weight.device, dtype=torch.float32) / scale).to(dtype)
+            B = (B_eff.to(device=device, dtype=torch.float32) / scale).to(dtype)
             # own copies (B / s is one): the optimizer updates them in place, and what was
             # received must stay as sent (a method reads it in finish: FedRot)
-            A_own = A.to(device=weight.device, dtype=dtype, copy=True)
+            A_own = A.to(device=device, dtype=dtype, copy=True)
             lora[name] = (
                 nn.Parameter(B, requires_grad="B" in trains),
                 nn.Parameter(A_own, requires_grad="A" in trains),
             )
         heads: dict[str, dict[str, Tensor]] = {}
-        for module, wrapper in self.heads.items():
-            own = dict(wrapper.original_module.named_parameters())
+        for module, specs in self._head_specs.items():
             tensors: dict[str, Tensor] = {}
-            for key, ref in wrapper.original_module.state_dict().items():
-                value = dense[f"{module}.{key}"].to(device=ref.device, dtype=ref.dtype).clone()
-                tensors[key] = nn.Parameter(value) if key in own else value
+            for key, (device, dtype, trained) in specs.items():
+                value = dense[f"{module}.{key}"].to(device=device, dtype=dtype).clone()
+                tensors[key] = nn.Parameter(value) if trained else value
             heads[module] = tensors
         return Slot(int(rank), float(scale), lora, heads)
 
@@ -346,9 +355,17 @@ class SlotGroup:
 
     def _buckets(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
         x = self._dropped(x)
+        # 2-D rows (tokens flattened), so each product is one ``mm``: ``F.linear`` on a 3-D
+        # input adds a reshape and a view around the same ``mm`` (two more autograd nodes)
+        inner, n = x.shape[1:-1], x.shape[-1]
+        per_row = x[0, ..., 0].numel() if inner else 1
+        flat = x.reshape(-1, n)
         parts = []
         for (_, _, group), scales, rows in zip(
-            layout.buckets, layout.bucket_scales, torch.split(x, layout.bucket_rows), strict=True
+            layout.buckets,
+            layout.bucket_scales,
+            torch.split(flat, [c * per_row for c in layout.bucket_rows]),
+            strict=True,
         ):
             if len(group) == 1:
                 B, A = group[0].lora[name]
@@ -356,12 +373,11 @@ class SlotGroup:
                 continue
             A_all = torch.stack([slot.lora[name][1] for slot in group])  # (S_b, r, n)
             B_all = torch.stack([slot.lora[name][0] for slot in group])  # (S_b, d, r)
-            xs = rows.to(A_all.dtype)
-            flat = xs.reshape(len(group), -1, xs.shape[-1])  # (S_b, rows·tokens, n)
-            out = torch.bmm(torch.bmm(flat, A_all.transpose(1, 2)), B_all.transpose(1, 2))
-            out = out * scales.to(out.dtype)
-            parts.append(out.reshape(xs.shape[0], *xs.shape[1:-1], out.shape[-1]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            xs = rows.to(A_all.dtype).view(len(group), -1, n)  # (S_b, rows·tokens, n)
+            out = torch.bmm(torch.bmm(xs, A_all.transpose(1, 2)), B_all.transpose(1, 2))
+            parts.append((out * scales.to(out.dtype)).view(-1, out.shape[-1]))
+        delta = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return delta.view(layout.total, *inner, delta.shape[-1])
 
     def _padded(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
         r_c = layout.rank
