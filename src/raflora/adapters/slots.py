@@ -177,17 +177,18 @@ class _Layout:
         self.slot_rows = [b - a for a, b in self.bounds]
         self.bucket_rows = [hi - lo for lo, hi, _ in self.buckets]
         self.uniform = all(int(c) == width for c in rows)
-        self.gather: Tensor | None = None
-        self.scatter: Tensor | None = None
-        if not self.uniform:
-            # padded position (slot, i) ← row lo+i, or the zero row appended at index ``total``
-            gather = torch.full((len(rows), width), lo, dtype=torch.long)
-            scatter = torch.empty(lo, dtype=torch.long)
-            for s, (a, b) in enumerate(self.bounds):
-                gather[s, : b - a] = torch.arange(a, b)
-                scatter[a:b] = torch.arange(s * width, s * width + b - a)
-            self.gather = gather.flatten().to(device)
-            self.scatter = scatter.to(device)
+        self._device = device
+
+    def padded_index(self) -> tuple[Tensor, Tensor]:
+        """``(gather, scatter)`` for ``"padded"``: padded position ``(slot, i)`` ← row
+        ``lo + i``, or the zero row appended at index ``total``; each row's padded position.
+        """
+        gather = torch.full((len(self.slots), self.width), self.total, dtype=torch.long)
+        scatter = torch.empty(self.total, dtype=torch.long)
+        for s, (a, b) in enumerate(self.bounds):
+            gather[s, : b - a] = torch.arange(a, b)
+            scatter[a:b] = torch.arange(s * self.width, s * self.width + b - a)
+        return gather.flatten().to(self._device), scatter.to(self._device)
 
 
 class SlotGroup:
@@ -392,19 +393,18 @@ class SlotGroup:
         x = self._dropped(x).to(A_all.dtype)
         inner = x.shape[1:-1]
         n, S = x.shape[-1], len(layout.slots)
-        if layout.uniform:
+        gather, scatter = layout.padded_index() if not layout.uniform else (None, None)
+        if gather is None:
             xs = x.reshape(S, -1, n)
         else:
-            assert layout.gather is not None
             extended = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
-            xs = extended.index_select(0, layout.gather).reshape(S, -1, n)
+            xs = extended.index_select(0, gather).reshape(S, -1, n)
         out = torch.bmm(torch.bmm(xs, A_all.transpose(1, 2)), B_all.transpose(1, 2))
         out = out * layout.scales.to(out.dtype)  # (S, rows·tokens, d), s_k per slot
         d = out.shape[-1]
-        if layout.uniform:
+        if scatter is None:
             return out.reshape(layout.total, *inner, d)
-        assert layout.scatter is not None
-        return out.reshape(S * layout.width, *inner, d).index_select(0, layout.scatter)
+        return out.reshape(S * layout.width, *inner, d).index_select(0, scatter)
 
     def _head_hook(self, name: str) -> Any:
         def hook(
