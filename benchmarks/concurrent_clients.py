@@ -11,8 +11,9 @@ Three federations, 10 clients per round:
 (c) ``llm`` — math reasoning on a tiny Llama (batch 4, answers of different lengths).
 
 Each (case, K) runs in a fresh subprocess (its own peak memory): one warm-up client phase of
-round 1, then ``--repeats`` timed ones (the minimum is reported), the ratio K=1 / K, and peak
-memory (resident set on the CPU — the process's high-water mark, model included;
+round 1, then at least ``--repeats`` timed ones and as many as fill ``--min-seconds`` (the
+minimum is reported: steadier for the fast cases on a shared machine), the ratio K=1 / K, and
+peak memory (resident set on the CPU — the process's high-water mark, model included;
 ``torch.cuda.max_memory_allocated`` on CUDA). ``--modes`` instead times the client phase at
 K = 10 under each of :mod:`raflora.adapters.slots`' ways of running mixed ranks in one pass,
 interleaved in one process.
@@ -127,9 +128,13 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize(fed.device)
 
     client_phase(fed, state, 1, args.k)  # warm-up (adapters created, kernels chosen)
+
+    def more(times: list[float]) -> bool:  # at least --repeats, and --min-seconds in all
+        return len(times) < args.repeats or sum(times) < args.min_seconds
+
     if args.mode == "all":  # the modes interleaved in this one process, the minimum of each
         by_mode: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for _ in range(args.repeats):
+        while more(by_mode[MODES[0]]):
             for mode in MODES:
                 slots.MODE = mode  # type: ignore[assignment]
                 sync()
@@ -140,8 +145,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         return {mode: min(times) for mode, times in by_mode.items()}
     if cuda:
         torch.cuda.reset_peak_memory_stats(fed.device)
-    times = []
-    for _ in range(args.repeats):
+    times: list[float] = []
+    while more(times):
         sync()
         t0 = time.perf_counter()
         client_phase(fed, state, 1, args.k)
@@ -161,6 +166,8 @@ def spawn(case: str, k: int, args: argparse.Namespace, paths: dict[str, str], mo
         str(k),
         "--repeats",
         str(args.repeats),
+        "--min-seconds",
+        str(args.min_seconds),
         "--device",
         args.device,
         "--paths",
@@ -178,7 +185,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--ks", default=",".join(map(str, KS)))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed client phases, at least")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="time the client phase again until this many seconds are spent (the minimum of "
+        "many is steadier for the fast cases)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--threads",

@@ -16,28 +16,38 @@ by side in the group batch (the engine orders them so) and share one batched pro
 (``torch.bmm`` over those slots), and a slot of another rank takes its own pair of products over
 its own rows (``"buckets"``, the default). Two alternatives were measured against it:
 ``"segments"`` (one pair of products per slot, never batched) and ``"padded"`` (every slot's
-factors zero-padded *at forward time* to the group's largest rank ``r_c`` and stacked, one
-``bmm`` for all; the padded block of a stacked factor is a constant whose gradient is exactly
-zero — the gradient of ``B``'s padded columns is a product with ``A``'s padded rows and the
-reverse — so no optimizer ever sees it, ``tests/test_concurrent_clients.py`` checks it). Measured
-(``benchmarks/concurrent_clients.py --modes``, this project's 2-core CPU with nothing else
-running, float32, the client phase of a round of 10 clients at K = 10, the modes interleaved in
-one process; seconds, lower wins):
+factors zero-padded *at forward time* to the group's largest rank ``r_c`` and its rows to the
+widest slot's, stacked, one ``bmm`` for all; the padded block of a stacked factor is a constant
+whose gradient is exactly zero — the gradient of ``B``'s padded columns is a product with
+``A``'s padded rows and the reverse — so no optimizer ever sees it,
+``tests/test_concurrent_clients.py`` checks it). Measured (``benchmarks/concurrent_clients.py
+--modes``, this project's 2-core CPU with nothing else running, float32, the client phase of a
+round of 10 clients at K = 10, the modes interleaved in one process, the minimum over ≥ 2 s;
+seconds, lower wins):
 
 ==========================================  ==========  ==========  ==========
 torch threads 1 / 2                         buckets     segments    padded
 ==========================================  ==========  ==========  ==========
-quickstart (digits ViT, width 64)           0.087/0.072 0.085/0.079 0.101/0.073
-BERT 6×384, batch 16 × 32 tokens            5.87/3.35   5.47/3.32   6.12/3.49
-tiny Llama, batch 4                         0.146/0.101 0.155/0.110 0.153/0.097
+quickstart (digits ViT, width 64)           0.065/0.055 0.068/0.062 0.078/0.063
+uniform: one rank level, IID sizes          0.057/0.049 0.064/0.065 0.056/0.046
+BERT 6×384, batch 16 × 32 tokens            5.89/3.29   5.63/3.14   6.12/3.17
+tiny Llama, batch 4                         0.153/0.098 0.154/0.100 0.148/0.091
 ==========================================  ==========  ==========  ==========
 
-No mode wins everywhere (within ~10% of each other); exactness decided it: with ``"buckets"``
-and ``"segments"`` every client's upload came out bit-identical to the sequential loop's on the
-CPU (the products have the sequential shapes); ``"padded"`` rounds differently (inner dimension
-``r_c`` instead of ``r_k``: 5.6e-8 relative on the synthetic federation), which FedRot's
-Procrustes rotation then amplifies to 1e-2. Between the two exact ones, ``"buckets"`` issues
-fewer operations per layer when several clients share a rank (a GPU's case).
+All three are exact: every client's upload comes out bit for bit as the sequential loop's on
+this CPU (every method, two rounds of the synthetic federation; raFLoRA and FedRot, three rounds
+of the digits ViT at K = 10), since zero rows and zero rank columns only add exact zeros to each
+sum. No mode wins everywhere (within ~10% of each other outside the quickstart); ``"buckets"``
+is the fastest on the quickstart's mixed ranks and close elsewhere, so it is the default.
+
+Also measured on the quickstart and not kept: (1) the padded factors kept stacked *between*
+steps (each slot's parameters views of one zero-padded stack per layer, the products and their
+gradients in one autograd node per layer) — forward and backward no faster than ``"buckets"``
+(53 against 51 ms a round), because padding every slot to rank 32 doubles the LoRA arithmetic of
+a width-64 model; (2) one product per rank with the rows zero-padded to the rank's widest
+client — 63 against 58 ms, the padding's copies costing more than the products they save; (3)
+every slot's products in one autograd node per layer (the backward written out) — its Python
+cost what autograd's own nodes cost.
 
 The group batch is cut into its pieces with ``torch.split``, whose backward is one ``cat`` of the
 pieces' gradients: a slice ``x[lo:hi]`` per piece would zero-fill a gradient as large as the whole

@@ -13,7 +13,9 @@ last group steps full.
 Per client, everything is the sequential loop's, from the same pieces of
 :mod:`raflora.engine.client_round`: the method's client half (start factors, frozen factors,
 penalty, gradient correction, the upload and per-client state), the same shuffle stream, its own
-optimizer and state, the round's learning rate, clipping on its own gradient norm, ``α / r_k``.
+optimizer state (one torch optimizer steps every running client's tensors laid flat, bit for bit
+each client's own: :class:`_GroupOptimizer`), the round's learning rate, clipping on its own
+gradient norm, ``α / r_k``.
 The loss of a group step is the SUM of the clients' own mean losses
 (:meth:`~raflora.tasks.Task.group_losses`), so no client's gradient depends on another's batch
 size. With dropout off every upload equals the sequential one up to the summation order of the
