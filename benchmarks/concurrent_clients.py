@@ -10,13 +10,14 @@ Three federations, 10 clients per round:
     32 tokens; the paper's rank levels 8–64);
 (c) ``llm`` — math reasoning on a tiny Llama (batch 4, answers of different lengths).
 
-Each (case, K) runs in a fresh subprocess (its own peak memory): one warm-up client phase of
-round 1, then at least ``--repeats`` timed ones and as many as fill ``--min-seconds`` (the
-minimum is reported: steadier for the fast cases on a shared machine), the ratio K=1 / K, and
-peak memory (resident set on the CPU — the process's high-water mark, model included;
-``torch.cuda.max_memory_allocated`` on CUDA). ``--modes`` instead times the client phase at
-K = 10 under each of :mod:`raflora.adapters.slots`' ways of running mixed ranks in one pass,
-interleaved in one process.
+Each case runs in a fresh subprocess that builds one federation per K and times their client
+phases of round 1 side by side: one warm-up each, then a phase of every K in turn, at least
+``--repeats`` times and until each K has spent ``--min-seconds`` (the minimum of each is
+reported, and the ratio K=1 / K; interleaving makes a slow spell of a shared machine hit every K
+alike). Peak memory comes from one more fresh subprocess per (case, K): resident set on the CPU
+(the process's high-water mark, model included), ``torch.cuda.max_memory_allocated`` on CUDA.
+``--modes`` instead times the client phase at K = 10 under each of
+:mod:`raflora.adapters.slots`' ways of running mixed ranks in one pass, interleaved likewise.
 
 Usage::
 
@@ -105,7 +106,10 @@ def _hwm_kib() -> int:
 
 
 def one(args: argparse.Namespace) -> dict[str, Any]:
-    """One (case, K) in this process: the timings and the peak memory."""
+    """One case in this process: the client phase at every K of ``--ks``, interleaved (each
+    K's federation built once, then a phase of each K in turn, so a slow spell of a shared
+    machine hits every K alike), the minimum of each; or, with ``--memory``, the peak memory of
+    the one K ``--ks`` names."""
     import torch
 
     import raflora.adapters.slots as slots
@@ -113,57 +117,67 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     from raflora.engine import build_federation
     from raflora.experiments.gpu_check import client_phase
 
-    if args.mode and args.mode != "all":
-        slots.MODE = args.mode
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = json.loads(args.paths)
     config = str(ROOT / "configs" / "quickstart.yaml")
-    fed = build_federation(load_config(config, overrides(args.one, paths, args.k, args.device)))
-    state = fed.initial_state()
-    cuda = fed.device.type == "cuda"
+    ks = [int(k) for k in args.ks.split(",")]
+    feds = {
+        k: build_federation(load_config(config, overrides(args.one, paths, k, args.device)))
+        for k in ks
+    }
+    states = {k: fed.initial_state() for k, fed in feds.items()}
+    device = next(iter(feds.values())).device
+    cuda = device.type == "cuda"
 
-    def sync() -> None:
+    def phase(k: int) -> float:
         if cuda:
-            torch.cuda.synchronize(fed.device)
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        client_phase(feds[k], states[k], 1, k)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
 
-    client_phase(fed, state, 1, args.k)  # warm-up (adapters created, kernels chosen)
+    for k in ks:  # warm-up (adapters created, kernels chosen)
+        phase(k)
 
     def more(times: list[float]) -> bool:  # at least --repeats, and --min-seconds in all
-        return len(times) < args.repeats or sum(times) < args.min_seconds
+        return bool(len(times) < args.repeats or sum(times) < args.min_seconds)
 
-    if args.mode == "all":  # the modes interleaved in this one process, the minimum of each
-        by_mode: dict[str, list[float]] = {mode: [] for mode in MODES}
-        while more(by_mode[MODES[0]]):
+    if args.memory:
+        (k,) = ks
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        phase(k)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _hwm_kib() / 1024
+        return {"peak_mib": peak}
+    runs: dict[str, list[float]] = {}
+    if args.modes:  # K = 10 under each mode, interleaved
+        (k,) = ks
+        runs = {mode: [] for mode in MODES}
+        while more(runs[MODES[0]]):
             for mode in MODES:
                 slots.MODE = mode  # type: ignore[assignment]
-                sync()
-                t0 = time.perf_counter()
-                client_phase(fed, state, 1, args.k)
-                sync()
-                by_mode[mode].append(time.perf_counter() - t0)
-        return {mode: min(times) for mode, times in by_mode.items()}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(fed.device)
-    times: list[float] = []
-    while more(times):
-        sync()
-        t0 = time.perf_counter()
-        client_phase(fed, state, 1, args.k)
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(fed.device) / 2**20 if cuda else _hwm_kib() / 1024
-    return {"seconds": min(times), "peak_mib": peak, "device": str(fed.device)}
+                runs[mode].append(phase(k))
+    else:
+        runs = {str(k): [] for k in ks}
+        while any(more(times) for times in runs.values()):
+            for k in ks:
+                runs[str(k)].append(phase(k))
+    return {"seconds": {key: min(times) for key, times in runs.items()}, "device": str(device)}
 
 
-def spawn(case: str, k: int, args: argparse.Namespace, paths: dict[str, str], mode: str) -> Any:
+def spawn(
+    case: str, ks: list[int], args: argparse.Namespace, paths: dict[str, str], **flags: bool
+) -> Any:
     cmd = [
         sys.executable,
         __file__,
         "--one",
         case,
-        "--k",
-        str(k),
+        "--ks",
+        ",".join(map(str, ks)),
         "--repeats",
         str(args.repeats),
         "--min-seconds",
@@ -172,10 +186,9 @@ def spawn(case: str, k: int, args: argparse.Namespace, paths: dict[str, str], mo
         args.device,
         "--paths",
         json.dumps(paths),
-        "--mode",
-        mode,
         "--threads",
         str(args.threads),
+        *[f"--{flag}" for flag, on in flags.items() if on],
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -202,9 +215,8 @@ def main() -> None:
     )
     parser.add_argument("--modes", action="store_true", help="compare the mixed-rank modes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--paths", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args)))
@@ -217,19 +229,20 @@ def main() -> None:
             print("| case | " + " | ".join(MODES) + " |")
             print("|---|" + "---|" * len(MODES))
             for case in cases:
-                got = spawn(case, 10, args, paths, "all")
+                got = spawn(case, [10], args, paths, modes=True)["seconds"]
                 print(f"| {case} | " + " | ".join(f"{got[m]:.3f} s" for m in MODES) + " |")
             return
         print("| case | K | client phase (s) | speed-up vs K=1 | peak memory (MiB) |")
         print("|---|---|---|---|---|")
         for case in cases:
-            base = None
+            got = spawn(case, ks, args, paths)
+            seconds = got["seconds"]
+            base = seconds[str(ks[0])]
             for k in ks:
-                got = spawn(case, k, args, paths, "")
-                base = got["seconds"] if k == 1 or base is None else base
+                peak = spawn(case, [k], args, paths, memory=True)["peak_mib"]
                 print(
-                    f"| {case} | {k} | {got['seconds']:.3f} | {base / got['seconds']:.2f}× "
-                    f"| {got['peak_mib']:.0f} |",
+                    f"| {case} | {k} | {seconds[str(k)]:.3f} | {base / seconds[str(k)]:.2f}× "
+                    f"| {peak:.0f} |",
                     flush=True,
                 )
         threads = args.threads or "default"
