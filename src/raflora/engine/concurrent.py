@@ -267,13 +267,7 @@ def _join(
     slot = group.slot(rank, fed.bank.scaling(rank), client.start(), state.dense, client.trains)
     _, params = trained_split(client, slot.lora, slot.parameters())
     shuffle = seeds.shuffle_stream(fed.seed, round_index, client_id)
-    run = _Running(
-        client,
-        slot,
-        params,
-        batch_order(fed, client_id, shuffle),
-        t0,
-    )
+    run = _Running(client, slot, params, batch_order(fed, client_id, shuffle), t0)
     _advance(fed, run)
     return run
 
