@@ -257,42 +257,68 @@ def test_padded_ranks_get_exactly_zero_gradient_and_stay_zero_under_adamw() -> N
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_the_grouped_optimizer_steps_bit_for_bit_as_torchs_per_tensor_one(optimizer: str) -> None:
-    """The grouped engine's one optimizer over each client's tensors laid flat: the same bits
-    as torch's optimizer over each client's tensors, for clients that join at different steps
-    (their own step counts) and one that leaves; a tensor without a gradient is refused."""
+    """The grouped engine's one optimizer over the running clients' tensors laid flat (one
+    arena per cohort of clients that joined together, gradients accumulated in place): the
+    same bits as torch's optimizer over each client's own tensors, for cohorts that join at
+    different steps (their own step counts), a client that leaves its cohort early, and
+    gradients with zeros of both signs; a tensor without a gradient is refused."""
     fed = build_federation(
         method_config("raflora", **{"train.weight_decay": 0.01, "train.optimizer": optimizer})
     )
     reference = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 8), (8, 256), (10, 64), (10,), (7, 3)]
+
+    def draw(shape: tuple[int, ...], step: int) -> Tensor:
+        values = torch.randn(shape, generator=gen) * 10.0 ** (step - 3)
+        signs = torch.randint(0, 4, shape, generator=gen)
+        values[signs == 0] = 0.0
+        values[signs == 1] = -0.0
+        return values
+
     grouped = _GroupOptimizer(fed, lr=5e-3)
-    clients: list[tuple[list[nn.Parameter], list[nn.Parameter], Any, Any]] = []
-    for step in range(5):
-        if step in (0, 2):  # a client joins
-            start = [torch.randn(*shape, generator=gen) for shape in shapes]
-            ours = [nn.Parameter(t.clone()) for t in start]
-            theirs = [nn.Parameter(t.clone()) for t in start]
-            own = reference(theirs, lr=5e-3, weight_decay=0.01, foreach=False)
-            clients.append((ours, theirs, grouped.add(ours), own))
-        if step == 4:  # the first leaves
-            grouped.remove(clients.pop(0)[2])
-        for ours, theirs, _, own in clients:
+    clients: list[tuple[list[nn.Parameter], list[nn.Parameter], Any, int, Any]] = []
+    for step in range(6):
+        if step in (0, 2):  # a cohort of two clients joins
+            joining = []
+            for _ in range(2):
+                start = [draw(shape, 3) for shape in shapes]
+                ours = [nn.Parameter(t.clone()) for t in start]
+                theirs = [nn.Parameter(t.clone()) for t in start]
+                own = reference(theirs, lr=5e-3, weight_decay=0.01, foreach=False)
+                joining.append((ours, theirs, own))
+            cohort = grouped.join([ours for ours, _, _ in joining])
+            clients += [(o, t, cohort, i, own) for i, (o, t, own) in enumerate(joining)]
+        if step == 3:  # the first client of the first cohort leaves (its part stays)
+            _, _, cohort, position, _ = clients.pop(0)
+            grouped.leave(cohort, position)
+        if step == 4:  # the last client of the second cohort leaves (its arena is cut back)
+            _, _, cohort, position, _ = clients.pop(2)
+            size = cohort.arenas[0].flat.numel()
+            grouped.leave(cohort, position)
+            assert cohort.arenas[0].flat.numel() == size // 2
+        for ours, theirs, _, _, own in clients:
             for a, b in zip(ours, theirs, strict=True):
-                grad = torch.randn(a.shape, generator=gen)
-                a.grad, b.grad = grad * 10.0 ** (step - 3), grad * 10.0 ** (step - 3)
+                # through autograd, as in the engine: the gradient of sum(p * w) is w
+                weight = draw(a.shape, step)
+                (a * weight).sum().backward()  # type: ignore[no-untyped-call]
+                (b * weight).sum().backward()  # type: ignore[no-untyped-call]
             own.step()
             own.zero_grad(set_to_none=True)
-        grouped.step([flat for client in clients for flat in client[2]])
-        for ours, theirs, _, _ in clients:
-            assert all(p.grad is None for p in ours)
+        grouped.step()
+        for ours, theirs, _, _, _ in clients:
             for a, b in zip(ours, theirs, strict=True):
                 assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32))
-    ours, _, flats, _ = clients[0]
-    for a in ours[1:]:
-        a.grad = torch.zeros_like(a)
-    with pytest.raises(EngineError, match="got no gradient in a step"):
-        grouped.step(flats)
+    assert len(grouped.cohorts) == 2
+    for _, _, cohort, position, _ in clients:
+        grouped.leave(cohort, position)
+    assert grouped.cohorts == [] and grouped.optimizer is not None
+    assert grouped.optimizer.param_groups[0]["params"] == []
+    lone = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))]
+    grouped.join([lone])
+    lone[0].sum().backward()  # type: ignore[no-untyped-call]
+    with pytest.raises(EngineError, match="got no gradient in its first step"):
+        grouped.step()
 
 
 def test_concurrent_clients_config_errors() -> None:

@@ -56,7 +56,7 @@ group batch for each piece and add them up (that cost 13% of a BERT group step).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,6 +152,17 @@ def _base_shape(layer: LoraLayer) -> tuple[int, int]:
     return int(d), int(n)
 
 
+def _scaled(delta: Tensor, scales: Callable[[torch.dtype], Tensor]) -> Tensor:
+    """``delta · s`` as PEFT's ``lora_B(lora_A(x)) * scaling`` computes it with a Python float
+    ``s``: in float32 and float64 the product in ``delta``'s dtype, in a lower precision the
+    product in float32 rounded back. ``scales(dtype)``: the ``s`` of each row (broadcast over
+    ``delta``) in ``dtype``.
+    """
+    if delta.dtype in (torch.float32, torch.float64):
+        return delta * scales(delta.dtype)
+    return (delta.float() * scales(torch.float32)).to(delta.dtype)
+
+
 class _Layout:
     """Which rows of the current group batch belong to which slot (contiguous, in order)."""
 
@@ -164,7 +175,9 @@ class _Layout:
             lo += int(count)
         self.total = lo
         self.rank = max(s.rank for s in self.slots)
-        self.scales = torch.tensor([s.scale for s in self.slots], device=device).view(-1, 1, 1)
+        self.scales = torch.tensor(
+            [s.scale for s in self.slots], device=device, dtype=torch.float64
+        ).view(-1, 1, 1)
         width = max(rows)
         self.width = width
         # runs of consecutive slots with the same rank and row count: one batched product each
@@ -179,15 +192,25 @@ class _Layout:
                 self.buckets[-1] = (last[0], b, [*last[2], slot])
             else:
                 self.buckets.append((a, b, [slot]))
-        self.bucket_scales = [
-            torch.tensor([s.scale for s in group], device=device).view(-1, 1, 1)
-            for _, _, group in self.buckets
-        ]
         # row counts for ``torch.split`` (not slices: see the module docstring)
         self.slot_rows = [b - a for a, b in self.bounds]
         self.bucket_rows = [hi - lo for lo, hi, _ in self.buckets]
         self.uniform = all(int(c) == width for c in rows)
         self._device = device
+        self._row_scales: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def row_scales(self, per_row: int, dtype: torch.dtype) -> Tensor:
+        """``(total · per_row, 1)``: each row's ``s_k`` (its slot's), repeated over the
+        ``per_row`` tokens of a row, in ``dtype``.
+        """
+        key = (per_row, dtype)
+        if key not in self._row_scales:
+            counts = torch.tensor([c * per_row for c in self.slot_rows])
+            values = torch.tensor([s.scale for s in self.slots], dtype=torch.float64)
+            self._row_scales[key] = (
+                values.repeat_interleave(counts).view(-1, 1).to(device=self._device, dtype=dtype)
+            )
+        return self._row_scales[key]
 
     def padded_index(self) -> tuple[Tensor, Tensor]:
         """``(gather, scatter)`` for ``"padded"``: padded position ``(slot, i)`` ← row
@@ -372,22 +395,24 @@ class SlotGroup:
         per_row = x[0, ..., 0].numel() if inner else 1
         flat = x.reshape(-1, n)
         parts = []
-        for (_, _, group), scales, rows in zip(
+        for (_, _, group), rows in zip(
             layout.buckets,
-            layout.bucket_scales,
             torch.split(flat, [c * per_row for c in layout.bucket_rows]),
             strict=True,
         ):
+            B, A = group[0].lora[name]
+            if rows.dtype != A.dtype:
+                rows = rows.to(A.dtype)
             if len(group) == 1:
-                B, A = group[0].lora[name]
-                parts.append(F.linear(F.linear(rows.to(A.dtype), A), B) * group[0].scale)
+                parts.append(F.linear(F.linear(rows, A), B))
                 continue
             A_all = torch.stack([slot.lora[name][1] for slot in group])  # (S_b, r, n)
             B_all = torch.stack([slot.lora[name][0] for slot in group])  # (S_b, d, r)
-            xs = rows.to(A_all.dtype).view(len(group), -1, n)  # (S_b, rows·tokens, n)
+            xs = rows.view(len(group), -1, n)  # (S_b, rows·tokens, n)
             out = torch.bmm(torch.bmm(xs, A_all.transpose(1, 2)), B_all.transpose(1, 2))
-            parts.append((out * scales.to(out.dtype)).view(-1, out.shape[-1]))
+            parts.append(out.view(-1, out.shape[-1]))
         delta = torch.cat(parts) if len(parts) > 1 else parts[0]
+        delta = _scaled(delta, lambda dtype: layout.row_scales(per_row, dtype))
         return delta.view(layout.total, *inner, delta.shape[-1])
 
     def _padded(self, name: str, x: Tensor, layout: _Layout) -> Tensor:
@@ -410,7 +435,7 @@ class SlotGroup:
             extended = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
             xs = extended.index_select(0, gather).reshape(S, -1, n)
         out = torch.bmm(torch.bmm(xs, A_all.transpose(1, 2)), B_all.transpose(1, 2))
-        out = out * layout.scales.to(out.dtype)  # (S, rows·tokens, d), s_k per slot
+        out = _scaled(out, layout.scales.to)  # (S, rows·tokens, d), s_k per slot
         d = out.shape[-1]
         if scatter is None:
             return out.reshape(layout.total, *inner, d)

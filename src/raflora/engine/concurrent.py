@@ -66,6 +66,9 @@ far from the keys of :mod:`raflora.engine.seeds`' own streams."""
 _GROUPS: weakref.WeakKeyDictionary[nn.Module, SlotGroup] = weakref.WeakKeyDictionary()
 """One slot group per model: its layer lookup is made once per run, not once per round."""
 
+_PROBLEMS: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+"""What :func:`grouping_problem` found for a model (its modules are walked once per run)."""
+
 
 def grouping_problem(task: Task, model: nn.Module) -> str | None:
     """Why the clients of ``task`` on ``model`` cannot be trained together (``None``: they can).
@@ -98,95 +101,174 @@ class _Running:
     params: list[nn.Parameter]
     batches: Iterator[list[int]]
     t0: float
-    flats: list[_Flat] = field(default_factory=list)
+    cohort: _Cohort | None = None
+    position: int = 0
     batch: dict[str, Tensor] | None = None
     losses: list[float] = field(default_factory=list)
     compute: float = 0.0
 
 
 @dataclass
-class _Flat:
-    """A client's trained tensors of one device and dtype, laid end to end in one flat
-    tensor of which each of them is now a view.
+class _Arena:
+    """The trained tensors of one device and dtype of a cohort's clients, laid end to end in
+    one flat tensor of which each of them is now a view; after the first step, their gradients
+    are views of one flat buffer too.
     """
 
     pieces: list[nn.Parameter]
     flat: nn.Parameter
 
+    ends: list[int]
+    """Where each client's tensors end in :attr:`flat` (the clients in the cohort's order)."""
+
     @classmethod
-    def of(cls, pieces: list[nn.Parameter]) -> _Flat:
+    def of(cls, clients: Sequence[list[nn.Parameter]]) -> _Arena:
+        pieces = [piece for params in clients for piece in params]
         flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in pieces]))
-        offset = 0
-        for piece in pieces:
-            size = piece.numel()
-            piece.data = flat.data[offset : offset + size].view_as(piece)
-            offset += size
-        return cls(pieces, flat)
+        offset, ends = 0, []
+        for params in clients:
+            for piece in params:
+                size = piece.numel()
+                piece.data = flat.data[offset : offset + size].view_as(piece)
+                offset += size
+            ends.append(offset)
+        return cls(pieces, flat, ends)
 
     def gather_grad(self) -> None:
-        """The pieces' gradients, end to end, as the flat tensor's."""
+        """On the first step: the pieces' gradients (as autograd left them), end to end, as
+        the flat tensor's; each piece's gradient is from now on a view of it, into which the
+        next backward passes accumulate in place.
+        """
+        if self.flat.grad is not None:
+            return
         grads = [p.grad for p in self.pieces]
         if any(g is None for g in grads):
             raise EngineError(
                 "train.concurrent_clients: a trained tensor of a client got no gradient in "
-                "a step (the grouped optimizer steps every trained tensor); use "
+                "its first step (the grouped optimizer steps every trained tensor); use "
                 "train.concurrent_clients=1"
             )
-        self.flat.grad = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+        buffer = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+        offset = 0
+        for piece in self.pieces:
+            size = piece.numel()
+            piece.grad = buffer[offset : offset + size].view_as(piece)
+            offset += size
+        self.flat.grad = buffer
+
+    def clear_grad(self) -> None:
+        """Every gradient back to ``-0.0``, the one value ``v`` with ``v + g == g`` bit for
+        bit for every float ``g`` (``+0.0 + -0.0`` is ``+0.0``): the next backward's in-place
+        accumulation leaves exactly the gradient torch would have set.
+        """
+        assert self.flat.grad is not None
+        self.flat.grad.fill_(-0.0)
+
+
+@dataclass
+class _Cohort:
+    """The clients that joined at one group step: they take every group step until they
+    leave, so they share one step count, and their trained tensors share :class:`_Arena` s,
+    laid in the order they joined — most steps first (:func:`train_concurrent`'s queue), so
+    the clients that leave first are at the end: each arena is cut back to the clients still
+    running (what a client that left mid-arena leaves behind is stepped, never read again).
+    """
+
+    arenas: list[_Arena]
+    running: set[int]
+    """The positions (in the cohort's order) of its clients still training."""
+
+
+def _prefix(flat: nn.Parameter, end: int) -> nn.Parameter:
+    """A parameter over the first ``end`` elements of ``flat`` (same storage), with the
+    matching part of its gradient.
+    """
+    cut = nn.Parameter(flat.data[:end])
+    if flat.grad is not None:
+        cut.grad = flat.grad[:end]
+    return cut
+
+
+def _like(value: object, flat: Tensor) -> bool:
+    """Whether an optimizer state entry holds one value per element of ``flat``."""
+    return isinstance(value, Tensor) and value.shape == flat.shape
 
 
 class _GroupOptimizer:
-    """The running clients' optimizers as ONE torch optimizer over flat tensors.
+    """The running clients' optimizers as ONE torch optimizer over a few flat tensors.
 
     AdamW and SGD act element by element, with each tensor's own moments and step count in
     ``optimizer.state``, and every client of a round has the same learning rate and weight
-    decay. So one optimizer over each client's trained tensors laid end to end (:class:`_Flat`,
-    one per device and dtype) is, bit for bit, each client's own optimizer over its tensors
-    (tests/test_concurrent_clients.py checks it against torch's). A client that joins adds
-    its flat tensors with fresh state; one that leaves takes them and their state out.
+    decay. So one optimizer over the trained tensors of the clients that joined at the same
+    group step (a :class:`_Cohort`: one step count), laid end to end (:class:`_Arena`, one
+    per device and dtype), is, bit for bit, each client's own optimizer over its tensors
+    (tests/test_concurrent_clients.py checks it against torch's). A cohort that joins adds
+    its arenas with fresh state; when its last client leaves they and their state go.
 
-    Flat: the CPU has no multi-tensor kernels, and a step over every running client's
-    tensors one by one cost more than the clients' own loops (measured:
-    benchmarks/concurrent_clients.py).
+    Flat: the CPU has no multi-tensor kernels, so an optimizer step over every running
+    client's tensors one by one, and gathering their gradients each step, cost more than
+    the clients' own loops (measured: benchmarks/concurrent_clients.py).
     """
 
     def __init__(self, fed: Federation, lr: float) -> None:
         self.fed, self.lr = fed, lr
         self.optimizer: torch.optim.Optimizer | None = None
+        self.cohorts: list[_Cohort] = []
 
-    def add(self, params: list[nn.Parameter]) -> list[_Flat]:
-        """Lay a joining client's trained ``params`` flat and take them in."""
-        kinds: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
-        for param in params:
-            kinds.setdefault((param.device, param.dtype), []).append(param)
-        flats = [_Flat.of(pieces) for pieces in kinds.values()]
-        tensors = [f.flat for f in flats]
+    def join(self, clients: Sequence[list[nn.Parameter]]) -> _Cohort:
+        """Lay the trained tensors of the ``clients`` joining at this group step flat (a
+        client's position in the cohort is its index in ``clients``).
+        """
+        kinds: dict[tuple[torch.device, torch.dtype], list[list[nn.Parameter]]] = {}
+        for i, params in enumerate(clients):
+            for param in params:
+                kinds.setdefault((param.device, param.dtype), [[] for _ in clients])[i].append(
+                    param
+                )
+        cohort = _Cohort([_Arena.of(each) for each in kinds.values()], set(range(len(clients))))
+        tensors = [arena.flat for arena in cohort.arenas]
         if self.optimizer is None:
             self.optimizer = make_optimizer(self.fed, tensors, self.lr)
         else:
             self.optimizer.param_groups[0]["params"].extend(tensors)
-        return flats
+        self.cohorts.append(cohort)
+        return cohort
 
-    def remove(self, flats: list[_Flat]) -> None:
-        assert self.optimizer is not None
-        gone = {id(f.flat) for f in flats}
-        group = self.optimizer.param_groups[0]
-        group["params"] = [p for p in group["params"] if id(p) not in gone]
-        for f in flats:
-            self.optimizer.state.pop(f.flat, None)
-
-    def step(self, flats: Sequence[_Flat]) -> None:
-        """One step of every client whose ``flats`` are given; their gradients are then
-        cleared (the pieces' and the flat tensors').
+    def leave(self, cohort: _Cohort, position: int) -> None:
+        """The client at ``position`` of ``cohort`` has left: the arenas are cut back to the
+        clients still running; the last one takes them out.
         """
-        for flat in flats:
-            flat.gather_grad()
+        cohort.running.discard(position)
+        assert self.optimizer is not None
+        group = self.optimizer.param_groups[0]
+        if not cohort.running:
+            gone = {id(arena.flat) for arena in cohort.arenas}
+            group["params"] = [p for p in group["params"] if id(p) not in gone]
+            for arena in cohort.arenas:
+                self.optimizer.state.pop(arena.flat, None)
+            self.cohorts.remove(cohort)
+            return
+        for arena in cohort.arenas:
+            end = max(arena.ends[i] for i in cohort.running)
+            if end < arena.flat.numel():
+                old, arena.flat = arena.flat, _prefix(arena.flat, end)
+                state = self.optimizer.state.pop(old, None)
+                if state is not None:
+                    self.optimizer.state[arena.flat] = {
+                        key: value[:end] if _like(value, old) else value
+                        for key, value in state.items()
+                    }
+                group["params"] = [arena.flat if p is old else p for p in group["params"]]
+
+    def step(self) -> None:
+        """One step of every running client; their gradients are then cleared."""
+        arenas = [arena for cohort in self.cohorts for arena in cohort.arenas]
+        for arena in arenas:
+            arena.gather_grad()
         assert self.optimizer is not None
         self.optimizer.step()
-        for flat in flats:
-            flat.flat.grad = None
-            for piece in flat.pieces:
-                piece.grad = None
+        for arena in arenas:
+            arena.clear_grad()
 
 
 def train_concurrent(
@@ -211,7 +293,9 @@ def train_concurrent(
         The task or model cannot train clients together (:func:`grouping_problem`).
     """
     model = fed.bank.model
-    problem = grouping_problem(fed.task, model)
+    if model not in _PROBLEMS:
+        _PROBLEMS[model] = grouping_problem(fed.task, model)
+    problem = _PROBLEMS[model]
     if problem is not None:
         raise EngineError(f"train.concurrent_clients: {problem}; use train.concurrent_clients=1")
     group = _GROUPS.get(model)
@@ -232,20 +316,27 @@ def train_concurrent(
         running: list[_Running] = []
         with group.attached():
             while queue or running:
-                while queue and len(running) < capacity:
+                joining: list[_Running] = []
+                while queue and len(running) + len(joining) < capacity:
                     joined = _join(fed, group, state, *queue.popleft(), round_index)
                     if joined.batch is None:  # no example: nothing to train
                         results.append(_leave(fed, joined))
                     else:
-                        joined.flats = optimizer.add(joined.params)
-                        running.append(joined)
-                _group_step(fed, group, running, optimizer)
+                        joining.append(joined)
+                if joining:
+                    cohort = optimizer.join([run.params for run in joining])
+                    for position, run in enumerate(joining):
+                        run.cohort, run.position = cohort, position
+                    running += joining
+                if running:  # else only clients without an example were left to join
+                    _group_step(fed, group, running, optimizer)
                 still: list[_Running] = []
                 for run in running:
                     if _advance(fed, run):
                         still.append(run)
                     else:
-                        optimizer.remove(run.flats)
+                        assert run.cohort is not None
+                        optimizer.leave(run.cohort, run.position)
                         results.append(_leave(fed, run))
                 running = still
     return results
@@ -305,7 +396,7 @@ def _group_step(
     total.backward()  # type: ignore[no-untyped-call]
     for run in running:
         prepare_step(fed, run.client, run.params, run.slot.lora)
-    optimizer.step([flat for run in running for flat in run.flats])
+    optimizer.step()
     values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync
     share = (device_clock(fed.device) - c0) / len(running)
     for run, value in zip(running, values, strict=True):
