@@ -49,6 +49,10 @@ client — 63 against 58 ms, the padding's copies costing more than the products
 every slot's products in one autograd node per layer (the backward written out) — its Python
 cost what autograd's own nodes cost.
 
+Each slot's ``s_k`` multiplies its rows once per layer, in one product of the whole group's
+LoRA output with a per-row scale (the same products as a multiplication per slot; in float16 and
+bfloat16 computed in float32 and rounded back, as PEFT's multiplication by a Python float is).
+
 The group batch is cut into its pieces with ``torch.split``, whose backward is one ``cat`` of the
 pieces' gradients: a slice ``x[lo:hi]`` per piece would zero-fill a gradient as large as the whole
 group batch for each piece and add them up (that cost 13% of a BERT group step).
@@ -56,6 +60,7 @@ group batch for each piece and add them up (that cost 13% of a BERT group step).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,8 +119,8 @@ class Slot:
         """Effective factors ``(s · B, A)``, detached float32 clones (as ``get_factors``)."""
         return {
             name: (
-                (B.detach().to(torch.float32) * self.scale).clone(),
-                A.detach().to(torch.float32).clone(),
+                B.detach().to(torch.float32) * self.scale,  # a new tensor: no clone needed
+                A.detach().to(torch.float32, copy=True),
             )
             for name, (B, A) in self.lora.items()
         }
@@ -370,7 +375,7 @@ class SlotGroup:
                 delta = self._buckets(name, x, layout)
             else:
                 delta = self._segments(name, x, layout)
-            return output + delta.to(output.dtype)
+            return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
         return hook
 
@@ -392,7 +397,7 @@ class SlotGroup:
         # 2-D rows (tokens flattened), so each product is one ``mm``: ``F.linear`` on a 3-D
         # input adds a reshape and a view around the same ``mm`` (two more autograd nodes)
         inner, n = x.shape[1:-1], x.shape[-1]
-        per_row = x[0, ..., 0].numel() if inner else 1
+        per_row = math.prod(inner)
         flat = x.reshape(-1, n)
         parts = []
         for (_, _, group), rows in zip(
@@ -450,11 +455,17 @@ class SlotGroup:
         ) -> Tensor:
             x = args[0]
             layout = self._current(x)
-            wrapper = self.heads[name]
+            head = self.heads[name].original_module
+            # an nn.Linear head is its own forward (F.linear), without functional_call's swap
+            # of the module's tensors for each slot
+            linear = type(head) is nn.Linear and len(args) == 1 and not kwargs
             parts = []
             for slot, rows in zip(layout.slots, torch.split(x, layout.slot_rows), strict=True):
-                out = functional_call(
-                    wrapper.original_module, slot.heads[name], (rows, *args[1:]), kwargs
+                tensors = slot.heads[name]
+                out = (
+                    F.linear(rows, tensors["weight"], tensors.get("bias"))
+                    if linear
+                    else functional_call(head, tensors, (rows, *args[1:]), kwargs)
                 )
                 if not isinstance(out, Tensor):
                     raise TypeError(

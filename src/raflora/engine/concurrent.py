@@ -25,6 +25,7 @@ round): the same distribution, not the same masks.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections import deque
@@ -124,20 +125,18 @@ class _Arena:
     @classmethod
     def of(cls, clients: Sequence[list[nn.Parameter]]) -> _Arena:
         pieces = [piece for params in clients for piece in params]
+        sizes = [piece.numel() for piece in pieces]
         flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in pieces]))
-        offset, ends = 0, []
-        for params in clients:
-            for piece in params:
-                size = piece.numel()
-                piece.data = flat.data[offset : offset + size].view_as(piece)
-                offset += size
-            ends.append(offset)
+        for piece, part in zip(pieces, torch.split(flat.data, sizes), strict=True):
+            piece.data = part.view_as(piece)
+        ends = list(itertools.accumulate(sum(p.numel() for p in params) for params in clients))
         return cls(pieces, flat, ends)
 
     def gather_grad(self) -> None:
         """On the first step: the pieces' gradients (as autograd left them), end to end, as
         the flat tensor's; each piece's gradient is from now on a view of it, into which the
-        next backward passes accumulate in place.
+        next backward passes accumulate in place. A piece without a gradient is refused here:
+        which tensors a client's loss reaches does not change from one step to the next.
         """
         if self.flat.grad is not None:
             return
@@ -149,11 +148,9 @@ class _Arena:
                 "train.concurrent_clients=1"
             )
         buffer = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
-        offset = 0
-        for piece in self.pieces:
-            size = piece.numel()
-            piece.grad = buffer[offset : offset + size].view_as(piece)
-            offset += size
+        sizes = [piece.numel() for piece in self.pieces]
+        for piece, part in zip(self.pieces, torch.split(buffer, sizes), strict=True):
+            piece.grad = part.view_as(piece)
         self.flat.grad = buffer
 
     def clear_grad(self) -> None:
