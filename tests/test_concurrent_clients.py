@@ -4,6 +4,7 @@ bit for bit; the configuration and the models that cannot batch clients are refu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from conftest import SYNTHETIC, config_with
 from hf_fixtures import make_gsm8k_jsonl, make_tiny_llama
-from raflora.adapters.slots import SlotGroup
+from raflora.adapters.slots import SlotGroup, _scaled
 from raflora.config import ConfigError, RunConfig
 from raflora.engine import build_federation, load_checkpoint, run_local
 from raflora.engine.client_round import ClientResult, train_client
@@ -253,6 +254,26 @@ def test_padded_ranks_get_exactly_zero_gradient_and_stay_zero_under_adamw() -> N
         opt.step()
         assert torch.equal(A_all[0, 2:].detach(), torch.zeros(3, n))
         assert torch.equal(B_all[0, :, 2:].detach(), torch.zeros(d, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_per_row_lora_scale_is_peft_s_multiplication_by_a_python_float(
+    dtype: torch.dtype,
+) -> None:
+    """The slots scale a group's LoRA output once, row by row: bit for bit what each slot's
+    ``lora_B(lora_A(x)) * scaling`` gives in PEFT (a Python float; rsLoRA's irrational
+    ``α / sqrt(r)`` included, which no low-precision dtype holds exactly)."""
+    gen = torch.Generator().manual_seed(0)
+    scales = [16 / 4, 16 / math.sqrt(48), 0.1, 2 / 3]
+    rows = [3, 1, 5, 2]
+    delta = torch.randn(sum(rows), 7, generator=gen).to(dtype)
+    per_row = torch.tensor(scales, dtype=torch.float64).repeat_interleave(torch.tensor(rows))
+    got = _scaled(delta, lambda dt: per_row.view(-1, 1).to(dt))
+    expected = torch.cat(
+        [part * s for part, s in zip(torch.split(delta, rows), scales, strict=True)]
+    )
+    assert got.dtype == dtype
+    assert torch.equal(got.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])

@@ -219,9 +219,10 @@ class _GroupOptimizer:
         kinds: dict[tuple[torch.device, torch.dtype], list[list[nn.Parameter]]] = {}
         for i, params in enumerate(clients):
             for param in params:
-                kinds.setdefault((param.device, param.dtype), [[] for _ in clients])[i].append(
-                    param
-                )
+                key = (param.device, param.dtype)
+                if key not in kinds:
+                    kinds[key] = [[] for _ in clients]
+                kinds[key][i].append(param)
         cohort = _Cohort([_Arena.of(each) for each in kinds.values()], set(range(len(clients))))
         tensors = [arena.flat for arena in cohort.arenas]
         if self.optimizer is None:
