@@ -52,6 +52,7 @@ from raflora.engine.client_round import (
 )
 from raflora.engine.errors import EngineError
 from raflora.engine.federation import Federation
+from raflora.engine.host_memory import keep_freed_memory
 from raflora.engine.metering import device_clock
 from raflora.methods import GlobalState
 from raflora.methods.base import ClientRound
@@ -307,6 +308,7 @@ def train_concurrent(
     )
     results: list[ClientResult] = []
     optimizer = _GroupOptimizer(fed, lr)
+    keep_freed_memory(fed.device)
     with torch.random.fork_rng(devices=rng_devices(fed.device), device_type=fed.device.type):
         seed_forked(fed.device, seeds.torch_seed(fed.seed, _GROUP_STREAM, round_index))
         if not model.training:
