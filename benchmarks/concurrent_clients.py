@@ -16,7 +16,6 @@ phases of round 1 side by side: one warm-up each, then a phase of every K in tur
 reported, and the ratio K=1 / K; interleaving makes a slow spell of a shared machine hit every K
 alike). Peak memory comes from one more fresh subprocess per (case, K): resident set on the CPU
 (the process's high-water mark, model included), ``torch.cuda.max_memory_allocated`` on CUDA.
-``--keep-memory`` runs the cases with glibc's malloc set to keep freed memory (:data:`GLIBC_KEEP`).
 ``--modes`` instead times the client phase at K = 10 under each of
 :mod:`raflora.adapters.slots`' ways of running mixed ranks in one pass, interleaved likewise.
 
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,9 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ("quickstart", "uniform", "bert", "llm")
 KS = (1, 2, 5, 10)
 MODES = ("buckets", "padded", "segments")
-GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-"""glibc malloc settings under which freed memory is kept for the next allocation: the large
-activations of a big group step are otherwise mapped afresh (and page-faulted) every step."""
 
 
 def prepare(root: Path, cases: list[str]) -> dict[str, str]:
@@ -195,8 +190,7 @@ def spawn(
         str(args.threads),
         *[f"--{flag}" for flag, on in flags.items() if on],
     ]
-    env = {**os.environ, **GLIBC_KEEP} if args.keep_memory else None
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -220,12 +214,6 @@ def main() -> None:
         help="torch threads per run (0: torch's default; 1 is steadier on a busy machine)",
     )
     parser.add_argument("--modes", action="store_true", help="compare the mixed-rank modes")
-    parser.add_argument(
-        "--keep-memory",
-        action="store_true",
-        help="run each case with glibc's malloc keeping freed memory instead of returning it "
-        "to the system (GLIBC_KEEP; see docs/concurrency.md)",
-    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--paths", default="{}", help=argparse.SUPPRESS)
@@ -258,10 +246,7 @@ def main() -> None:
                     flush=True,
                 )
         threads = args.threads or "default"
-        kept = ", malloc: " + " ".join(f"{k}={v}" for k, v in GLIBC_KEEP.items())
-        print(
-            f"device: {got['device']}, torch threads: {threads}{kept if args.keep_memory else ''}"
-        )
+        print(f"device: {got['device']}, torch threads: {threads}")
 
 
 if __name__ == "__main__":
