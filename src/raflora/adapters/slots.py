@@ -28,10 +28,10 @@ seconds, lower wins):
 ==========================================  ==========  ==========  ==========
 torch threads 1 / 2                         buckets     segments    padded
 ==========================================  ==========  ==========  ==========
-quickstart (digits ViT, width 64)           0.065/0.055 0.068/0.062 0.078/0.063
-uniform: one rank level, IID sizes          0.057/0.049 0.064/0.065 0.056/0.046
-BERT 6×384, batch 16 × 32 tokens            5.89/3.29   5.63/3.14   6.12/3.17
-tiny Llama, batch 4                         0.153/0.098 0.154/0.100 0.148/0.091
+quickstart (digits ViT, width 64)           0.054/0.045 0.057/0.050 0.065/0.050
+uniform: one rank level, IID sizes          0.049/0.036 0.058/0.050 0.047/0.034
+BERT 6×384, batch 16 × 32 tokens            5.17/2.72   5.15/2.69   5.34/2.85
+tiny Llama, batch 4                         0.133/0.075 0.137/0.078 0.132/0.071
 ==========================================  ==========  ==========  ==========
 
 All three are exact: every client's upload comes out bit for bit as the sequential loop's on
@@ -47,7 +47,11 @@ gradients in one autograd node per layer) — forward and backward no faster tha
 a width-64 model; (2) one product per rank with the rows zero-padded to the rank's widest
 client — 63 against 58 ms, the padding's copies costing more than the products they save; (3)
 every slot's products in one autograd node per layer (the backward written out) — its Python
-cost what autograd's own nodes cost.
+cost what autograd's own nodes cost; (4) padding ranks within a batch size (one product for the
+slots of a row count) — 8-12% slower per layer; (5) the factors stored transposed (``A^T``,
+``B^T``: no transposes in the graph) — 7% faster per layer, but not exact: MKL's product with a
+contiguous operand and with a transposed view of the same values differ in the last bit for
+long inner dimensions (1536), so uploads would drift from the sequential loop's.
 
 Each slot's ``s_k`` multiplies its rows once per layer, in one product of the whole group's
 LoRA output with a per-row scale (the same products as a multiplication per slot; in float16 and
