@@ -119,19 +119,25 @@ class _Arena:
 
     pieces: list[nn.Parameter]
     flat: nn.Parameter
-
+    sizes: list[int]
+    """Each piece's number of elements, in :attr:`pieces`' order."""
     ends: list[int]
     """Where each client's tensors end in :attr:`flat` (the clients in the cohort's order)."""
 
     @classmethod
     def of(cls, clients: Sequence[list[nn.Parameter]]) -> _Arena:
         pieces = [piece for params in clients for piece in params]
-        sizes = [piece.numel() for piece in pieces]
         flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in pieces]))
-        for piece, part in zip(pieces, torch.split(flat.data, sizes), strict=True):
-            piece.data = part.view_as(piece)
-        ends = list(itertools.accumulate(sum(p.numel() for p in params) for params in clients))
-        return cls(pieces, flat, ends)
+        arena = cls(pieces, flat, [p.numel() for p in pieces], [])
+        for piece, part in arena.views(flat.data):
+            piece.data = part
+        arena.ends = list(itertools.accumulate(sum(p.numel() for p in ps) for ps in clients))
+        return arena
+
+    def views(self, buffer: Tensor) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Each piece with its part of the flat ``buffer``, shaped as the piece."""
+        for piece, part in zip(self.pieces, torch.split(buffer, self.sizes), strict=True):
+            yield piece, part.view_as(piece)
 
     def gather_grad(self) -> None:
         """On the first step: the pieces' gradients (as autograd left them), end to end, as
@@ -149,9 +155,8 @@ class _Arena:
                 "train.concurrent_clients=1"
             )
         buffer = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
-        sizes = [piece.numel() for piece in self.pieces]
-        for piece, part in zip(self.pieces, torch.split(buffer, sizes), strict=True):
-            piece.grad = part.view_as(piece)
+        for piece, part in self.views(buffer):
+            piece.grad = part
         self.flat.grad = buffer
 
     def clear_grad(self) -> None:
